@@ -1,0 +1,1864 @@
+#!/usr/bin/env python3
+"""ocifit — pick a pod's container image from an OCI compatibility artifact.
+
+A Kubernetes mutating admission webhook in one file, Python standard library only (CPython 3.9+).
+
+A pod opts in with the label ``oci.image.compatibilities.selection/enabled: "true"`` and names a
+compatibility artifact with the annotation ``oci.image.compatibilities.selection/image-ref``. ocifit
+evaluates the artifact's rules against the labels of the nodes the pod can land on (its nodeSelector,
+required node affinity and tolerations decide which) and answers with a JSONPatch that swaps every
+container image equal to ``.../target-image`` (default ``placeholder:latest``) for the chosen image.
+If the candidate nodes disagree, or nothing matches, the pod is denied with a message saying why.
+
+Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
+  serve    the HTTPS webhook: POST /mutate, GET /healthz /readyz /metrics
+  match    evaluate a spec against labels or a node list, print the chosen image
+  review   answer one AdmissionReview from a file, exactly as ``serve`` would
+  fetch    pull a compatibility artifact from a registry and print its spec
+
+Sections, in the order data flows: Settings, Compatibility spec, Node view, Artifacts and registry,
+Admission, HTTP server, Command line. Every flag has an environment twin (``--port`` / OCIFIT_PORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import email.utils
+import hashlib
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("ocifit")
+
+PREFIX = "oci.image.compatibilities.selection/"
+ENABLED_LABEL = PREFIX + "enabled"
+IMAGE_REF_ANNOTATION = PREFIX + "image-ref"
+TARGET_IMAGE_ANNOTATION = PREFIX + "target-image"
+SELECTED_IMAGE_ANNOTATION = PREFIX + "selected-image"
+MATCHED_ANNOTATION = PREFIX + "matched-compatibility"
+ARTIFACT_ANNOTATION = PREFIX + "artifact"
+DEFAULT_TARGET_IMAGE = "placeholder:latest"
+COMPAT_MEDIA_TYPE = "application/vnd.oci.image.compatibilities.v1+json"
+CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
+MiB = 1024 * 1024
+
+
+# ============================================================================================
+# Settings
+# ============================================================================================
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag, its environment twin, how to read it, and what it means."""
+
+    flag: str
+    env: Tuple[str, ...]
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+    many: bool = False  # repeatable flag; the environment form is comma-separated
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def read(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text.lower()
+    read.__name__ = "one of " + "|".join(allowed)
+    return read
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be a positive whole number: {text!r}")
+    return value
+
+
+# Grouped by the subcommands that take them; each group is added to a subcommand's parser whole.
+OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
+    "logging": (
+        Option("--log-level", ("OCIFIT_LOG_LEVEL",), _choice("debug", "info", "warning", "error"), "info", "debug, info, warning or error"),
+        Option("--log-format", ("OCIFIT_LOG_FORMAT",), _choice("text", "json"), "text", "text or json (one object a line)"),
+    ),
+    "server": (
+        Option("--port", ("OCIFIT_PORT",), int, 8443, "port to serve HTTPS on"),
+        Option("--bind", ("OCIFIT_BIND",), str, "", "address to bind; empty: all, IPv6 and IPv4"),
+        Option("--cert", ("OCIFIT_CERT", "TLS_CERT_PATH"), str, "", "PEM certificate chain (reloaded when it changes)"),
+        Option("--key", ("OCIFIT_KEY", "TLS_KEY_PATH"), str, "", "PEM private key (reloaded when it changes)"),
+        Option("--plain-http", ("OCIFIT_PLAIN_HTTP",), _flag, False,
+               "serve plain HTTP without a certificate (local trials only: the API server needs HTTPS)"),
+        Option("--cert-reload-interval", ("OCIFIT_CERT_RELOAD_INTERVAL",), _seconds, 10.0,
+               "how often to look for renewed certificate files"),
+        Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _count, 256,
+               "concurrent connections; more are closed at once"),
+        Option("--handshake-timeout", ("OCIFIT_HANDSHAKE_TIMEOUT",), _seconds, 5.0,
+               "seconds a client has to complete the TLS handshake"),
+        Option("--idle-timeout", ("OCIFIT_IDLE_TIMEOUT",), _seconds, 120.0,
+               "seconds an idle keep-alive connection is kept open"),
+        Option("--max-body", ("OCIFIT_MAX_BODY",), _count, 3 * MiB + 64 * 1024,
+               "largest request body accepted, in bytes (the API server sends at most 3 MiB)"),
+        Option("--shutdown-grace", ("OCIFIT_SHUTDOWN_GRACE",), _seconds, 20.0,
+               "on SIGTERM, seconds to let in-flight admissions finish"),
+    ),
+    "nodes": (
+        Option("--nodes", ("OCIFIT_NODES",), str, "",
+               "NodeList file as `kubectl get nodes -o json` prints it, instead of a cluster"),
+        Option("--kube-api", ("OCIFIT_KUBE_API",), str, "",
+               "Kubernetes API URL (e.g. http://127.0.0.1:8001 from kubectl proxy); default: in-cluster"),
+        Option("--kube-token-file", ("OCIFIT_KUBE_TOKEN_FILE",), str, "", "bearer token file for --kube-api"),
+        Option("--kube-ca", ("OCIFIT_KUBE_CA",), str, "", "CA bundle for --kube-api"),
+        Option("--resync", ("OCIFIT_RESYNC",), _seconds, 600.0, "seconds between full node relists"),
+        Option("--watch-failure-threshold", ("OCIFIT_WATCH_FAILURE_THRESHOLD",), _seconds, 120.0,
+               "seconds of failing node watch after which /readyz reports not ready"),
+    ),
+    "artifacts": (
+        Option("--artifact", ("OCIFIT_ARTIFACTS",), str, (), "REF=PATH: answer image-ref REF from a local spec file",
+               many=True),
+        Option("--fetch-budget", ("OCIFIT_FETCH_BUDGET",), _seconds, 8.0,
+               "seconds an admission may spend fetching its artifact (below the webhook's timeoutSeconds)"),
+        Option("--tag-ttl", ("OCIFIT_TAG_TTL",), _seconds, 60.0, "seconds a tag's digest is trusted before asking again"),
+        Option("--cache-size", ("OCIFIT_CACHE_SIZE",), _count, 256, "parsed specs kept, by manifest digest"),
+        Option("--registry-config", ("OCIFIT_REGISTRY_CONFIG", "DOCKER_CONFIG"), str, "",
+               "Docker config.json with registry credentials (a file, or the directory holding it)"),
+        Option("--registry-ca", ("OCIFIT_REGISTRY_CA",), str, "", "CA bundle trusted for registries"),
+        Option("--insecure-registry", ("OCIFIT_INSECURE_REGISTRIES",), str, (),
+               "host[:port] reached over plain HTTP", many=True),
+        Option("--registry-mirror", ("OCIFIT_REGISTRY_MIRRORS",), str, (),
+               "HOST=MIRROR: fetch HOST's artifacts from MIRROR", many=True),
+        Option("--allowed-registries", ("OCIFIT_ALLOWED_REGISTRIES",), str, (),
+               "registries image-refs may name (host[:port], *.suffix); default any", many=True),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, read once from flags and the environment."""
+
+    log_level: str = "info"
+    log_format: str = "text"
+    port: int = 8443
+    bind: str = ""
+    cert: str = ""
+    key: str = ""
+    plain_http: bool = False
+    cert_reload_interval: float = 10.0
+    max_connections: int = 256
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 120.0
+    max_body: int = 3 * MiB + 64 * 1024
+    shutdown_grace: float = 20.0
+    nodes: str = ""
+    kube_api: str = ""
+    kube_token_file: str = ""
+    kube_ca: str = ""
+    resync: float = 600.0
+    watch_failure_threshold: float = 120.0
+    artifact: Tuple[str, ...] = ()
+    fetch_budget: float = 8.0
+    tag_ttl: float = 60.0
+    cache_size: int = 256
+    registry_config: str = ""
+    registry_ca: str = ""
+    insecure_registry: Tuple[str, ...] = ()
+    registry_mirror: Tuple[str, ...] = ()
+    allowed_registries: Tuple[str, ...] = ()
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items() if k in names})
+
+    def artifact_files(self) -> Dict[str, str]:
+        """The --artifact REF=PATH pairs as a mapping."""
+        pairs = {}
+        for item in self.artifact:
+            ref, sep, path = item.partition("=")
+            if not sep or not ref or not path:
+                raise ValueError(f"--artifact wants REF=PATH, got {item!r}")
+            pairs[ref.strip()] = path.strip()
+        return pairs
+
+
+def _env_default(option: Option) -> Any:
+    """The option's value from its environment twin, or its default."""
+    for name in option.env:
+        raw = os.environ.get(name)
+        if raw is None or (option.many and not raw.strip()):
+            continue
+        try:
+            if option.many:
+                return [option.kind(part.strip()) for part in raw.split(",") if part.strip()]
+            return option.kind(raw)
+        except ValueError as exc:
+            raise SystemExit(f"ocifit: environment variable {name}: {exc}")
+    return list(option.default) if option.many else option.default
+
+
+def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
+    """Add the named option groups to a subcommand's parser, each flag defaulting to its env twin."""
+    for group_name in groups:
+        group = parser.add_argument_group(group_name)
+        for option in OPTION_GROUPS[group_name]:
+            env_note = " (env " + " or ".join(option.env) + ")"
+            kwargs: Dict[str, Any] = {"dest": option.dest, "default": _env_default(option),
+                                      "help": option.help + env_note}
+            if option.kind is _flag:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif option.many:
+                kwargs.update(action="append", type=option.kind, metavar="VALUE")
+            else:
+                kwargs.update(type=option.kind, metavar=option.dest.split("_")[-1].upper())
+            parser.add_argument(option.flag, **kwargs)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time, level, message, and any `extra` fields passed to the log call."""
+
+    STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "msg": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+# ============================================================================================
+# Compatibility spec: parse, validate, match
+# ============================================================================================
+
+class SpecError(ValueError):
+    """The compatibility spec is malformed; the message names the offending place."""
+
+
+OPERATORS = ("In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", "Lt", "Gte", "Lte", "GtLt",
+             "IsTrue", "IsFalse")
+VALUELESS_OPERATORS = ("Exists", "DoesNotExist", "IsTrue", "IsFalse")
+SINGLE_INTEGER_OPERATORS = ("Gt", "Lt", "Gte", "Lte")
+MAX_COMPATIBILITIES = 1000
+MAX_EXPRESSIONS = 10000
+MAX_VALUES = 1000
+MAX_STRING = 4096
+MAX_PATTERN = 1024
+_INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def parse_integer(text: str) -> Optional[int]:
+    """A label value as a 64-bit integer, as Go's strconv.Atoi would read it; None if it is not one."""
+    if not _INTEGER.match(text):
+        return None
+    value = int(text)
+    return value if _INT64[0] <= value <= _INT64[1] else None
+
+
+def _quantifier(pattern: str, i: int) -> Tuple[int, bool]:
+    """Length of the quantifier at pattern[i] (0 if none), and whether it repeats more than once."""
+    if i >= len(pattern):
+        return 0, False
+    c = pattern[i]
+    if c in "*+":
+        length, repeats = 1, True
+    elif c == "?":
+        length, repeats = 1, False
+    elif c == "{":
+        m = re.match(r"\{(\d*)(,?)(\d*)\}", pattern[i:])
+        if not m or not (m.group(1) or m.group(3)):
+            return 0, False
+        upper = m.group(3) if m.group(2) else m.group(1)
+        length, repeats = len(m.group(0)), (not upper) or int(upper) > 1
+    else:
+        return 0, False
+    if i + length < len(pattern) and pattern[i + length] in "?+":
+        length += 1
+    return length, repeats
+
+
+def regex_hazard(pattern: str) -> Optional[str]:
+    """Why a pattern is refused, or None: features Go's RE2 lacks, and repeated groups that can backtrack.
+
+    A group repeated more than once must not itself contain a repetition or an alternation: `(a+)+`,
+    `(a|aa)*` and the like take exponential time in a backtracking engine such as Python's.
+    """
+    stack: List[Dict[str, bool]] = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        closed: Optional[Dict[str, bool]] = None
+        if c == "\\":
+            nxt = pattern[i + 1:i + 2]
+            if nxt.isdigit() and nxt != "0":
+                return "backreferences are not supported (Go's regexp has none)"
+            i += 2
+        elif c == "[":
+            j = i + 1
+            if pattern[j:j + 1] == "^":
+                j += 1
+            if pattern[j:j + 1] == "]":
+                j += 1
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            if re.match(r"\(\?(=|!|<=|<!|P=)", pattern[i:]):
+                return "lookaround and backreferences are not supported (Go's regexp has none)"
+            stack.append({"repeats": False, "alternates": False})
+            i += 1
+            continue
+        elif c == ")":
+            closed = stack.pop() if stack else None
+            i += 1
+        elif c == "|":
+            if stack:
+                stack[-1]["alternates"] = True
+            i += 1
+            continue
+        else:
+            i += 1
+        length, repeats = _quantifier(pattern, i)
+        if closed and repeats and (closed["repeats"] or closed["alternates"]):
+            return ("a repeated group contains a repetition or alternation, which can backtrack "
+                    "catastrophically; use a character class or drop the outer repetition")
+        if stack:
+            inner = stack[-1]
+            inner["repeats"] = inner["repeats"] or repeats or bool(closed and closed["repeats"])
+            inner["alternates"] = inner["alternates"] or bool(closed and closed["alternates"])
+        i += length
+    return None
+
+
+def compile_pattern(pattern: str, path: str) -> "re.Pattern[str]":
+    """Compile an InRegexp pattern with Go's meaning, or raise SpecError naming path."""
+    if len(pattern) > MAX_PATTERN:
+        raise SpecError(f"{path}: pattern longer than {MAX_PATTERN} characters")
+    hazard = regex_hazard(pattern)
+    if hazard:
+        raise SpecError(f"{path}: pattern {pattern!r} refused: {hazard}")
+    go_compatible = re.sub(r"(?<!\\)((?:\\\\)*)\\z", r"\1\\Z", pattern)  # Go's \z is Python's \Z
+    try:
+        return re.compile(go_compatible)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise SpecError(f"{path}: pattern {pattern!r} does not compile: {exc}") from None
+
+
+def _quote_values(values: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(json.dumps(v) for v in values[:most])
+    return "[" + shown + (f", …+{len(values) - most} more" if len(values) > most else "") + "]"
+
+
+@dataclass(frozen=True)
+class Expression:
+    """One matchExpression: an operator on one node label."""
+
+    path: str
+    op: str
+    key: str
+    values: Tuple[str, ...] = ()
+    patterns: Tuple["re.Pattern[str]", ...] = ()
+    bounds: Tuple[int, ...] = ()
+
+    def failure(self, labels: Mapping[str, str]) -> Optional[str]:
+        """None when the expression holds on these labels, else why it does not."""
+        op, key, value = self.op, self.key, labels.get(self.key)
+        shown = json.dumps(value) if value is not None else ""
+        if op == "Exists":
+            return None if value is not None else f"label {json.dumps(key)} missing"
+        if op == "DoesNotExist":
+            return None if value is None else f"label {json.dumps(key)} present (value {shown})"
+        if op == "NotIn":
+            if value is None or value not in self.values:
+                return None
+            return f"value {shown} of label {json.dumps(key)} is in {_quote_values(self.values)}"
+        if value is None:
+            return f"label {json.dumps(key)} missing"
+        if op == "In":
+            return None if value in self.values else \
+                f"value {shown} of label {json.dumps(key)} not in {_quote_values(self.values)}"
+        if op == "InRegexp":
+            return None if any(p.search(value) for p in self.patterns) else \
+                f"value {shown} of label {json.dumps(key)} matches none of {_quote_values(self.values)}"
+        if op in ("IsTrue", "IsFalse"):
+            want = "true" if op == "IsTrue" else "false"
+            return None if value == want else f"value {shown} of label {json.dumps(key)} is not \"{want}\""
+        number = parse_integer(value)
+        if number is None:
+            return f"value {shown} of label {json.dumps(key)} is not an integer"
+        if op == "GtLt":
+            low, high = self.bounds
+            return None if low < number < high else \
+                f"value {shown} of label {json.dumps(key)} is not between {low} and {high} (exclusive)"
+        bound = self.bounds[0]
+        holds = {"Gt": number > bound, "Lt": number < bound, "Gte": number >= bound, "Lte": number <= bound}[op]
+        symbol = {"Gt": ">", "Lt": "<", "Gte": ">=", "Lte": "<="}[op]
+        return None if holds else f"value {shown} of label {json.dumps(key)} is not {symbol} {bound}"
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """One candidate image (`tag`) and the expressions a node must satisfy for it."""
+
+    index: int
+    tag: str
+    description: str
+    weight: int
+    expressions: Tuple[Expression, ...]
+
+    @property
+    def name(self) -> str:
+        return f"compatibilities[{self.index}] ({self.tag})"
+
+    def failure(self, labels: Mapping[str, str]) -> Optional[str]:
+        """None when every expression holds, else the first that fails and why."""
+        for expression in self.expressions:
+            reason = expression.failure(labels)
+            if reason is not None:
+                return f"{expression.path.split('.', 1)[-1]}: {reason}"
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    compatibility: Compatibility
+    failure: Optional[str]  # None: matched
+
+    def __str__(self) -> str:
+        return f"{self.compatibility.name}: " + ("matched" if self.failure is None else self.failure)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of a spec on one label set, with the reasoning behind it."""
+
+    chosen: Optional[Compatibility]
+    verdicts: Tuple[Verdict, ...]
+
+    def explain(self) -> str:
+        lines = [str(v) for v in self.verdicts]
+        if self.chosen is not None:
+            lines.append(f"chosen: {self.chosen.name} weight {self.chosen.weight}")
+        else:
+            lines.append("chosen: none")
+        return "\n".join(lines)
+
+    def why_none(self) -> str:
+        return "; ".join(str(v) for v in self.verdicts)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated compatibility spec."""
+
+    version: str
+    compatibilities: Tuple[Compatibility, ...]
+    keys: frozenset  # every label key the spec looks at
+
+    def select(self, labels: Mapping[str, str]) -> Selection:
+        """Evaluate every compatibility; the highest weight wins, the first listed on a tie."""
+        verdicts = tuple(Verdict(c, c.failure(labels)) for c in self.compatibilities)
+        chosen = None
+        for verdict in verdicts:
+            if verdict.failure is None and (chosen is None or verdict.compatibility.weight > chosen.weight):
+                chosen = verdict.compatibility
+        return Selection(chosen, verdicts)
+
+
+def _require(value: Any, kind: type, path: str, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        got = "null" if value is None else type(value).__name__.replace("dict", "object").replace("str", "string")
+        raise SpecError(f"{path}: expected {what}, got {got}")
+    return value
+
+
+def _only_keys(obj: Mapping[str, Any], allowed: Tuple[str, ...], path: str) -> None:
+    extra = sorted(set(obj) - set(allowed))
+    if extra:
+        raise SpecError(f"{path}: unsupported key {json.dumps(extra[0])} (expected {', '.join(allowed)})")
+
+
+def _string(value: Any, path: str, what: str = "a string") -> str:
+    _require(value, str, path, what)
+    if len(value) > MAX_STRING:
+        raise SpecError(f"{path}: longer than {MAX_STRING} characters")
+    return value
+
+
+def _parse_values(raw: Any, path: str) -> Tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        return (_string(raw, path),)
+    _require(raw, list, path, "a list of strings or a string")
+    if len(raw) > MAX_VALUES:
+        raise SpecError(f"{path}: more than {MAX_VALUES} values")
+    return tuple(_string(v, f"{path}[{i}]") for i, v in enumerate(raw))
+
+
+def _parse_expression(raw: Any, path: str) -> Expression:
+    _require(raw, dict, path, "an object with op, key and value")
+    _only_keys(raw, ("op", "key", "value"), path)
+    op = _string(raw.get("op"), f"{path}.op")
+    if op not in OPERATORS:
+        raise SpecError(f"{path}.op: unknown operator {json.dumps(op)} (expected one of {', '.join(OPERATORS)})")
+    key = _string(raw.get("key"), f"{path}.key")
+    if not key:
+        raise SpecError(f"{path}.key: empty label key")
+    values = _parse_values(raw.get("value"), f"{path}.value")
+    patterns: Tuple[re.Pattern, ...] = ()
+    bounds: Tuple[int, ...] = ()
+    if op in VALUELESS_OPERATORS:
+        if values:
+            raise SpecError(f"{path}.value: operator {op} takes no value")
+    elif op in ("In", "NotIn", "InRegexp") and not values:
+        raise SpecError(f"{path}.value: operator {op} needs at least one value")
+    if op == "InRegexp":
+        patterns = tuple(compile_pattern(v, f"{path}.value[{i}]") for i, v in enumerate(values))
+    if op in SINGLE_INTEGER_OPERATORS or op == "GtLt":
+        wanted = 2 if op == "GtLt" else 1
+        if len(values) != wanted:
+            raise SpecError(f"{path}.value: operator {op} needs exactly {wanted} integer value"
+                            + ("s" if wanted > 1 else "") + f", got {len(values)}")
+        parsed = [parse_integer(v) for v in values]
+        for i, (text, number) in enumerate(zip(values, parsed)):
+            if number is None:
+                raise SpecError(f"{path}.value[{i}]: {json.dumps(text)} is not an integer")
+        bounds = tuple(parsed)  # type: ignore[arg-type]
+        if op == "GtLt" and not bounds[0] < bounds[1]:
+            raise SpecError(f"{path}.value: GtLt needs the lower bound first, got {values[0]} and {values[1]}")
+    return Expression(path, op, key, values, patterns, bounds)
+
+
+def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
+    path = f"compatibilities[{index}]"
+    _require(raw, dict, path, "an object")
+    tag = _string(raw.get("tag"), f"{path}.tag", "the image to use (a string)")
+    if not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag):
+        raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
+    description = _string(raw.get("description", ""), f"{path}.description")
+    weight = _require(raw.get("weight", 0), int, f"{path}.weight", "an integer")
+    rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
+    expressions: List[Expression] = []
+    for r, rule in enumerate(rules):
+        rule_path = f"{path}.rules[{r}]"
+        _require(rule, dict, rule_path, "an object with matchFeatures")
+        _only_keys(rule, ("matchFeatures", "name"), rule_path)
+        features = _require(rule.get("matchFeatures"), list, f"{rule_path}.matchFeatures", "a list")
+        for f, feature in enumerate(features):
+            feature_path = f"{rule_path}.matchFeatures[{f}]"
+            _require(feature, dict, feature_path, "an object with matchExpressions")
+            _only_keys(feature, ("matchExpressions",), feature_path)
+            items = _require(feature.get("matchExpressions"), list, f"{feature_path}.matchExpressions", "a list")
+            budget[0] -= len(items)
+            if budget[0] < 0:
+                raise SpecError(f"{feature_path}: the spec has more than {MAX_EXPRESSIONS} expressions")
+            expressions.extend(_parse_expression(item, f"{feature_path}.matchExpressions[{e}]")
+                               for e, item in enumerate(items))
+    return Compatibility(index, tag, description, weight, tuple(expressions))
+
+
+def parse_spec(data: Any) -> Spec:
+    """Validate a compatibility spec (bytes, text or parsed JSON) as a whole, or raise SpecError."""
+    if isinstance(data, (bytes, str)):
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise SpecError(f"spec is not valid JSON: {exc}") from None
+    _require(data, dict, "spec", "a JSON object with compatibilities")
+    version = _string(data.get("version", ""), "version")
+    items = _require(data.get("compatibilities"), list, "compatibilities", "a list")
+    if not items:
+        raise SpecError("compatibilities: the spec lists no compatibilities")
+    if len(items) > MAX_COMPATIBILITIES:
+        raise SpecError(f"compatibilities: more than {MAX_COMPATIBILITIES} entries")
+    budget = [MAX_EXPRESSIONS]
+    compatibilities = tuple(_parse_compatibility(raw, i, budget) for i, raw in enumerate(items))
+    keys = frozenset(e.key for c in compatibilities for e in c.expressions)
+    return Spec(version, compatibilities, keys)
+
+
+# ============================================================================================
+# Node view: nodes, snapshots, which nodes a pod can land on, and where nodes come from
+# ============================================================================================
+
+_interned: Dict[str, str] = {}
+
+
+def _intern(text: str) -> str:
+    """One shared copy of each label string: thousands of nodes repeat the same few hundred."""
+    return _interned.setdefault(text, text) if len(_interned) < 200000 else text
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+UNSCHEDULABLE_TAINT = Taint("node.kubernetes.io/unschedulable", "", "NoSchedule")
+
+
+@dataclass(frozen=True)
+class Node:
+    """What decisions need of a node, and nothing more."""
+
+    name: str
+    labels: Mapping[str, str]
+    unschedulable: bool = False
+    taints: Tuple[Taint, ...] = ()  # NoSchedule and NoExecute only: the ones that keep pods off
+
+    @property
+    def control_plane(self) -> bool:
+        return any(k in self.labels for k in CONTROL_PLANE_LABELS)
+
+    @property
+    def blocking_taints(self) -> Tuple[Taint, ...]:
+        return self.taints + ((UNSCHEDULABLE_TAINT,) if self.unschedulable else ())
+
+
+def node_from_object(obj: Mapping[str, Any]) -> Node:
+    """A Node from a Kubernetes Node object; raises ValueError if it has no name."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("node without metadata.name")
+    raw_labels = meta.get("labels") or {}
+    if not isinstance(raw_labels, dict):
+        raise ValueError(f"node {name}: metadata.labels is not an object")
+    labels = {_intern(str(k)): _intern(str(v)) for k, v in raw_labels.items()}
+    taints = tuple(
+        Taint(_intern(str(t.get("key", ""))), _intern(str(t.get("value", ""))), _intern(str(t.get("effect", ""))))
+        for t in (spec.get("taints") or []) if isinstance(t, dict) and t.get("effect") in ("NoSchedule", "NoExecute"))
+    return Node(_intern(name), labels, bool(spec.get("unschedulable")), taints)
+
+
+def nodes_from_document(doc: Any) -> List[Node]:
+    """Nodes from a NodeList (or List, or bare list) as `kubectl get nodes -o json` prints it."""
+    items = doc.get("items") if isinstance(doc, dict) else doc
+    if isinstance(doc, dict) and doc.get("kind") == "Node":
+        items = [doc]
+    if not isinstance(items, list):
+        raise ValueError("expected a NodeList with items")
+    return [node_from_object(item) for item in items if isinstance(item, dict)]
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Nodes that look alike to a decision: same values for the keys asked about, same taints."""
+
+    labels: Mapping[str, str]  # only the keys asked about
+    control_plane: bool
+    taints: Tuple[Taint, ...]
+    names: Tuple[str, ...]
+
+
+class NodeSnapshot:
+    """An immutable view of the cluster's nodes. Request threads share it; updates build a new one."""
+
+    def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None):
+        self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
+        self.synced_at = time.time() if synced_at is None else synced_at
+        self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def partition(self, keys: frozenset) -> Tuple[NodeGroup, ...]:
+        """The nodes grouped by their values for `keys`, their taints and their role; cached."""
+        cached = self._partitions.get(keys)
+        if cached is not None:
+            return cached
+        ordered = sorted(keys)
+        buckets: Dict[tuple, List[str]] = collections.defaultdict(list)
+        for node in self.nodes.values():
+            values = tuple(node.labels.get(k) for k in ordered)
+            buckets[(values, node.control_plane, node.blocking_taints)].append(node.name)
+        groups = tuple(
+            NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints,
+                      tuple(sorted(names)))
+            for (values, control_plane, taints), names in buckets.items())
+        if len(self._partitions) >= 64:
+            self._partitions.clear()
+        self._partitions[keys] = groups
+        return groups
+
+    def label_sets(self) -> int:
+        """How many distinct label sets the nodes carry."""
+        return len({frozenset(n.labels.items()) for n in self.nodes.values()})
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A node selector requirement (nodeSelector entry or affinity matchExpression)."""
+
+    key: str
+    op: str
+    values: Tuple[str, ...] = ()
+
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.op == "In":
+            return value is not None and value in self.values
+        if self.op == "NotIn":
+            return value is None or value not in self.values
+        if self.op == "Exists":
+            return value is not None
+        if self.op == "DoesNotExist":
+            return value is None
+        number, bound = parse_integer(value or ""), parse_integer(self.values[0]) if self.values else None
+        if number is None or bound is None:
+            return False
+        return number > bound if self.op == "Gt" else number < bound
+
+    def __str__(self) -> str:
+        if self.op in ("Exists", "DoesNotExist"):
+            return f"{self.key} {self.op}"
+        return f"{self.key} {self.op} {list(self.values)}"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One nodeSelectorTerm: label requirements and metadata.name requirements, all ANDed."""
+
+    labels: Tuple[Requirement, ...]
+    names: Tuple[Requirement, ...]
+
+    def select(self, group: NodeGroup) -> Tuple[str, ...]:
+        if not all(r.holds(group.labels) for r in self.labels):
+            return ()
+        if not self.names:
+            return group.names
+        return tuple(n for n in group.names if all(r.holds({"metadata.name": n}) for r in self.names))
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""
+
+    def tolerates(self, taint: Taint) -> bool:
+        if self.effect and self.effect != taint.effect:
+            return False
+        if self.operator == "Exists":
+            return not self.key or self.key == taint.key
+        return self.key == taint.key and self.value == taint.value
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a pod may run: its nodeSelector, required node affinity and tolerations."""
+
+    node_selector: Tuple[Tuple[str, str], ...] = ()
+    terms: Optional[Tuple[Term, ...]] = None  # None: no required node affinity
+    tolerations: Tuple[Toleration, ...] = ()
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.node_selector) or self.terms is not None
+
+    @property
+    def keys(self) -> frozenset:
+        keys = {k for k, _ in self.node_selector}
+        for term in self.terms or ():
+            keys.update(r.key for r in term.labels)
+        return frozenset(keys)
+
+    def tolerates(self, taints: Iterable[Taint]) -> bool:
+        return all(any(t.tolerates(taint) for t in self.tolerations) for taint in taints)
+
+    def select(self, group: NodeGroup) -> Tuple[str, ...]:
+        """The names in the group this pod can land on."""
+        if not self.tolerates(group.taints):
+            return ()
+        if not self.constrained and group.control_plane:
+            return ()
+        if any(group.labels.get(k) != v for k, v in self.node_selector):
+            return ()
+        if self.terms is None:
+            return group.names
+        chosen: set = set()
+        for term in self.terms:
+            chosen.update(term.select(group))
+        return tuple(n for n in group.names if n in chosen)
+
+    def describe(self) -> str:
+        parts = []
+        if self.node_selector:
+            parts.append("nodeSelector " + json.dumps(dict(self.node_selector), sort_keys=True))
+        if self.terms is not None:
+            terms = " OR ".join("(" + " AND ".join(str(r) for r in t.labels + t.names) + ")" for t in self.terms)
+            parts.append("required node affinity " + (terms or "(no terms)"))
+        return " and ".join(parts) if parts else "schedulable worker nodes"
+
+
+def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
+                     ) -> List[Tuple[Mapping[str, str], Tuple[str, ...]]]:
+    """(labels the spec sees, node names) for each kind of node the pod can land on."""
+    result = []
+    for group in snapshot.partition(frozenset(spec_keys | placement.keys)):
+        names = placement.select(group)
+        if names:
+            result.append(({k: v for k, v in group.labels.items() if k in spec_keys}, names))
+    return result
+
+
+class StaticNodes:
+    """Nodes from a NodeList file, re-read when the file changes (a ConfigMap update, say)."""
+
+    CHECK_INTERVAL = 2.0
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stamp: Optional[tuple] = None
+        self._checked = 0.0
+        self._snapshot = NodeSnapshot()
+        self._error = ""
+        self._reload(initial=True)
+
+    def _reload(self, initial: bool = False) -> None:
+        try:
+            stat = os.stat(self.path)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if stamp == self._stamp:
+                return
+            with open(self.path, "rb") as fh:
+                nodes = nodes_from_document(json.load(fh))
+        except (OSError, ValueError, RecursionError) as exc:
+            self._error = f"cannot read nodes from {self.path}: {exc}"
+            if initial:
+                raise ValueError(self._error) from None
+            log.error("%s; keeping the %d nodes read before", self._error, len(self._snapshot))
+            return
+        self._stamp, self._error = stamp, ""
+        self._snapshot = NodeSnapshot(nodes)
+        log.log(logging.DEBUG if initial else logging.INFO, "read %d nodes from %s", len(nodes), self.path)
+
+    def snapshot(self) -> NodeSnapshot:
+        now = time.monotonic()
+        if now - self._checked > self.CHECK_INTERVAL:
+            self._checked = now
+            self._reload()
+        return self._snapshot
+
+    def health(self) -> Tuple[bool, str]:
+        return True, self._error or f"{len(self._snapshot)} nodes from {self.path}"
+
+    def stop(self) -> None:
+        pass
+
+
+# ============================================================================================
+# Artifacts and registry: where compatibility specs come from
+# ============================================================================================
+
+class ArtifactError(Exception):
+    """The artifact could not be had; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A compatibility spec and where it came from."""
+
+    ref: str
+    spec: Spec
+    digest: str
+    origin: str  # "file", "registry", "cache" or "stale"
+    warnings: Tuple[str, ...] = ()
+
+
+class LocalArtifacts:
+    """Artifacts from local spec files (--artifact REF=PATH), re-read when a file changes."""
+
+    def __init__(self, files: Mapping[str, str], fallback: Optional[Any] = None):
+        self.files = dict(files)
+        self.fallback = fallback
+        self._cache: Dict[str, Tuple[tuple, Artifact]] = {}
+        self._lock = threading.Lock()
+        for ref in self.files:  # fail at start, not at the first pod
+            self.get(ref, time.monotonic() + 60)
+
+    def get(self, ref: str, deadline: float) -> Artifact:
+        path = self.files.get(ref)
+        if path is None:
+            if self.fallback is not None:
+                return self.fallback.get(ref, deadline)
+            known = ", ".join(sorted(self.files)) or "none"
+            raise ArtifactError(f"artifact {ref} is not configured (local artifacts: {known}; "
+                                "no registry access in this mode)")
+        try:
+            stat = os.stat(path)
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            with self._lock:
+                cached = self._cache.get(ref)
+            if cached and cached[0] == stamp:
+                return cached[1]
+            with open(path, "rb") as fh:
+                data = fh.read(MiB + 1)
+        except OSError as exc:
+            raise ArtifactError(f"artifact {ref}: cannot read {path}: {exc.strerror or exc}") from None
+        if len(data) > MiB:
+            raise ArtifactError(f"artifact {ref}: {path} is larger than 1 MiB")
+        try:
+            spec = parse_spec(data)
+        except SpecError as exc:
+            raise SpecError(f"artifact {ref} ({path}): {exc}") from None
+        artifact = Artifact(ref, spec, "sha256:" + hashlib.sha256(data).hexdigest(), "file")
+        with self._lock:
+            self._cache[ref] = (stamp, artifact)
+        return artifact
+
+
+# ============================================================================================
+# Admission: AdmissionReview in -> Decision -> AdmissionReview out (pure, no I/O)
+# ============================================================================================
+
+class BadReview(ValueError):
+    """The body is not an AdmissionReview we can answer; the server replies 400."""
+
+
+class Denial(Exception):
+    """A pod that cannot be admitted; the message ends up in the API server's error."""
+
+    reason = "denied"
+    code = 403
+
+
+class MissingAnnotation(Denial):
+    reason, code = "missing-annotation", 400
+
+
+class NoPlaceholder(Denial):
+    reason, code = "no-placeholder", 400
+
+
+class MalformedPod(Denial):
+    reason, code = "malformed-pod", 400
+
+
+class SpecInvalid(Denial):
+    reason, code = "spec-invalid", 422
+
+
+class ArtifactUnavailable(Denial):
+    reason, code = "artifact-unavailable", 503
+
+
+class NoCandidates(Denial):
+    reason = "no-candidates"
+
+
+class NoMatch(Denial):
+    reason = "no-match"
+
+
+class Disagreement(Denial):
+    reason = "disagreement"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ocifit answers for one review, and what it logs about it."""
+
+    allowed: bool
+    outcome: str  # "mutated", "untouched" or "denied"
+    reason: str
+    message: str = ""
+    code: int = 200
+    patch: Tuple[Dict[str, Any], ...] = ()
+    image: str = ""
+    matched: str = ""
+    candidates: int = 0
+    artifact_origin: str = ""
+    warnings: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What the decision needs of a pod."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    annotations: Optional[Mapping[str, str]]  # None: the pod has no annotations object
+    placement: Placement
+    images: Tuple[Tuple[str, str], ...]  # (JSON pointer to the image field, image)
+
+
+def parse_review(body: bytes) -> Dict[str, Any]:
+    """The AdmissionReview in a request body, or BadReview saying what is wrong with it."""
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadReview(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
+        raise BadReview("request body is not an AdmissionReview (kind must be AdmissionReview)")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("AdmissionReview has no request object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReview("AdmissionReview request has no uid")
+    return review
+
+
+def _mapping(value: Any, path: str) -> Dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise MalformedPod(f"{path} must be an object of strings")
+    return value
+
+
+def _list(value: Any, path: str) -> List[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedPod(f"{path} must be a list")
+    return value
+
+
+def _requirements(items: Any, path: str) -> Tuple[Requirement, ...]:
+    result = []
+    for i, item in enumerate(_list(items, path)):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise MalformedPod(f"{where} must be an object with a key")
+        op = item.get("operator")
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"):
+            raise MalformedPod(f"{where}.operator {json.dumps(op)} is not a node selector operator")
+        values = tuple(str(v) for v in _list(item.get("values"), f"{where}.values"))
+        if op in ("Gt", "Lt") and (len(values) != 1 or parse_integer(values[0]) is None):
+            raise MalformedPod(f"{where}: {op} needs one integer value")
+        result.append(Requirement(item["key"], op, values))
+    return tuple(result)
+
+
+def parse_placement(spec: Mapping[str, Any]) -> Placement:
+    """The pod's nodeSelector, required node affinity and tolerations."""
+    selector = _mapping(spec.get("nodeSelector"), "spec.nodeSelector")
+    terms = None
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") if isinstance(spec.get("affinity"), dict) else None
+    required = (affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution") \
+        if isinstance(affinity, dict) else None
+    if isinstance(required, dict):
+        path = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+        parsed = []
+        for i, term in enumerate(_list(required.get("nodeSelectorTerms"), path)):
+            if not isinstance(term, dict):
+                raise MalformedPod(f"{path}[{i}] must be an object")
+            labels = _requirements(term.get("matchExpressions"), f"{path}[{i}].matchExpressions")
+            names = _requirements(term.get("matchFields"), f"{path}[{i}].matchFields")
+            if any(r.key != "metadata.name" for r in names):
+                raise MalformedPod(f"{path}[{i}].matchFields supports only metadata.name")
+            if labels or names:  # an empty term matches no node
+                parsed.append(Term(labels, names))
+        terms = tuple(parsed)
+    tolerations = []
+    for i, item in enumerate(_list(spec.get("tolerations"), "spec.tolerations")):
+        if not isinstance(item, dict):
+            raise MalformedPod(f"spec.tolerations[{i}] must be an object")
+        tolerations.append(Toleration(str(item.get("key") or ""), str(item.get("operator") or "Equal"),
+                                      str(item.get("value") or ""), str(item.get("effect") or "")))
+    return Placement(tuple(sorted(selector.items())), terms, tuple(tolerations))
+
+
+def pod_facts(request: Mapping[str, Any]) -> PodFacts:
+    """The facts of the pod in an admission request; MalformedPod if its shape is wrong."""
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        raise MalformedPod("the admission request carries no pod object")
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    if not isinstance(meta, dict) or not isinstance(spec, dict):
+        raise MalformedPod("pod metadata and spec must be objects")
+    annotations = meta.get("annotations")
+    images = []
+    for field_name in ("initContainers", "containers"):
+        for i, container in enumerate(_list(spec.get(field_name), f"spec.{field_name}")):
+            if isinstance(container, dict) and isinstance(container.get("image"), str):
+                images.append((f"/spec/{field_name}/{i}/image", container["image"]))
+    name = meta.get("name") or request.get("name") or ((meta.get("generateName") or "") + "*")
+    return PodFacts(
+        namespace=str(request.get("namespace") or meta.get("namespace") or ""),
+        name=str(name),
+        labels=_mapping(meta.get("labels"), "metadata.labels"),
+        annotations=None if annotations is None else _mapping(annotations, "metadata.annotations"),
+        placement=parse_placement(spec),
+        images=tuple(images))
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", …+{len(names) - most} more" if len(names) > most else "")
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The image every candidate node agrees on."""
+
+    compatibility: Compatibility
+    candidates: int
+
+
+def choose(spec: Spec, groups: Sequence[Tuple[Mapping[str, str], Tuple[str, ...]]], placement: Placement
+           ) -> Choice:
+    """The one image all candidate groups select; NoCandidates, NoMatch or Disagreement otherwise."""
+    if not groups:
+        raise NoCandidates(f"no node matches the pod's {placement.describe()}; nothing to choose an image for")
+    by_tag: Dict[Optional[str], List[Tuple[Mapping[str, str], Tuple[str, ...], Selection]]] = {}
+    for labels, names in groups:
+        selection = spec.select(labels)
+        tag = selection.chosen.tag if selection.chosen else None
+        by_tag.setdefault(tag, []).append((labels, names, selection))
+    total = sum(len(names) for _, names in groups)
+    if len(by_tag) == 1:
+        tag, entries = next(iter(by_tag.items()))
+        if tag is not None:
+            return Choice(entries[0][2].chosen, total)  # type: ignore[arg-type]
+        names = sorted(n for _, ns, _ in entries for n in ns)
+        raise NoMatch(f"no compatibility matches the {_plural(total, 'candidate node', 'candidate nodes')} "
+                      f"({_names(names)}): {entries[0][2].why_none()}")
+    raise Disagreement(_disagreement_message(spec, by_tag, total))
+
+
+def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tuple]], total: int) -> str:
+    """Which nodes want which image, and a nodeSelector that would pin the pod to each."""
+    varying = sorted(k for k in spec.keys
+                     if len({entry[0].get(k) for entries in by_tag.values() for entry in entries}) > 1)
+    parts, pins = [], []
+    for tag, entries in sorted(by_tag.items(), key=lambda kv: -sum(len(e[1]) for e in kv[1])):
+        names = sorted(n for e in entries for n in e[1])
+        if tag is None:
+            parts.append(f"{len(names)} {'matches' if len(names) == 1 else 'match'} no compatibility "
+                         f"({_names(names)})")
+            continue
+        parts.append(f"{len(names)} {'wants' if len(names) == 1 else 'want'} {tag} ({_names(names)})")
+        selector = {k: entries[0][0][k] for k in varying[:3] if k in entries[0][0]}
+        if selector:
+            pins.append(f"{json.dumps(selector, sort_keys=True)} for {tag}")
+    message = (f"the {total} candidate nodes disagree on the image: " + ", ".join(parts)
+               + "; pin the pod to one kind of node with a nodeSelector")
+    return message + (", e.g. " + " or ".join(pins) if pins else "")
+
+
+def escape_pointer(token: str) -> str:
+    """A JSON Pointer token (RFC 6901): ~ becomes ~0, / becomes ~1."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def build_patch(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact) -> List[Dict[str, Any]]:
+    """JSONPatch ops that swap the target images and record the decision in annotations."""
+    image = choice.compatibility.tag
+    ops: List[Dict[str, Any]] = [{"op": "replace", "path": path, "value": image} for path in targets]
+    record = {SELECTED_IMAGE_ANNOTATION: image,
+              MATCHED_ANNOTATION: choice.compatibility.name,
+              ARTIFACT_ANNOTATION: f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref}
+    if pod.annotations is None:
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": record})
+    else:
+        ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
+                   for k, v in record.items())
+    return ops
+
+
+ArtifactGetter = Callable[[str], Artifact]
+
+
+def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
+    """The decision for one admission request. Raises nothing: every failure is a denial."""
+    try:
+        return _decide(request, snapshot, get_artifact)
+    except Denial as denial:
+        return Decision(False, "denied", denial.reason, str(denial), denial.code)
+
+
+def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
+    kind = (request.get("kind") or {}).get("kind") if isinstance(request.get("kind"), dict) else None
+    if kind != "Pod" or request.get("operation") != "CREATE" or request.get("subResource"):
+        return Decision(True, "untouched", "not-pod-create")
+    pod = pod_facts(request)
+    if pod.labels.get(ENABLED_LABEL) != "true":
+        return Decision(True, "untouched", "not-enabled")
+    annotations = pod.annotations or {}
+    target = annotations.get(TARGET_IMAGE_ANNOTATION) or DEFAULT_TARGET_IMAGE
+    targets = [path for path, image in pod.images if image == target]
+    if not targets and SELECTED_IMAGE_ANNOTATION in annotations:
+        return Decision(True, "untouched", "already-mutated", image=annotations[SELECTED_IMAGE_ANNOTATION])
+    ref = annotations.get(IMAGE_REF_ANNOTATION, "").strip()
+    if not ref:
+        raise MissingAnnotation(f"pod is labelled {ENABLED_LABEL}=true but has no {IMAGE_REF_ANNOTATION} "
+                                "annotation naming the compatibility artifact")
+    if not targets:
+        raise NoPlaceholder(f"no container or initContainer uses the target image {json.dumps(target)}; "
+                            f"set the image to it or name another with the {TARGET_IMAGE_ANNOTATION} annotation")
+    try:
+        artifact = get_artifact(ref)
+    except SpecError as exc:
+        raise SpecInvalid(f"artifact {ref} is not a valid compatibility spec: {exc}") from None
+    except ArtifactError as exc:
+        raise ArtifactUnavailable(str(exc)) from None
+    groups = candidate_groups(snapshot, pod.placement, artifact.spec.keys)
+    try:
+        choice = choose(artifact.spec, groups, pod.placement)
+    except Denial as denial:
+        raise type(denial)(f"artifact {ref}: {denial}") from None
+    return Decision(True, "mutated", "selected", patch=tuple(build_patch(pod, targets, choice, artifact)),
+                    image=choice.compatibility.tag, matched=choice.compatibility.name,
+                    candidates=choice.candidates, artifact_origin=artifact.origin, warnings=artifact.warnings)
+
+
+def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, Any]:
+    """The AdmissionReview that answers `review` with `decision`."""
+    request = review["request"]
+    response: Dict[str, Any] = {"uid": request["uid"], "allowed": decision.allowed}
+    if not decision.allowed:
+        response["status"] = {"code": decision.code, "message": decision.message}
+    if decision.patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(list(decision.patch)).encode()).decode()
+    if decision.warnings:
+        response["warnings"] = list(decision.warnings)
+    api_version = review.get("apiVersion")
+    if api_version not in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1"):
+        api_version = "admission.k8s.io/v1"
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+
+
+class Webhook:
+    """The admission edge: body in, response out, with the artifact fetch, the log line and the metrics."""
+
+    def __init__(self, settings: Settings, nodes: Any, artifacts: Any, metrics: Optional["Metrics"] = None):
+        self.settings = settings
+        self.nodes = nodes
+        self.artifacts = artifacts
+        self.metrics = metrics or Metrics()
+
+    def handle(self, body: bytes) -> Tuple[int, Dict[str, Any]]:
+        """(HTTP status, JSON reply) for one POST /mutate body."""
+        started = time.monotonic()
+        try:
+            review = parse_review(body)
+        except BadReview as exc:
+            self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review")
+            log.warning("rejected a request body: %s", exc)
+            return 400, {"error": str(exc)}
+        request = review["request"]
+        deadline = started + self.settings.fetch_budget
+        try:
+            decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline))
+        except Exception as exc:  # a bug must cost one clear denial, never the connection
+            log.exception("internal error deciding admission %s", request.get("uid"))
+            decision = Decision(False, "denied", "internal-error", f"ocifit internal error: {exc!r}", 500)
+        elapsed = time.monotonic() - started
+        self._record(request, decision, elapsed)
+        return 200, review_response(review, decision)
+
+    def _record(self, request: Mapping[str, Any], decision: Decision, elapsed: float) -> None:
+        self.metrics.count("ocifit_admissions_total", outcome=decision.outcome, reason=decision.reason)
+        self.metrics.observe("ocifit_admission_duration_seconds", elapsed)
+        if decision.reason in ("not-pod-create", "not-enabled"):
+            log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
+            return
+        pod = request.get("object") if isinstance(request.get("object"), dict) else {}
+        meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+        fields = {"namespace": request.get("namespace") or meta.get("namespace") or "",
+                  "pod": meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*"),
+                  "outcome": decision.outcome, "reason": decision.reason, "image": decision.image,
+                  "matched": decision.matched, "candidates": decision.candidates,
+                  "artifact": decision.artifact_origin, "ms": round(elapsed * 1000, 1)}
+        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
+                        for k, v in fields.items() if v not in ("", 0) or k == "pod")
+        if decision.allowed:
+            log.info("admission %s", text, extra={"admission": fields})
+        else:
+            log.warning("admission %s message=%s", text, json.dumps(decision.message),
+                        extra={"admission": fields})
+
+
+# ============================================================================================
+# HTTP server: HTTPS with reloadable certificates, /mutate /healthz /readyz /metrics
+# ============================================================================================
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus text format; thread-safe, no dependencies."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    HELP = {
+        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
+        "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
+        "ocifit_registry_requests_total": ("counter", "Registry HTTP requests, by result."),
+        "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
+        "ocifit_nodes": ("gauge", "Nodes in the current view."),
+        "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
+        "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
+        "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
+        "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
+        "ocifit_certificate_expiry_timestamp_seconds": ("gauge", "When the serving certificate expires."),
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
+        self._histograms: Dict[str, List[float]] = {}
+        self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
+
+    def count(self, name: str, amount: float = 1, **labels: str) -> None:
+        with self._lock:
+            self._counters[(name, tuple(sorted(labels.items())))] += amount
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    counts[i] += 1
+            counts[-2] += 1
+            counts[-1] += seconds
+
+    def gauge(self, name: str, read: Callable[[], Optional[float]]) -> None:
+        """Register a gauge read when /metrics is scraped."""
+        self._gauges[name] = read
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def render(self) -> str:
+        lines: List[str] = []
+        seen = set()
+
+        def header(name: str) -> None:
+            if name not in seen and name in self.HELP:
+                seen.add(name)
+                kind, text = self.HELP[name]
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = {k: list(v) for k, v in self._histograms.items()}
+        for (name, labels), amount in counters:
+            header(name)
+            text = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"{name}{{{text}}} {amount:g}" if text else f"{name} {amount:g}")
+        for name, counts in sorted(histograms.items()):
+            header(name)
+            for bound, count in zip(self.BUCKETS, counts):
+                lines.append(f'{name}_bucket{{le="{bound:g}"}} {count:g}')
+            lines += [f'{name}_bucket{{le="+Inf"}} {counts[-2]:g}', f"{name}_count {counts[-2]:g}",
+                      f"{name}_sum {counts[-1]:.6f}"]
+        for name, read in sorted(self._gauges.items()):
+            try:
+                value = read()
+            except Exception:  # a gauge must never break the scrape
+                value = None
+            if value is not None:
+                header(name)
+                lines.append(f"{name} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def certificate_expiry(path: str) -> Optional[float]:
+    """The notAfter of a PEM certificate as a Unix time, or None if it cannot be read."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
+    except Exception:
+        return None
+
+
+class TLSFiles:
+    """The serving certificate: loaded from files, reloaded when they change, last good pair kept."""
+
+    def __init__(self, cert: str, key: str, check_interval: float = 10.0):
+        self.cert, self.key, self.check_interval = cert, key, check_interval
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._stamp = self._files_stamp()
+        self._context = self._build()  # a broken pair at start is fatal: raise
+        self.expiry = certificate_expiry(cert)
+        self.error = ""
+
+    def _files_stamp(self) -> tuple:
+        stamps = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        """The current context, after a look for renewed files at most every check_interval seconds."""
+        now = time.monotonic()
+        if now - self._checked < self.check_interval:
+            return self._context
+        with self._lock:
+            if now - self._checked >= self.check_interval:
+                self._checked = now
+                self.reload()
+            return self._context
+
+    def reload(self) -> bool:
+        """Load the files if they changed; keep the last good pair if the new one is broken."""
+        stamp = self._files_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            context = self._build()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.error = f"certificate {self.cert} / key {self.key} not loaded: {exc}"
+            log.error("%s; still serving the previous certificate", self.error)
+            return False
+        self._context, self.error = context, ""
+        self.expiry = certificate_expiry(self.cert)
+        log.info("loaded renewed certificate %s", self.cert)
+        return True
+
+
+class WebhookServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with TLS handshakes in the connection's thread and a connection cap."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, settings: Settings, webhook: Webhook, tls: Optional[TLSFiles]):
+        self.settings, self.webhook, self.tls = settings, webhook, tls
+        self.draining = False
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._active = 0
+        self._active_lock = threading.Lock()
+        address = settings.bind or "::"
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            super().__init__((address, settings.port), WebhookHandler)
+        except OSError:
+            if settings.bind:  # the operator asked for this address: no second guess
+                raise
+            self.address_family = socket.AF_INET  # no IPv6 on this host
+            super().__init__(("0.0.0.0", settings.port), WebhookHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def get_request(self) -> Tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("closing connection from %s: %d connections open already",
+                        client_address[0], self.settings.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if self.tls is not None:
+                request = self._handshake(request, client_address)
+            if request is not None:
+                self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if request is not None:
+                self.shutdown_request(request)
+            self._slots.release()
+
+    def _handshake(self, sock: socket.socket, client_address: Any) -> Optional[ssl.SSLSocket]:
+        """TLS in this connection's own thread, bounded by the handshake timeout."""
+        assert self.tls is not None
+        sock.settimeout(self.settings.handshake_timeout)
+        try:
+            tls_sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            tls_sock.do_handshake()
+            return tls_sock
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
+            sock.close()
+            return None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout, ssl.SSLError)):
+            log.debug("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.exception("unexpected error serving %s", client_address[0])
+
+    def enter(self) -> None:
+        with self._active_lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def readiness(self) -> Tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        if self.tls is not None and self.tls.error:
+            log.debug("readiness: %s", self.tls.error)
+        ok, why = self.webhook.nodes.health()
+        return ok, why
+
+
+class WebhookHandler(http.server.BaseHTTPRequestHandler):
+    """POST /mutate, GET /healthz /readyz /metrics; one write per response."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ocifit/" + __version__
+    sys_version = ""
+    server: WebhookServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.settings.idle_timeout
+        super().setup()
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json", close: bool = False) -> None:
+        """Status line, headers and body in one write, so no response waits on Nagle's algorithm."""
+        phrase = http.HTTPStatus(status).phrase
+        head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n")
+        self.wfile.write(head.encode("latin-1") + body)
+        if close:
+            self.close_connection = True
+        self.log_request(status, len(body))
+
+    def reply_json(self, status: int, payload: Any, close: bool = False) -> None:
+        self.reply(status, json.dumps(payload).encode(), close=close)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self.reply(200, b"ok\n", "text/plain; charset=utf-8")
+        elif path == "/readyz":
+            ok, why = self.server.readiness()
+            self.reply(200 if ok else 503, (("ready: " if ok else "not ready: ") + why + "\n").encode(),
+                       "text/plain; charset=utf-8")
+        elif path == "/metrics":
+            self.reply(200, self.server.webhook.metrics.render().encode(), "text/plain; version=0.0.4")
+        else:
+            self.reply_json(404, {"error": f"no such path {path}; try POST /mutate, GET /healthz /readyz /metrics"})
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        body = self.read_body()
+        if body is None:
+            return
+        if path != "/mutate":
+            self.reply_json(404, {"error": f"no such path {path}; admission reviews go to POST /mutate"})
+            return
+        self.server.enter()
+        try:
+            status, payload = self.server.webhook.handle(body)
+        finally:
+            self.server.leave()
+        self.reply_json(status, payload)
+
+    def read_body(self) -> Optional[bytes]:
+        """The request body, or None after answering 400 for a missing, oversized or short one."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.reply_json(400, {"error": "chunked request bodies are not supported; send Content-Length"},
+                            close=True)
+            return None
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.reply_json(400, {"error": "request needs a valid Content-Length header"}, close=True)
+            return None
+        limit = self.server.settings.max_body
+        if length > limit:
+            self.reply_json(400, {"error": f"request body of {length} bytes exceeds the limit of {limit} bytes"},
+                            close=True)
+            return None
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            return None
+        return body
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def build_server(settings: Settings, webhook: Webhook) -> WebhookServer:
+    """A bound server for these settings; raises ValueError when TLS is neither set up nor waived."""
+    tls = None
+    if settings.cert or settings.key:
+        if not (settings.cert and settings.key):
+            raise ValueError("--cert and --key go together")
+        tls = TLSFiles(settings.cert, settings.key, settings.cert_reload_interval)
+    elif not settings.plain_http:
+        raise ValueError("no certificate: pass --cert and --key (or TLS_CERT_PATH/TLS_KEY_PATH), "
+                         "or --plain-http for a local trial")
+    server = WebhookServer(settings, webhook, tls)
+    if tls is not None:
+        webhook.metrics.gauge("ocifit_certificate_expiry_timestamp_seconds", lambda: tls.expiry)
+    return server
+
+
+# ============================================================================================
+# Command line: serve | match | review | fetch
+# ============================================================================================
+
+def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> Any:
+    """Where nodes come from: a NodeList file, or else the cluster."""
+    if settings.nodes:
+        source = StaticNodes(settings.nodes)
+    else:
+        raise ValueError("no node source: pass --nodes FILE (a NodeList from `kubectl get nodes -o json`)")
+    if metrics is not None:
+        metrics.gauge("ocifit_nodes", lambda: float(len(source.snapshot())))
+        metrics.gauge("ocifit_node_label_sets", lambda: float(source.snapshot().label_sets()))
+    return source
+
+
+def build_artifacts(settings: Settings, metrics: Optional[Metrics] = None) -> LocalArtifacts:
+    """Where artifacts come from: --artifact files."""
+    return LocalArtifacts(settings.artifact_files())
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    metrics = Metrics()
+    nodes = build_node_source(settings, metrics)
+    webhook = Webhook(settings, nodes, build_artifacts(settings, metrics), metrics)
+    server = build_server(settings, webhook)
+    stopping = threading.Event()
+
+    def drain() -> None:
+        server.draining = True
+        log.info("shutting down: not ready; letting in-flight admissions finish (up to %gs)",
+                 settings.shutdown_grace)
+        deadline = time.monotonic() + settings.shutdown_grace
+        time.sleep(min(1.0, settings.shutdown_grace))  # let endpoints notice readiness before we go
+        while server.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.shutdown()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=drain, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    scheme = "https" if server.tls else "http"
+    log.info("ocifit %s serving %s on port %d (POST /mutate, GET /healthz /readyz /metrics); nodes: %s",
+             __version__, scheme, server.port, nodes.health()[1])
+    if server.tls is None:
+        log.warning("serving plain HTTP: fine for a local trial, but the API server only calls HTTPS webhooks")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        nodes.stop()
+    log.info("stopped")
+    return 0
+
+
+def run_match(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        spec = parse_spec(_read_input(args.spec))
+    except SpecError as exc:
+        print(f"ocifit: invalid spec {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    if args.labels:
+        labels = json.loads(_read_input(args.labels))
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise ValueError(f"{args.labels}: --labels wants a JSON object of label name to string value")
+        selection = spec.select(labels)
+        if args.explain:
+            print(selection.explain(), file=sys.stderr)
+        if selection.chosen is None:
+            print(f"ocifit: no compatibility matches: {selection.why_none()}", file=sys.stderr)
+            return 1
+        print(selection.chosen.tag)
+        return 0
+    snapshot = StaticNodes(args.nodes).snapshot()
+    selector = []
+    for item in args.node_selector or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--node-selector wants KEY=VALUE, got {item!r}")
+        selector.append((key, value))
+    placement = Placement(node_selector=tuple(sorted(selector)))
+    groups = candidate_groups(snapshot, placement, spec.keys)
+    if args.explain:
+        for labels, names in groups:
+            print(f"# nodes {_names(list(names))}:\n{spec.select(labels).explain()}", file=sys.stderr)
+    try:
+        choice = choose(spec, groups, placement)
+    except Denial as exc:
+        print(f"ocifit: {exc}", file=sys.stderr)
+        return 1
+    print(choice.compatibility.tag)
+    return 0
+
+
+def run_review(args: argparse.Namespace, settings: Settings) -> int:
+    body = _read_input(args.file)
+    webhook = Webhook(settings, build_node_source(settings), build_artifacts(settings))
+    status, payload = webhook.handle(body)
+    if status != 200:
+        print(f"ocifit: {payload['error']}", file=sys.stderr)
+        return 2
+    response = payload["response"]
+    if args.patch:
+        patch = json.loads(base64.b64decode(response["patch"])) if "patch" in response else []
+        print(json.dumps(patch, indent=2))
+    else:
+        print(json.dumps(payload, indent=2))
+    if not response["allowed"]:
+        print(f"ocifit: denied: {response['status']['message']}", file=sys.stderr)
+    return 0 if response["allowed"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ocifit.py", description="Pick a pod's container image from an OCI compatibility artifact: "
+        "a Kubernetes mutating admission webhook.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every flag has an environment twin, named in its help. See `ocifit.py SUBCOMMAND --help`.")
+    parser.add_argument("--version", action="version", version=f"ocifit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    serve = commands.add_parser("serve", help="run the admission webhook",
+                                description="Serve POST /mutate (AdmissionReview v1) and GET /healthz /readyz "
+                                "/metrics over HTTPS. Nodes come from --nodes FILE or the cluster.")
+    add_options(serve, "server", "nodes", "artifacts", "logging")
+    serve.set_defaults(run=run_serve)
+
+    match = commands.add_parser("match", help="evaluate a spec against node labels",
+                                description="Print the image a spec chooses (exit 0), or why none (exit 1 with the "
+                                "reason on stderr). A malformed spec exits 2.")
+    match.add_argument("--spec", required=True, metavar="FILE", help="compatibility spec JSON ('-' for stdin)")
+    source = match.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", metavar="FILE", help="JSON object of label name to value")
+    source.add_argument("--nodes", metavar="FILE", help="NodeList (kubectl get nodes -o json): candidates as for "
+                        "a pod with the given --node-selector, or every schedulable worker")
+    match.add_argument("--node-selector", action="append", metavar="KEY=VALUE", help="with --nodes: the pod's "
+                       "nodeSelector (repeatable)")
+    match.add_argument("--explain", action="store_true", help="say on stderr why each compatibility matched or not")
+    add_options(match, "logging")
+    match.set_defaults(run=run_match)
+
+    review = commands.add_parser("review", help="answer one AdmissionReview from a file (a dry run)",
+                                 description="Read an AdmissionReview request and print the response review "
+                                 "exactly as `serve` would answer it. Exit 0 allowed, 1 denied, 2 bad input.")
+    review.add_argument("file", help="AdmissionReview JSON ('-' for stdin)")
+    review.add_argument("--patch", action="store_true", help="print only the decoded JSONPatch")
+    add_options(review, "nodes", "artifacts", "logging")
+    review.set_defaults(run=run_review)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    settings = Settings.from_namespace(args)
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        return args.run(args, settings)
+    except (ValueError, OSError, ArtifactError) as exc:  # configuration and input errors: say, don't trace
+        print(f"ocifit: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

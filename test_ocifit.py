@@ -1,0 +1,967 @@
+"""ocifit's behaviour, in the order of ocifit.py's sections: settings, spec, nodes, artifacts and registry,
+admission, HTTP server, command line, shipping.
+
+Real peers where they exist here: openssl for certificates, kubectl to apply every patch, Debian's
+docker-registry with the oras client for artifacts. Set OCIFIT_REQUIRE_TOOLS=1 (CI does) to turn a
+missing tool from a skip into a failure.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+import ocifit
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE / "example"
+FLAVOR_REF = "ghcr.io/compspec/ocifit-k8s-compatibility:kind-example"
+FLAVOR_KEY = "feature.node.ocifit-k8s.flavor"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: tools, specs, nodes, pods, reviews
+# --------------------------------------------------------------------------------------------
+
+def need(tool: str) -> str:
+    """The tool's path; skip (or, with OCIFIT_REQUIRE_TOOLS=1, fail) when it is not installed."""
+    path = shutil.which(tool)
+    if path:
+        return path
+    if os.environ.get("OCIFIT_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{tool} is required here (OCIFIT_REQUIRE_TOOLS=1) but not installed")
+    pytest.skip(f"{tool} is not installed")
+
+
+def expr(op: str, key: str = "f", value: Any = None) -> Dict[str, Any]:
+    e: Dict[str, Any] = {"op": op, "key": key}
+    if value is not None:
+        e["value"] = value
+    return e
+
+
+def compat(tag: str, *expressions: Dict[str, Any], weight: Optional[int] = None) -> Dict[str, Any]:
+    c: Dict[str, Any] = {"tag": tag, "description": f"use {tag}",
+                         "rules": [{"matchFeatures": [{"matchExpressions": list(expressions)}]}]}
+    if weight is not None:
+        c["weight"] = weight
+    return c
+
+
+def spec_doc(*compatibilities: Dict[str, Any]) -> Dict[str, Any]:
+    return {"version": "v1alpha1", "compatibilities": list(compatibilities)}
+
+
+def flavor_spec() -> ocifit.Spec:
+    return ocifit.parse_spec((EXAMPLE / "compatibility-test.json").read_bytes())
+
+
+def node_obj(name: str, labels: Optional[Dict[str, str]] = None, unschedulable: bool = False,
+             taints: Optional[List[Dict[str, str]]] = None, control_plane: bool = False) -> Dict[str, Any]:
+    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}
+    all_labels.update(labels or {})
+    spec: Dict[str, Any] = {}
+    if control_plane:
+        all_labels["node-role.kubernetes.io/control-plane"] = ""
+        spec["taints"] = [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]
+    if taints:
+        spec.setdefault("taints", []).extend(taints)
+    if unschedulable:
+        spec["unschedulable"] = True
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}, "spec": spec}
+
+
+def snapshot_of(*nodes: Dict[str, Any]) -> ocifit.NodeSnapshot:
+    return ocifit.NodeSnapshot(ocifit.node_from_object(n) for n in nodes)
+
+
+def example_snapshot(name: str = "nodes-homogeneous.json") -> ocifit.NodeSnapshot:
+    return ocifit.NodeSnapshot(ocifit.nodes_from_document(json.loads((EXAMPLE / name).read_text())))
+
+
+def pod_obj(name: Optional[str] = "app", enabled: bool = True, ref: Optional[str] = FLAVOR_REF,
+            image: str = "placeholder:latest", spec: Optional[Dict[str, Any]] = None,
+            annotations: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    meta: Dict[str, Any] = {"namespace": "team-a", "labels": {"app": "demo"}, "annotations": {}}
+    if name:
+        meta["name"] = name
+    else:
+        meta["generateName"] = "demo-7d9c8b6f5-"
+    if enabled:
+        meta["labels"][ocifit.ENABLED_LABEL] = "true"
+    if ref is not None:
+        meta["annotations"][ocifit.IMAGE_REF_ANNOTATION] = ref
+    meta["annotations"].update(annotations or {})
+    pod_spec: Dict[str, Any] = {"containers": [{"name": "main", "image": image}]}
+    pod_spec.update(spec or {})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def review_of(pod: Dict[str, Any], operation: str = "CREATE", kind: str = "Pod", uid: str = "uid-1",
+              api_version: str = "admission.k8s.io/v1") -> Dict[str, Any]:
+    return {"apiVersion": api_version, "kind": "AdmissionReview",
+            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": kind},
+                        "resource": {"group": "", "version": "v1", "resource": kind.lower() + "s"},
+                        "namespace": pod["metadata"].get("namespace", ""), "name": pod["metadata"].get("name", ""),
+                        "operation": operation, "object": pod, "userInfo": {"username": "tester"}}}
+
+
+class FileArtifacts:
+    """Artifacts by ref for decide(); raises like the real sources do."""
+
+    def __init__(self, **by_ref: Any):
+        self.by_ref = by_ref
+
+    def __call__(self, ref: str) -> ocifit.Artifact:
+        spec = self.by_ref.get(ref, flavor_spec() if ref == FLAVOR_REF else None)
+        if spec is None:
+            raise ocifit.ArtifactError(f"artifact {ref} is not configured")
+        if isinstance(spec, dict):
+            spec = ocifit.parse_spec(spec)
+        return ocifit.Artifact(ref, spec, "sha256:" + "a" * 64, "file")
+
+
+def decide(pod: Dict[str, Any], snapshot: Optional[ocifit.NodeSnapshot] = None, **review_kw: Any
+           ) -> ocifit.Decision:
+    return ocifit.decide(review_of(pod, **review_kw)["request"], snapshot or example_snapshot(), FileArtifacts())
+
+
+def patch_of(response: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return json.loads(base64.b64decode(response["patch"]))
+
+
+def kubectl_patch(pod: Dict[str, Any], patch: List[Dict[str, Any]], tmp_path: Path) -> Dict[str, Any]:
+    """The pod after `kubectl patch --local --type=json`: the patch as a real client applies it."""
+    kubectl = need("kubectl")
+    pod_file = tmp_path / "pod.json"
+    pod_file.write_text(json.dumps(pod))
+    env = dict(os.environ, KUBECONFIG=str(tmp_path / "no-kubeconfig"))
+    done = subprocess.run([kubectl, "patch", "--local", "-f", str(pod_file), "--type=json",
+                           "-p", json.dumps(patch), "-o", "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def run_cli(*args: str, stdin: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+            python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(HERE / "ocifit.py"), *args], capture_output=True, text=True, input=stdin,
+                          cwd=HERE, env=dict(os.environ, **(env or {})), timeout=60)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+def test_ocifit_py_imports_only_the_standard_library() -> None:
+    tree = ast.parse((HERE / "ocifit.py").read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.split(".")[0])
+    assert sorted(m for m in modules if m not in sys.stdlib_module_names and m != "__future__") == []
+
+
+def test_every_flag_reads_its_environment_twin_and_the_flag_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OCIFIT_PORT", "9443")
+    monkeypatch.setenv("TLS_CERT_PATH", "/certs/tls.crt")
+    monkeypatch.setenv("OCIFIT_ALLOWED_REGISTRIES", "ghcr.io, registry.local:5000")
+    monkeypatch.setenv("OCIFIT_PLAIN_HTTP", "true")
+    args = ocifit.build_parser().parse_args(["serve"])
+    settings = ocifit.Settings.from_namespace(args)
+    assert (settings.port, settings.cert, settings.plain_http) == (9443, "/certs/tls.crt", True)
+    assert settings.allowed_registries == ("ghcr.io", "registry.local:5000")
+    flagged = ocifit.Settings.from_namespace(ocifit.build_parser().parse_args(["serve", "--port", "8000"]))
+    assert flagged.port == 8000
+    fields = {f.name for f in ocifit.dataclasses.fields(ocifit.Settings)}
+    for options in ocifit.OPTION_GROUPS.values():
+        for option in options:
+            assert option.dest in fields and option.env and all(e.isupper() for e in option.env)
+
+
+def test_a_bad_environment_value_is_named() -> None:
+    done = run_cli("serve", "--help", env={"OCIFIT_PORT": "eighty"})
+    assert done.returncode != 0 and "OCIFIT_PORT" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility spec: operators, weights, explanations, malformed specs
+# --------------------------------------------------------------------------------------------
+
+OPERATOR_CASES = [
+    ("In", ["a", "b"], {"f": "b"}, True), ("In", ["a", "b"], {"f": "c"}, False), ("In", ["a"], {}, False),
+    ("In", "a", {"f": "a"}, True),  # a bare string is a one-item list
+    ("NotIn", ["a"], {}, True), ("NotIn", ["a"], {"f": "c"}, True), ("NotIn", ["a"], {"f": "a"}, False),
+    ("InRegexp", ["^6\\.", "rc"], {"f": "6.1"}, True),
+    ("InRegexp", ["^6\\.", "rc"], {"f": "5.10-rc1"}, True),  # unanchored search, as Go's MatchString
+    ("InRegexp", ["^6\\."], {"f": "5.10"}, False), ("InRegexp", ["."], {}, False),
+    ("InRegexp", ["abc\\z"], {"f": "xabc"}, True), ("InRegexp", ["abc\\z"], {"f": "abcx"}, False),
+    ("Exists", None, {"f": ""}, True), ("Exists", None, {}, False),
+    ("DoesNotExist", None, {}, True), ("DoesNotExist", None, {"f": "x"}, False),
+    ("Gt", ["5"], {"f": "6"}, True), ("Gt", ["5"], {"f": "5"}, False), ("Gt", ["-1"], {"f": "0"}, True),
+    ("Gt", ["5"], {"f": "10"}, True),  # integers, not strings: "10" > "5"
+    ("Gt", ["5"], {"f": "six"}, False), ("Gt", ["5"], {}, False),
+    ("Lt", ["5"], {"f": "4"}, True), ("Lt", ["5"], {"f": "5"}, False),
+    ("Gte", "1", {"f": "1"}, True), ("Gte", "1", {"f": "0"}, False),
+    ("Lte", ["1"], {"f": "1"}, True), ("Lte", ["1"], {"f": "2"}, False),
+    ("GtLt", ["1", "10"], {"f": "5"}, True), ("GtLt", ["1", "10"], {"f": "1"}, False),
+    ("GtLt", ["1", "10"], {"f": "10"}, False),
+    ("IsTrue", None, {"f": "true"}, True), ("IsTrue", None, {"f": "True"}, False), ("IsTrue", None, {}, False),
+    ("IsFalse", None, {"f": "false"}, True), ("IsFalse", None, {"f": "true"}, False),
+]
+
+
+@pytest.mark.parametrize("op,value,labels,holds", OPERATOR_CASES)
+def test_operator_on_node_labels(op: str, value: Any, labels: Dict[str, str], holds: bool) -> None:
+    spec = ocifit.parse_spec(spec_doc(compat("img:1", expr(op, "f", value))))
+    assert (spec.select(labels).chosen is not None) is holds
+
+
+def test_every_expression_of_every_rule_must_hold() -> None:
+    c = compat("img:1", expr("In", "a", ["1"]))
+    c["rules"].append({"matchFeatures": [{"matchExpressions": [expr("In", "b", ["2"])]},
+                                         {"matchExpressions": [expr("Exists", "c")]}]})
+    spec = ocifit.parse_spec(spec_doc(c))
+    assert spec.select({"a": "1", "b": "2", "c": ""}).chosen is not None
+    assert spec.select({"a": "1", "b": "2"}).chosen is None
+    assert spec.keys == frozenset({"a", "b", "c"})
+
+
+def test_highest_weight_wins_and_the_first_listed_breaks_a_tie() -> None:
+    spec = ocifit.parse_spec(spec_doc(compat("low:1", expr("Exists")), compat("high:1", expr("Exists"), weight=5),
+                                      compat("also-high:1", expr("Exists"), weight=5)))
+    assert spec.select({"f": "x"}).chosen.tag == "high:1"
+    tie = ocifit.parse_spec(spec_doc(compat("first:1", expr("Exists")), compat("second:1", expr("Exists"), weight=0)))
+    assert tie.select({"f": "x"}).chosen.tag == "first:1"
+    negative = ocifit.parse_spec(spec_doc(compat("minus:1", expr("Exists"), weight=-1), compat("zero:1")))
+    assert negative.select({"f": "x"}).chosen.tag == "zero:1"  # absent weight is 0
+
+
+def test_explanation_names_the_first_failing_expression_and_why() -> None:
+    spec = flavor_spec()
+    selection = spec.select({FLAVOR_KEY: "vanilla"})
+    text = selection.explain()
+    assert "compatibilities[0] (debian:11): matched" in text
+    assert ('compatibilities[1] (ubuntu:24.04): rules[0].matchFeatures[0].matchExpressions[0]: '
+            'value "vanilla" of label "feature.node.ocifit-k8s.flavor" not in ["chocolate"]') in text
+    assert text.endswith("chosen: compatibilities[0] (debian:11) weight 0")
+    assert 'label "feature.node.ocifit-k8s.flavor" missing' in spec.select({}).why_none()
+
+
+def test_the_upstream_ebpf_spec_selects_by_os_and_kernel() -> None:
+    spec = ocifit.parse_spec((EXAMPLE / "ebpf-compatibility-spec.json").read_bytes())
+    ubuntu = {"feature.node.kubernetes.io/system-os_release.ID": "ubuntu",
+              "feature.node.kubernetes.io/system-os_release.VERSION_ID": "22.04",
+              "feature.node.kubernetes.io/kernel-version.major": "6",
+              "feature.node.kubernetes.io/kernel-version.minor": "12"}
+    assert spec.select(ubuntu).chosen.tag.endswith(":ubuntu2204")
+    old_kernel = dict(ubuntu, **{"feature.node.kubernetes.io/kernel-version.major": "5"})
+    assert spec.select(old_kernel).chosen is None
+
+
+def _malformed(mutate: Any) -> Dict[str, Any]:
+    doc = spec_doc(compat("a:1", expr("In", "f", ["x"])), compat("b:1", expr("In", "f", ["y"])),
+                   compat("c:1", expr("In", "f", ["z"])))
+    mutate(doc)
+    return doc
+
+
+def _set_expr(index: int, **changes: Any) -> Any:
+    def mutate(doc: Dict[str, Any]) -> None:
+        e = doc["compatibilities"][index]["rules"][0]["matchFeatures"][0]["matchExpressions"][0]
+        for k, v in changes.items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
+    return mutate
+
+
+MALFORMED = [
+    (_set_expr(2, op="Equals"),
+     'compatibilities[2].rules[0].matchFeatures[0].matchExpressions[0].op: unknown operator "Equals"'),
+    (lambda d: d["compatibilities"][1].pop("tag"), "compatibilities[1].tag: expected the image to use"),
+    (lambda d: d["compatibilities"][0].update(tag="debian 11"), "compatibilities[0].tag"),
+    (_set_expr(0, value=7), "matchExpressions[0].value: expected a list of strings or a string, got int"),
+    (_set_expr(0, value=["ok", 3]), "matchExpressions[0].value[1]: expected a string, got int"),
+    (_set_expr(0, key=None), "matchExpressions[0].key: expected a string, got null"),
+    (_set_expr(0, op="InRegexp", value=["("]), "does not compile"),
+    (_set_expr(0, op="InRegexp", value=["(a+)+$"]), "backtrack catastrophically"),
+    (_set_expr(1, op="Gt", value=["five"]), 'compatibilities[1].rules[0].matchFeatures[0].matchExpressions[0]'
+                                           '.value[0]: "five" is not an integer'),
+    (_set_expr(0, op="Gt", value=["9" * 30]), "is not an integer"),
+    (_set_expr(0, op="Gt", value=["1", "2"]), "needs exactly 1 integer value, got 2"),
+    (_set_expr(0, op="GtLt", value=["10", "1"]), "lower bound first"),
+    (_set_expr(0, op="In", value=[]), "needs at least one value"),
+    (_set_expr(0, op="Exists", value=["x"]), "operator Exists takes no value"),
+    (_set_expr(0, values=["x"]), 'unsupported key "values"'),
+    (lambda d: d["compatibilities"][0].update(weight="high"), "compatibilities[0].weight: expected an integer"),
+    (lambda d: d["compatibilities"][0].update(weight=True), "compatibilities[0].weight: expected an integer"),
+    (lambda d: d["compatibilities"][0].pop("rules"), "compatibilities[0].rules: expected a list of rules"),
+    (lambda d: d["compatibilities"][0]["rules"][0].update(matchAny=[]), 'unsupported key "matchAny"'),
+    (lambda d: d.update(compatibilities=[]), "lists no compatibilities"),
+    (lambda d: d.update(compatibilities={"tag": "x"}), "compatibilities: expected a list"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", MALFORMED)
+def test_a_malformed_spec_is_rejected_whole_naming_the_place(mutate: Any, message: str) -> None:
+    with pytest.raises(ocifit.SpecError) as caught:
+        ocifit.parse_spec(_malformed(mutate))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"{not json", "spec is not valid JSON"), (b"[" * 100000, "spec is not valid JSON"),
+    (b"[]", "spec: expected a JSON object"),
+])
+def test_a_spec_that_is_not_a_json_object_is_rejected(data: bytes, message: str) -> None:
+    with pytest.raises(ocifit.SpecError, match=message):
+        ocifit.parse_spec(data)
+
+
+def test_a_spec_with_too_many_expressions_is_rejected() -> None:
+    many = [expr("Exists", f"k{i}") for i in range(ocifit.MAX_EXPRESSIONS + 1)]
+    with pytest.raises(ocifit.SpecError, match="more than 10000 expressions"):
+        ocifit.parse_spec(spec_doc(compat("a:1", *many)))
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a*)*b", "(a|aa)+$", r"(\w+\s?)*$", "((ab)*)+", "(x+x+)+y",
+                                     "(.*a){20}", "(?:a|a)*", r"(a)\1", "(?=a)b", "(?<!a)b"])
+def test_regexes_that_can_backtrack_or_go_lacks_are_refused(pattern: str) -> None:
+    assert ocifit.regex_hazard(pattern) is not None
+
+
+@pytest.mark.parametrize("pattern", [r"^6\.[0-9]+$", "(ab)+", "[a-z]+(-[a-z]+)?", "a{2,3}", "(?:amd|arm)64",
+                                     r"\d+", "[(+*)]+", r"\(a+\)+"])
+def test_ordinary_regexes_are_accepted(pattern: str) -> None:
+    assert ocifit.regex_hazard(pattern) is None
+    ocifit.compile_pattern(pattern, "p")
+
+
+# --------------------------------------------------------------------------------------------
+# Node view: which nodes a pod can land on
+# --------------------------------------------------------------------------------------------
+
+def _mixed_cluster() -> ocifit.NodeSnapshot:
+    return snapshot_of(
+        node_obj("cp", {FLAVOR_KEY: "vanilla"}, control_plane=True),
+        node_obj("w1", {FLAVOR_KEY: "vanilla", "pool": "a", "gen": "3"}),
+        node_obj("w2", {FLAVOR_KEY: "vanilla", "pool": "a", "gen": "4"}),
+        node_obj("w3", {FLAVOR_KEY: "chocolate", "pool": "b", "gen": "5"}),
+        node_obj("w4", {FLAVOR_KEY: "chocolate", "pool": "b"}, unschedulable=True),
+        node_obj("gpu", {FLAVOR_KEY: "strawberry", "pool": "gpu"},
+                 taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]))
+
+
+def candidates(pod_spec: Dict[str, Any], snapshot: Optional[ocifit.NodeSnapshot] = None) -> List[str]:
+    placement = ocifit.parse_placement(pod_spec)
+    groups = ocifit.candidate_groups(snapshot or _mixed_cluster(), placement, frozenset({FLAVOR_KEY}))
+    return sorted(n for _, names in groups for n in names)
+
+
+def _affinity(*terms: Dict[str, Any]) -> Dict[str, Any]:
+    return {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": list(terms)}}}}
+
+
+def test_without_selector_every_schedulable_worker_counts() -> None:
+    assert candidates({}) == ["w1", "w2", "w3"]  # not the control plane, the cordoned w4, or the tainted gpu
+
+
+def test_a_toleration_admits_tainted_and_cordoned_nodes() -> None:
+    gpu = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    assert candidates(gpu) == ["gpu", "w1", "w2", "w3"]
+    everything = {"tolerations": [{"operator": "Exists"}], "nodeSelector": {FLAVOR_KEY: "chocolate"}}
+    assert candidates(everything) == ["w3", "w4"]
+
+
+def test_node_selector_picks_the_nodes() -> None:
+    assert candidates({"nodeSelector": {"pool": "a"}}) == ["w1", "w2"]
+    assert candidates({"nodeSelector": {"pool": "a", FLAVOR_KEY: "chocolate"}}) == []
+
+
+def test_control_plane_counts_only_when_selected_and_tolerated() -> None:
+    selector = {"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}
+    assert candidates(selector) == []
+    tolerated = dict(selector, tolerations=[{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}])
+    assert candidates(tolerated) == ["cp"]
+
+
+@pytest.mark.parametrize("expression,names", [
+    ({"key": "pool", "operator": "In", "values": ["a", "gpu"]}, ["w1", "w2"]),
+    ({"key": "pool", "operator": "NotIn", "values": ["a"]}, ["w3"]),
+    ({"key": "gen", "operator": "Exists"}, ["w1", "w2", "w3"]),
+    ({"key": "gen", "operator": "DoesNotExist"}, []),
+    ({"key": "gen", "operator": "Gt", "values": ["3"]}, ["w2", "w3"]),
+    ({"key": "gen", "operator": "Lt", "values": ["4"]}, ["w1"]),
+])
+def test_required_node_affinity_operators(expression: Dict[str, Any], names: List[str]) -> None:
+    assert candidates(_affinity({"matchExpressions": [expression]})) == names
+
+
+def test_affinity_terms_are_ored_and_fields_select_names() -> None:
+    terms = _affinity({"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]},
+                      {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["w1"]}]})
+    assert candidates(terms) == ["w1", "w3"]
+    assert candidates(_affinity({})) == []  # an empty term matches no node
+    both = dict(_affinity({"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]}),
+                nodeSelector={"gen": "4"})
+    assert candidates(both) == ["w2"]
+
+
+def test_the_spec_is_evaluated_once_per_kind_of_node_not_per_node() -> None:
+    nodes = [node_obj(f"n{i}", {FLAVOR_KEY: "vanilla" if i % 2 else "chocolate", "zone": f"z{i % 3}"})
+             for i in range(3000)]  # every node has its own hostname label
+    groups = ocifit.candidate_groups(snapshot_of(*nodes), ocifit.Placement(), frozenset({FLAVOR_KEY}))
+    assert len(groups) == 2 and sum(len(names) for _, names in groups) == 3000
+
+
+def test_per_node_labels_do_not_make_a_homogeneous_cluster_disagree() -> None:
+    decision = decide(pod_obj(), example_snapshot("nodes-homogeneous.json"))
+    assert decision.allowed and decision.image == "debian:11" and decision.candidates == 3
+
+
+def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "nodes.json"
+    path.write_text(json.dumps({"kind": "List", "items": [node_obj("a")]}))
+    source = ocifit.StaticNodes(str(path))
+    assert list(source.snapshot().nodes) == ["a"]
+    path.write_text(json.dumps({"kind": "List", "items": [node_obj("a"), node_obj("b")]}))
+    source._checked = 0.0
+    assert sorted(source.snapshot().nodes) == ["a", "b"]
+    path.write_text("{broken")
+    source._checked = 0.0
+    assert sorted(source.snapshot().nodes) == ["a", "b"]  # the last good view stays
+
+
+# --------------------------------------------------------------------------------------------
+# Admission: every path a review can take
+# --------------------------------------------------------------------------------------------
+
+def test_a_pod_is_mutated_with_the_chosen_image_and_the_patch_applies(tmp_path: Path) -> None:
+    pod = pod_obj(spec={"initContainers": [{"name": "init", "image": "placeholder:latest"}],
+                        "containers": [{"name": "main", "image": "placeholder:latest"},
+                                       {"name": "sidecar", "image": "envoy:1.30"}]})
+    review = review_of(pod)
+    response = ocifit.review_response(review, decide(pod))
+    assert response["apiVersion"] == "admission.k8s.io/v1" and response["kind"] == "AdmissionReview"
+    assert response["response"]["uid"] == "uid-1" and response["response"]["allowed"] is True
+    assert response["response"]["patchType"] == "JSONPatch"
+    patched = kubectl_patch(pod, patch_of(response["response"]), tmp_path)
+    assert [c["image"] for c in patched["spec"]["initContainers"]] == ["debian:11"]
+    assert [c["image"] for c in patched["spec"]["containers"]] == ["debian:11", "envoy:1.30"]
+    notes = patched["metadata"]["annotations"]
+    assert notes[ocifit.SELECTED_IMAGE_ANNOTATION] == "debian:11"
+    assert notes[ocifit.MATCHED_ANNOTATION] == "compatibilities[0] (debian:11)"
+    assert notes[ocifit.ARTIFACT_ANNOTATION] == f"{FLAVOR_REF}@sha256:" + "a" * 64
+    assert notes[ocifit.IMAGE_REF_ANNOTATION] == FLAVOR_REF
+
+
+def test_a_custom_target_image_is_swapped(tmp_path: Path) -> None:
+    pod = pod_obj(image="example.com/stub:0", annotations={ocifit.TARGET_IMAGE_ANNOTATION: "example.com/stub:0"})
+    decision = decide(pod)
+    patched = kubectl_patch(pod, list(decision.patch), tmp_path)
+    assert patched["spec"]["containers"][0]["image"] == "debian:11"
+
+
+def test_the_patch_creates_the_annotations_object_when_the_pod_has_none(tmp_path: Path) -> None:
+    pod = pod_obj()
+    del pod["metadata"]["annotations"]
+    facts = ocifit.pod_facts(review_of(pod)["request"])
+    artifact = FileArtifacts()(FLAVOR_REF)
+    choice = ocifit.Choice(artifact.spec.compatibilities[1], 1)
+    patch = ocifit.build_patch(facts, ["/spec/containers/0/image"], choice, artifact)
+    patched = kubectl_patch(pod, patch, tmp_path)
+    assert patched["metadata"]["annotations"][ocifit.SELECTED_IMAGE_ANNOTATION] == "ubuntu:24.04"
+    assert patched["spec"]["containers"][0]["image"] == "ubuntu:24.04"
+
+
+def test_a_deployment_pod_without_a_name_is_mutated(tmp_path: Path) -> None:
+    pod = pod_obj(name=None)
+    decision = decide(pod)
+    assert decision.outcome == "mutated"
+    assert kubectl_patch(pod, list(decision.patch), tmp_path)["spec"]["containers"][0]["image"] == "debian:11"
+
+
+@pytest.mark.parametrize("review_kw", [{"operation": "UPDATE"}, {"operation": "DELETE"}, {"kind": "Deployment"}])
+def test_anything_but_pod_create_is_allowed_untouched(review_kw: Dict[str, Any]) -> None:
+    response = ocifit.review_response(review_of(pod_obj(), **review_kw), decide(pod_obj(), **review_kw))
+    assert response["response"] == {"uid": "uid-1", "allowed": True}
+
+
+def test_a_pod_that_did_not_opt_in_is_allowed_untouched() -> None:
+    for pod in (pod_obj(enabled=False), pod_obj(enabled=False, ref=None)):
+        decision = decide(pod)
+        assert (decision.allowed, decision.patch, decision.reason) == (True, (), "not-enabled")
+    opted_out = pod_obj()
+    opted_out["metadata"]["labels"][ocifit.ENABLED_LABEL] = "false"
+    assert decide(opted_out).reason == "not-enabled"
+
+
+def test_an_enabled_pod_without_image_ref_is_denied_naming_the_annotation() -> None:
+    response = ocifit.review_response(review_of(pod_obj(ref=None)), decide(pod_obj(ref=None)))["response"]
+    assert response["allowed"] is False and response["status"]["code"] == 400
+    assert ocifit.IMAGE_REF_ANNOTATION in response["status"]["message"]
+
+
+def test_a_pod_without_the_placeholder_is_denied() -> None:
+    decision = decide(pod_obj(image="nginx:1.27"))
+    assert not decision.allowed and decision.reason == "no-placeholder"
+    assert '"placeholder:latest"' in decision.message and ocifit.TARGET_IMAGE_ANNOTATION in decision.message
+
+
+def test_an_already_mutated_pod_is_allowed_with_no_patch(tmp_path: Path) -> None:
+    pod = pod_obj()
+    mutated = kubectl_patch(pod, list(decide(pod).patch), tmp_path)
+    again = decide(mutated)
+    assert (again.allowed, again.patch, again.reason) == (True, (), "already-mutated")
+
+
+def test_an_unknown_artifact_is_denied_naming_it() -> None:
+    decision = decide(pod_obj(ref="registry.example/missing:v1"))
+    assert not decision.allowed and decision.reason == "artifact-unavailable" and decision.code == 503
+    assert "registry.example/missing:v1" in decision.message
+
+
+def test_an_invalid_artifact_is_denied_naming_the_place(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec_doc(compat("a:1", expr("In", "f", ["x"])), compat("b:1", expr("Near")))))
+    artifacts = ocifit.LocalArtifacts({})
+    artifacts.files["r/bad:1"] = str(bad)  # added after start, as a ConfigMap update would
+    decision = ocifit.decide(review_of(pod_obj(ref="r/bad:1"))["request"], example_snapshot(),
+                             lambda ref: artifacts.get(ref, time.monotonic() + 5))
+    assert not decision.allowed and decision.reason == "spec-invalid"
+    assert "artifact r/bad:1 is not a valid compatibility spec" in decision.message
+    assert 'compatibilities[1].rules[0].matchFeatures[0].matchExpressions[0].op: unknown operator "Near"' \
+        in decision.message
+
+
+def test_a_broken_local_artifact_stops_serve_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ocifit.SpecError, match="compatibilities: expected a list"):
+        ocifit.LocalArtifacts({"r/bad:1": str(bad)})
+
+
+def test_disagreeing_candidates_are_denied_with_names_counts_and_a_pin() -> None:
+    decision = decide(pod_obj(), example_snapshot("nodes-heterogeneous.json"))
+    assert not decision.allowed and decision.reason == "disagreement"
+    assert ("the 3 candidate nodes disagree on the image: 2 want debian:11 (ocifit-worker, ocifit-worker2), "
+            "1 wants ubuntu:24.04 (ocifit-worker3)") in decision.message
+    assert '{"feature.node.ocifit-k8s.flavor": "chocolate"} for ubuntu:24.04' in decision.message
+
+
+def test_a_pinned_pod_on_a_mixed_cluster_gets_its_nodes_image() -> None:
+    pod = pod_obj(spec={"nodeSelector": {FLAVOR_KEY: "chocolate"}})
+    decision = decide(pod, example_snapshot("nodes-heterogeneous.json"))
+    assert decision.image == "ubuntu:24.04" and decision.candidates == 1
+
+
+def test_nodes_matching_no_rule_count_as_disagreement() -> None:
+    snapshot = snapshot_of(*[node_obj(f"v{i}", {FLAVOR_KEY: "vanilla"}) for i in range(5)],
+                           node_obj("plain"))
+    decision = decide(pod_obj(), snapshot)
+    assert decision.reason == "disagreement"
+    assert "5 want debian:11 (v0, v1, v2, …+2 more), 1 matches no compatibility (plain)" in decision.message
+
+
+def test_no_matching_rule_is_denied_with_the_explanation() -> None:
+    decision = decide(pod_obj(), snapshot_of(node_obj("w1", {FLAVOR_KEY: "mint"})))
+    assert decision.reason == "no-match"
+    assert "no compatibility matches the 1 candidate node (w1)" in decision.message
+    assert 'value "mint" of label "feature.node.ocifit-k8s.flavor" not in ["vanilla"]' in decision.message
+
+
+def test_no_candidate_node_is_denied_naming_the_selector() -> None:
+    decision = decide(pod_obj(spec={"nodeSelector": {"pool": "nope"}}))
+    assert decision.reason == "no-candidates"
+    assert 'no node matches the pod\'s nodeSelector {"pool": "nope"}' in decision.message
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"containers": "main"}, "spec.containers must be a list"),
+    ({"nodeSelector": ["pool"]}, "spec.nodeSelector must be an object of strings"),
+    (_affinity({"matchExpressions": [{"key": "k", "operator": "Near"}]}), '"Near" is not a node selector operator'),
+])
+def test_a_malformed_pod_is_denied_not_crashed(spec: Dict[str, Any], message: str) -> None:
+    decision = decide(pod_obj(spec=spec))
+    assert not decision.allowed and decision.reason == "malformed-pod" and message in decision.message
+
+
+def test_a_v1beta1_review_is_answered_in_its_own_version() -> None:
+    review = review_of(pod_obj(enabled=False), api_version="admission.k8s.io/v1beta1")
+    assert ocifit.review_response(review, decide(pod_obj(enabled=False)))["apiVersion"] == "admission.k8s.io/v1beta1"
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"{", "not valid JSON"), (b'{"kind": "Pod"}', "not an AdmissionReview"),
+    (b'{"kind": "AdmissionReview"}', "no request object"),
+    (b'{"kind": "AdmissionReview", "request": {"operation": "CREATE"}}', "no uid"),
+])
+def test_a_body_that_is_no_review_is_a_bad_request(body: bytes, message: str) -> None:
+    webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({}))
+    status, payload = webhook.handle(body)
+    assert status == 400 and message in payload["error"]
+
+
+def test_an_internal_error_is_one_clear_denial(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def snapshot(self) -> ocifit.NodeSnapshot:
+            raise RuntimeError("node view exploded")
+    webhook = ocifit.Webhook(ocifit.Settings(), Broken(), ocifit.LocalArtifacts({}))
+    status, payload = webhook.handle(json.dumps(review_of(pod_obj())).encode())
+    assert status == 200 and payload["response"]["allowed"] is False
+    assert payload["response"]["status"]["code"] == 500
+    assert "node view exploded" in payload["response"]["status"]["message"]
+
+
+def test_each_admission_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
+    caplog.set_level("INFO", logger="ocifit")
+    webhook.handle(json.dumps(review_of(pod_obj(name=None))).encode())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admission")]
+    assert len(lines) == 1
+    assert "namespace=team-a pod=demo-7d9c8b6f5-* outcome=mutated reason=selected image=debian:11" in lines[0]
+    assert "candidates=3 artifact=file" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP server: a real TLS socket
+# --------------------------------------------------------------------------------------------
+
+def openssl_cert(directory: Path, name: str, ca: Optional[Path] = None, days: int = 30,
+                 sans: str = "DNS:localhost,IP:127.0.0.1") -> "tuple[Path, Path]":
+    """A key and certificate made by openssl: self-signed CA when ca is None, else signed by it."""
+    openssl = need("openssl")
+    key, crt = directory / f"{name}.key", directory / f"{name}.crt"
+    if ca is None:
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(days),
+                        "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(crt)],
+                       check=True, capture_output=True)
+        return key, crt
+    csr = directory / f"{name}.csr"
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
+    subprocess.run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                    "-keyout", str(key), "-out", str(csr)], check=True, capture_output=True)
+    subprocess.run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key")),
+                    "-CAcreateserial", "-days", str(days), "-extfile", str(ext), "-out", str(crt)],
+                   check=True, capture_output=True)
+    return key, crt
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca_key, ca_crt = openssl_cert(directory, "ca")
+    key, crt = openssl_cert(directory, "server", ca=ca_crt)
+    key2, crt2 = openssl_cert(directory, "renewed", ca=ca_crt)
+    return {"dir": directory, "ca": ca_crt, "key": key, "crt": crt, "key2": key2, "crt2": crt2}
+
+
+class RunningServer:
+    def __init__(self, server: ocifit.WebhookServer, ca: Optional[Path]):
+        self.server = server
+        self.port = server.port
+        self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
+        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+        if self.context is None:
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        return http.client.HTTPSConnection("localhost", self.port, context=self.context, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                headers: Optional[Dict[str, str]] = None) -> "tuple[int, bytes]":
+        conn = self.connect()
+        try:
+            conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def post_review(self, review: Dict[str, Any]) -> Dict[str, Any]:
+        status, body = self.request("POST", "/mutate", json.dumps(review).encode())
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_server(tmp_path: Path, pki: Optional[Dict[str, Path]], nodes: str = "nodes-homogeneous.json",
+                 artifacts: Any = None, node_source: Any = None, **settings_kw: Any) -> RunningServer:
+    settings = ocifit.Settings(port=0, bind="127.0.0.1", cert=str(pki["crt"]) if pki else "",
+                               key=str(pki["key"]) if pki else "", plain_http=pki is None,
+                               nodes=str(EXAMPLE / nodes), **settings_kw)
+    metrics = ocifit.Metrics()
+    if artifacts is None:
+        artifacts = ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")})
+    webhook = ocifit.Webhook(settings, node_source or ocifit.build_node_source(settings, metrics), artifacts, metrics)
+    return RunningServer(ocifit.build_server(settings, webhook), pki["ca"] if pki else None)
+
+
+@pytest.fixture
+def https_server(tmp_path: Path, pki: Dict[str, Path]) -> Any:
+    running = start_server(tmp_path, pki, handshake_timeout=1.0)
+    yield running
+    running.stop()
+
+
+def test_https_keep_alive_connection_answers_reviews(https_server: RunningServer, tmp_path: Path) -> None:
+    conn = https_server.connect()
+    pods = [pod_obj(name=f"p{i}") for i in range(3)]
+    for pod in pods:
+        conn.request("POST", "/mutate", body=json.dumps(review_of(pod, uid=pod["metadata"]["name"])),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "application/json"
+        answer = json.loads(response.read())["response"]
+        assert answer["uid"] == pod["metadata"]["name"]
+        patched = kubectl_patch(pod, patch_of(answer), tmp_path)
+        assert patched["spec"]["containers"][0]["image"] == "debian:11"
+    assert conn.sock is not None and conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    conn.close()
+
+
+def test_health_readiness_and_unknown_paths(https_server: RunningServer) -> None:
+    assert https_server.request("GET", "/healthz") == (200, b"ok\n")
+    status, body = https_server.request("GET", "/readyz")
+    assert status == 200 and body.startswith(b"ready: 4 nodes")
+    status, body = https_server.request("GET", "/nope")
+    assert status == 404 and b"POST /mutate" in body
+
+
+@pytest.mark.parametrize("body,headers,message", [
+    (b"{broken", {}, "not valid JSON"),
+    (b"x" * 100, {"Content-Length": str(4 * 1024 * 1024)}, "exceeds the limit"),
+    (b'{"kind":"AdmissionReview"}', {"Content-Length": "abc"}, "valid Content-Length"),
+])
+def test_malformed_and_oversized_bodies_get_400_and_the_server_goes_on(
+        https_server: RunningServer, body: bytes, headers: Dict[str, str], message: str) -> None:
+    conn = https_server.connect()
+    conn.putrequest("POST", "/mutate")
+    for name, value in dict({"Content-Length": str(len(body))}, **headers).items():
+        conn.putheader(name, value)
+    conn.endheaders(body)
+    response = conn.getresponse()
+    assert response.status == 400 and message in json.loads(response.read())["error"]
+    conn.close()
+    assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+
+
+def test_a_silent_client_does_not_stall_others_and_is_dropped(https_server: RunningServer) -> None:
+    silent = socket.create_connection(("127.0.0.1", https_server.port))
+    try:
+        started = time.monotonic()
+        assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+        assert time.monotonic() - started < 1.0  # not held up behind the silent handshake
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # closed after the 1 s handshake timeout
+    finally:
+        silent.close()
+
+
+def test_tls_below_1_2_is_refused(https_server: RunningServer) -> None:
+    assert https_server.server.tls.context().minimum_version == ssl.TLSVersion.TLSv1_2
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    try:
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    with socket.create_connection(("127.0.0.1", https_server.port)) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            old.wrap_socket(raw).do_handshake()
+
+
+def _served_cert_subject(running: RunningServer) -> str:
+    conn = running.connect()
+    conn.connect()
+    subject = dict(x[0] for x in conn.sock.getpeercert()["subject"])["commonName"]
+    conn.close()
+    return subject
+
+
+def test_renewed_certificates_are_served_without_restart_and_garbage_is_ignored(
+        tmp_path: Path, pki: Dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    live = {"crt": tmp_path / "tls.crt", "key": tmp_path / "tls.key", "ca": pki["ca"]}
+    shutil.copy(pki["crt"], live["crt"])
+    shutil.copy(pki["key"], live["key"])
+    running = start_server(tmp_path, live, cert_reload_interval=0.1)
+    try:
+        assert _served_cert_subject(running) == "server"
+        shutil.copy(pki["crt2"], live["crt"])
+        shutil.copy(pki["key2"], live["key"])
+        time.sleep(0.2)
+        assert _served_cert_subject(running) == "renewed"
+        live["crt"].write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+        time.sleep(0.2)
+        assert _served_cert_subject(running) == "renewed"  # the last good pair keeps serving
+        assert "still serving the previous certificate" in caplog.text
+    finally:
+        running.stop()
+
+
+def test_serve_refuses_to_start_without_a_certificate() -> None:
+    done = run_cli("serve", "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), "--port", "0")
+    assert done.returncode == 2 and "no certificate: pass --cert and --key" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def test_match_prints_the_image_alone() -> None:
+    labels = json.dumps({FLAVOR_KEY: "chocolate"})
+    done = run_cli("match", "--spec", str(EXAMPLE / "compatibility-test.json"), "--labels", "-", stdin=labels)
+    assert (done.returncode, done.stdout) == (0, "ubuntu:24.04\n")
+
+
+def test_match_explains_on_stderr() -> None:
+    done = run_cli("match", "--spec", str(EXAMPLE / "compatibility-test.json"), "--labels", "-", "--explain",
+                   stdin=json.dumps({FLAVOR_KEY: "vanilla"}))
+    assert done.stdout == "debian:11\n" and "compatibilities[0] (debian:11): matched" in done.stderr
+
+
+def test_match_without_a_match_exits_1_with_the_reason() -> None:
+    done = run_cli("match", "--spec", str(EXAMPLE / "compatibility-test.json"), "--labels", "-", stdin="{}")
+    assert done.returncode == 1 and done.stdout == ""
+    assert 'label "feature.node.ocifit-k8s.flavor" missing' in done.stderr
+
+
+def test_match_on_a_malformed_spec_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec_doc(compat("a:1", expr("Near")))))
+    done = run_cli("match", "--spec", str(bad), "--labels", "-", stdin="{}")
+    assert done.returncode == 2 and "unknown operator" in done.stderr
+
+
+def test_match_on_nodes_reports_agreement_and_disagreement() -> None:
+    spec = str(EXAMPLE / "compatibility-test.json")
+    assert run_cli("match", "--spec", spec, "--nodes", str(EXAMPLE / "nodes-homogeneous.json")).stdout == "debian:11\n"
+    mixed = run_cli("match", "--spec", spec, "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"))
+    assert mixed.returncode == 1 and "disagree" in mixed.stderr
+    pinned = run_cli("match", "--spec", spec, "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"),
+                     "--node-selector", f"{FLAVOR_KEY}=chocolate")
+    assert pinned.stdout == "ubuntu:24.04\n"
+
+
+def test_review_prints_what_serve_would_answer(tmp_path: Path) -> None:
+    done = run_cli("review", str(EXAMPLE / "reviews" / "pod.json"), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"),
+                   "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    pod = json.loads((EXAMPLE / "reviews" / "pod.json").read_text())["request"]["object"]
+    assert kubectl_patch(pod, patch_of(answer["response"]), tmp_path)["spec"]["containers"][0]["image"] == "debian:11"
+    denied = run_cli("review", str(EXAMPLE / "reviews" / "pod.json"), "--nodes",
+                     str(EXAMPLE / "nodes-heterogeneous.json"), "--artifact",
+                     f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
+    assert denied.returncode == 1 and json.loads(denied.stdout)["response"]["allowed"] is False
+    assert "disagree" in denied.stderr
+
+
+def test_review_of_garbage_exits_2() -> None:
+    done = run_cli("review", "-", "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), stdin="not json")
+    assert done.returncode == 2 and "not valid JSON" in done.stderr
+
+
+@pytest.mark.parametrize("command,mentions", [
+    ((), "serve"), (("serve",), "--fetch-budget"), (("match",), "--explain"), (("review",), "--patch"),
+])
+def test_help_explains_each_subcommand(command: tuple, mentions: str) -> None:
+    done = run_cli(*command, "--help")
+    assert done.returncode == 0 and mentions in done.stdout
+
+
+def test_the_demo_serves_and_shows_patches() -> None:
+    need("openssl"), need("curl")
+    done = subprocess.run(["bash", str(EXAMPLE / "demo.sh")], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, DEMO_PORT=str(_free_port())))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("allowed: True") >= 3 and '"value": "debian:11"' in done.stdout
+    assert '"value": "ubuntu:24.04"' in done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pythons() -> List[str]:
+    return ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+
+def _interpreter(version: str) -> Optional[str]:
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(root.glob(f"{version}.*/bin/python{version}")) if root.is_dir() else []
+    return str(found[-1]) if found else shutil.which(f"python{version}")
+
+
+@pytest.mark.parametrize("version", _pythons())
+def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: Path, pki: Dict[str, Path]) -> None:
+    python = _interpreter(version)
+    if python is None:
+        if os.environ.get("OCIFIT_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"CPython {version} is required here but not found under pyenv")
+        pytest.skip(f"CPython {version} not installed")
+    nodes, spec = str(EXAMPLE / "nodes-homogeneous.json"), str(EXAMPLE / "compatibility-test.json")
+    match = run_cli("match", "--spec", spec, "--nodes", nodes, python=python)
+    assert (match.returncode, match.stdout) == (0, "debian:11\n"), match.stderr
+    review = run_cli("review", str(EXAMPLE / "reviews" / "deployment-pod.json"), "--nodes", nodes,
+                     "--artifact", f"{FLAVOR_REF}={spec}", "--patch", python=python)
+    assert review.returncode == 0, review.stderr
+    assert [op["value"] for op in json.loads(review.stdout)[:2]] == ["debian:11", "debian:11"]
+    port = _free_port()
+    server = subprocess.Popen([python, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind", "127.0.0.1",
+                               "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes", nodes,
+                               "--artifact", f"{FLAVOR_REF}={spec}"], stderr=subprocess.PIPE, text=True)
+    try:
+        running = RunningServer.__new__(RunningServer)
+        running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
+        _wait_ready(running)
+        answer = running.post_review(review_of(pod_obj()))["response"]
+        assert patch_of(answer)[0]["value"] == "debian:11"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    assert "stopped" in server.stderr.read()
+
+
+def _wait_ready(running: "RunningServer", seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if running.request("GET", "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("server did not become ready")
+        time.sleep(0.1)
