@@ -966,6 +966,760 @@ class LocalArtifacts:
         return artifact
 
 
+# ---- references --------------------------------------------------------------------------
+
+class BadReference(ArtifactError):
+    """An image-ref that is not a valid OCI reference; the message names the wrong part."""
+
+
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?\Z")
+_PATH_PART = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
+_TAG = re.compile(r"[\w][\w.-]{0,127}\Z")
+_DIGEST = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed `host[:port]/repo[:tag][@digest]`; the digest wins over the tag."""
+
+    registry: str  # "ghcr.io", "localhost:5000", "docker.io"
+    repository: str  # "compspec/ocifit-k8s-compatibility", "library/debian"
+    tag: str = "latest"
+    digest: str = ""
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry's manifest endpoint for."""
+        return self.digest or self.tag
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse an image reference by the distribution grammar, or raise BadReference naming the bad part."""
+    ref = text.strip()
+    if not ref:
+        raise BadReference("empty artifact reference")
+    if len(ref) > 1024:
+        raise BadReference("artifact reference longer than 1024 characters")
+    name, at, digest = ref.partition("@")
+    if at and not _DIGEST.match(digest):
+        raise BadReference(f"artifact reference {ref!r}: digest {digest!r} is not sha256:<64 hex> or "
+                           "sha512:<128 hex>")
+    tag = ""
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+        if not _TAG.match(tag):
+            raise BadReference(f"artifact reference {ref!r}: tag {tag!r} is not a valid tag")
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        registry, path = first, rest
+        if not _DOMAIN.match(registry):
+            raise BadReference(f"artifact reference {ref!r}: registry {registry!r} is not a valid host[:port]")
+    else:
+        registry, path = DOCKER_HUB, name
+    registry = DOCKER_HUB if registry.lower() in DOCKER_HUB_ALIASES else registry.lower()
+    if registry == DOCKER_HUB and "/" not in path:
+        path = "library/" + path
+    for part in path.split("/"):
+        if not _PATH_PART.match(part):
+            hint = " (repository names are lowercase)" if part.lower() != part else ""
+            raise BadReference(f"artifact reference {ref!r}: repository component {part!r} is not valid{hint}")
+    if len(path) > 255:
+        raise BadReference(f"artifact reference {ref!r}: repository name longer than 255 characters")
+    return Reference(registry, path, tag or "latest", digest)
+
+
+def registry_matches(registry: str, pattern: str) -> bool:
+    """Whether an allow-list entry (`host[:port]`, `*.suffix`) admits a registry."""
+    pattern = pattern.strip().lower()
+    if pattern in DOCKER_HUB_ALIASES:
+        pattern = DOCKER_HUB
+    if pattern.startswith("*."):
+        host = registry.split(":")[0] if not registry.startswith("[") else registry
+        return host.endswith(pattern[1:])
+    return registry == pattern
+
+
+def check_allowed(ref: Reference, allowed: Sequence[str]) -> None:
+    """Raise ArtifactError unless the operator's allow-list (empty: any) admits the reference's registry."""
+    if allowed and not any(registry_matches(ref.registry, p) for p in allowed):
+        raise ArtifactError(f"artifact {ref}: registry {ref.registry} is not in the allowed registries "
+                            f"({', '.join(allowed)})")
+
+
+# ---- transport: no fetch from link-local or metadata addresses ---------------------------
+
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192"))
+
+
+def forbidden_address(address: str) -> Optional[str]:
+    """Why a peer address is never fetched from (cloud metadata, link-local), or None."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_link_local:
+        return "a link-local address"
+    return None
+
+
+class ForbiddenAddress(OSError):
+    """A connection that reached an address ocifit never fetches from."""
+
+
+def _guarded_connection(address: Tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore
+                        source_address: Any = None) -> socket.socket:
+    """socket.create_connection that resolves first and refuses metadata and link-local addresses before
+    sending a packet; it connects to the addresses it checked, so DNS cannot swap them in between."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for *_, sockaddr in infos:
+        reason = forbidden_address(sockaddr[0])
+        if reason:
+            raise ForbiddenAddress(f"refusing to fetch from {host}: it resolves to {reason}")
+    error: Optional[OSError] = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError(f"cannot resolve {host}")
+
+
+class _GuardedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _guarded_connection
+
+
+class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _guarded_connection
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_GuardedHTTPConnection, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_GuardedHTTPSConnection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+def _safe_url(url: str) -> str:
+    """A URL fit for messages and logs: no query (signed URLs carry secrets), no user info."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+class RegistryError(ArtifactError):
+    """A registry request that failed; `code` is the registry's error code when it sent one."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "", retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow a few redirects; Authorization only to the same host; never https -> http."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> Optional[urllib.request.Request]:
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if old.scheme == "https" and new.scheme != "https":
+            raise RegistryError(f"refusing a redirect from https to {new.scheme}: {_safe_url(newurl)}")
+        new_req = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new_req is not None and auth and (old.hostname, old.port) == (new.hostname, new.port):
+            new_req.add_unredirected_header("Authorization", auth)
+        return new_req
+
+
+# ---- credentials -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Credential:
+    """Registry credentials from a Docker config.json. repr() never shows them."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+
+def _auth_key_host(key: str) -> str:
+    """The host of a config.json `auths` key: `https://index.docker.io/v1/` -> `docker.io`."""
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
+
+
+class DockerConfig:
+    """Credentials from a Docker config.json (a mounted dockerconfigjson Secret), re-read when it changes."""
+
+    def __init__(self, path: str):
+        self.path = os.path.join(path, "config.json") if path and os.path.isdir(path) else path
+        self._stamp: Optional[tuple] = None
+        self._by_host: Dict[str, Credential] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, host: str) -> Optional[Credential]:
+        if not self.path:
+            return None
+        with self._lock:
+            self._reload()
+            return self._by_host.get(DOCKER_HUB if host in DOCKER_HUB_ALIASES else host)
+
+    def _reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._stamp, self._by_host = None, {}
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            with open(self.path, "rb") as fh:
+                auths = json.load(fh).get("auths") or {}
+            self._by_host = {_auth_key_host(k): self._credential(v) for k, v in auths.items() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("cannot read registry credentials from %s: %s", self.path, type(exc).__name__)
+            self._by_host = {}
+
+    @staticmethod
+    def _credential(entry: Mapping[str, Any]) -> Credential:
+        username, password = str(entry.get("username") or ""), str(entry.get("password") or "")
+        if entry.get("auth"):
+            try:
+                username, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                log.error("registry credentials: an `auth` entry is not base64 of user:password")
+        return Credential(username, password, str(entry.get("identitytoken") or ""))
+
+
+_CHALLENGE_TOKEN = re.compile(r'\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^\s,]*))?\s*,?')
+
+
+def parse_challenges(values: Iterable[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """WWW-Authenticate headers as [(scheme, params)], quoted commas and escapes handled."""
+    challenges: List[Tuple[str, Dict[str, str]]] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            m = _CHALLENGE_TOKEN.match(value, pos)
+            if not m or m.end() == pos:
+                break
+            name, raw = m.group(1), m.group(2)
+            if raw is None:
+                challenges.append((name.lower(), {}))
+            elif challenges:
+                if raw.startswith('"'):
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                challenges[-1][1][name.lower()] = raw
+            pos = m.end()
+    return challenges
+
+
+# ---- the client --------------------------------------------------------------------------
+
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json",
+                  "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_CAP = 4 * MiB
+SPEC_CAP = MiB
+IO_TIMEOUT = 5.0
+MAX_INDEX_CHILDREN = 16
+
+
+def verify_digest(data: bytes, digest: str, what: str) -> None:
+    """Raise RegistryError unless data hashes to digest."""
+    algorithm, _, expected = digest.partition(":")
+    if algorithm not in ("sha256", "sha512"):
+        raise RegistryError(f"{what}: unsupported digest algorithm {algorithm!r}")
+    actual = hashlib.new(algorithm, data).hexdigest()
+    if actual != expected.lower():
+        raise RegistryError(f"{what} does not match its digest {digest} (got {algorithm}:{actual})")
+
+
+def _registry_error_text(body: bytes) -> Tuple[str, str]:
+    """(first error code, 'CODE: message; ...') from a distribution error body, if it is one."""
+    try:
+        errors = json.loads(body)["errors"]
+        parts = [f"{e.get('code', '?')}: {e.get('message', '')}".rstrip(": ") for e in errors if isinstance(e, dict)]
+        return (errors[0].get("code", "") if errors else ""), "; ".join(parts)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "", ""
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What a pull found: the manifest digest the reference resolved to, and the spec bytes."""
+
+    digest: str
+    spec_bytes: Optional[bytes]  # None when the caller already had this digest's spec
+    requests: int
+    seconds: float
+
+
+class RegistryClient:
+    """An OCI distribution client on urllib: auth, redirects, digests, caps and one deadline per pull."""
+
+    def __init__(self, settings: Settings, metrics: Optional[Metrics] = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.credentials = DockerConfig(settings.registry_config)
+        self.insecure = {h.strip().lower() for h in settings.insecure_registry if h.strip()}
+        self.mirrors: Dict[str, str] = {}
+        for item in settings.registry_mirror:
+            host, sep, mirror = item.partition("=")
+            if not sep or not host.strip() or not mirror.strip():
+                raise ValueError(f"--registry-mirror wants HOST=MIRROR, got {item!r}")
+            host = host.strip().lower()
+            self.mirrors[DOCKER_HUB if host in DOCKER_HUB_ALIASES else host] = mirror.strip().lower()
+        context = ssl.create_default_context()
+        if settings.registry_ca:
+            context.load_verify_locations(cafile=settings.registry_ca)
+        context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)  # 3.13's strict checks refuse many private CAs
+        self.opener = urllib.request.build_opener(_GuardedHTTPHandler(), _GuardedHTTPSHandler(context=context),
+                                                  _RedirectHandler())
+        self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
+        self._auth_lock = threading.Lock()
+
+    # -- where to go --
+    def host_for(self, ref: Reference) -> str:
+        """The host to contact for a reference: its mirror, else Docker Hub's API host, else itself."""
+        mirror = self.mirrors.get(ref.registry)
+        if mirror:
+            return mirror
+        return "registry-1.docker.io" if ref.registry == DOCKER_HUB else ref.registry
+
+    def base_url(self, host: str) -> str:
+        scheme = "http" if host in self.insecure else "https"
+        return f"{scheme}://{host}"
+
+    # -- pulling --
+    def pull(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False) -> Pulled:
+        """Resolve the reference and fetch its compatibility spec, unless known(digest) says we have it."""
+        started, counter = time.monotonic(), [0]
+        host = self.host_for(ref)
+        scope = f"repository:{ref.repository}:pull"
+        body, headers = self._get(host, f"/v2/{ref.repository}/manifests/{ref.reference}", scope,
+                                  ", ".join(MANIFEST_TYPES), MANIFEST_CAP, deadline, f"manifest of {ref}", counter)
+        digest = self._manifest_digest(ref, body, headers)
+        if known(digest):
+            return Pulled(digest, None, counter[0], time.monotonic() - started)
+        manifest = self._manifest_json(body, f"manifest of {ref}")
+        layer = self._compat_layer(ref, host, scope, manifest, deadline, counter)
+        size = layer.get("size")
+        if isinstance(size, int) and size > SPEC_CAP:
+            raise RegistryError(f"artifact {ref}: compatibility layer is {size} bytes, over the {SPEC_CAP} byte limit")
+        blob, _ = self._get(host, f"/v2/{ref.repository}/blobs/{layer['digest']}", scope, "*/*", SPEC_CAP, deadline,
+                            f"compatibility layer of {ref}", counter)
+        verify_digest(blob, layer["digest"], f"artifact {ref}: compatibility layer")
+        if isinstance(size, int) and size != len(blob):
+            raise RegistryError(f"artifact {ref}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
+        return Pulled(digest, blob, counter[0], time.monotonic() - started)
+
+    def _manifest_digest(self, ref: Reference, body: bytes, headers: Any) -> str:
+        header = headers.get("Docker-Content-Digest", "")
+        if ref.digest:
+            verify_digest(body, ref.digest, f"manifest of {ref}")
+        if _DIGEST.match(header):
+            verify_digest(body, header, f"manifest of {ref} (Docker-Content-Digest)")
+        return ref.digest or "sha256:" + hashlib.sha256(body).hexdigest()
+
+    @staticmethod
+    def _manifest_json(body: bytes, what: str) -> Dict[str, Any]:
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise RegistryError(f"{what} is not JSON") from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{what} is not a JSON object")
+        return doc
+
+    def _compat_layer(self, ref: Reference, host: str, scope: str, manifest: Dict[str, Any], deadline: float,
+                      counter: List[int]) -> Dict[str, Any]:
+        """The compatibility layer's descriptor, following an index to the manifest that carries it."""
+        if isinstance(manifest.get("manifests"), list):
+            children = [m for m in manifest["manifests"] if isinstance(m, dict) and isinstance(m.get("digest"), str)
+                        and _DIGEST.match(m["digest"])]
+            children.sort(key=lambda m: m.get("artifactType") != COMPAT_MEDIA_TYPE)  # likely ones first
+            for child in children[:MAX_INDEX_CHILDREN]:
+                what = f"manifest {child['digest']} in index {ref}"
+                body, _ = self._get(host, f"/v2/{ref.repository}/manifests/{child['digest']}", scope,
+                                    ", ".join(MANIFEST_TYPES), MANIFEST_CAP, deadline, what, counter)
+                verify_digest(body, child["digest"], what)
+                if isinstance(child.get("size"), int) and child["size"] != len(body):
+                    raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {child['size']}")
+                layers = self._compat_layers(self._manifest_json(body, what))
+                if layers:
+                    return self._one_layer(ref, layers)
+            raise RegistryError(f"artifact {ref} is an index, and none of its {len(children)} manifests has a layer "
+                                f"of media type {COMPAT_MEDIA_TYPE}")
+        layers = self._compat_layers(manifest)
+        if not layers:
+            found = sorted({str(l.get("mediaType")) for l in manifest.get("layers") or [] if isinstance(l, dict)})
+            raise RegistryError(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
+                                + (f" (layers: {', '.join(found)})" if found else ""))
+        return self._one_layer(ref, layers)
+
+    @staticmethod
+    def _compat_layers(manifest: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        layers = manifest.get("layers")
+        return [l for l in layers if isinstance(l, dict) and l.get("mediaType") == COMPAT_MEDIA_TYPE
+                and isinstance(l.get("digest"), str)] if isinstance(layers, list) else []
+
+    @staticmethod
+    def _one_layer(ref: Reference, layers: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if len(layers) > 1:
+            raise RegistryError(f"artifact {ref} has {len(layers)} compatibility layers; ocifit needs exactly one")
+        if not _DIGEST.match(layers[0]["digest"]):
+            raise RegistryError(f"artifact {ref}: compatibility layer digest {layers[0]['digest']!r} is not valid")
+        return layers[0]
+
+    # -- one request, with auth, retries, caps and the deadline --
+    def _get(self, host: str, path: str, scope: str, accept: str, cap: int, deadline: float, what: str,
+             counter: List[int]) -> Tuple[bytes, Any]:
+        url = self.base_url(host) + path
+        authenticated, attempt = False, 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s "
+                                    f"({what})")
+            request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"ocifit/{__version__}"})
+            auth = self._cached_auth(host, scope)
+            if auth:
+                request.add_unredirected_header("Authorization", auth)
+            counter[0] += 1
+            try:
+                with self.opener.open(request, timeout=min(IO_TIMEOUT, remaining)) as response:
+                    body = _read_capped(response, cap, deadline, what, host, self.settings.fetch_budget)
+                    self.metrics.count("ocifit_registry_requests_total", result=str(response.status))
+                    return body, response.headers
+            except urllib.error.HTTPError as err:
+                self.metrics.count("ocifit_registry_requests_total", result=str(err.code))
+                error = self._http_error(err, host, what)
+                if err.code == 401 and not authenticated:
+                    authenticated = True
+                    self._authenticate(host, scope, err.headers.get_all("WWW-Authenticate") or [], deadline, counter)
+                    continue
+                if err.code == 401:
+                    self._forget_auth(host, scope)
+                if err.code not in (429, 500, 502, 503, 504):
+                    raise error from None
+                last: Exception = error
+            except RegistryError:
+                raise
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                reason = getattr(exc, "reason", exc)
+                self.metrics.count("ocifit_registry_requests_total", result="error")
+                if isinstance(reason, (ForbiddenAddress, ssl.SSLCertVerificationError)):
+                    raise RegistryError(f"registry {host}: {reason}") from None
+                if isinstance(reason, ssl.SSLError) and not isinstance(reason, (socket.timeout, TimeoutError)):
+                    raise RegistryError(f"registry {host}: TLS failed: {reason}") from None
+                if isinstance(reason, (socket.timeout, TimeoutError)):
+                    last = RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s "
+                                         f"({what})")
+                else:
+                    last = RegistryError(f"registry {host} unreachable ({what}): {reason}")
+            attempt += 1
+            delay = getattr(last, "retry_after", None)
+            delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0) if delay is None else delay
+            if time.monotonic() + delay >= deadline:
+                raise last
+            log.info("registry %s: %s; retrying in %.2fs", host, last, delay)
+            time.sleep(delay)
+
+    def _http_error(self, err: urllib.error.HTTPError, host: str, what: str) -> RegistryError:
+        try:
+            body = err.read(64 * 1024) if err.fp else b""
+        except (OSError, http.client.HTTPException):
+            body = b""
+        code, text = _registry_error_text(body)
+        detail = f" ({text})" if text else f" (HTTP {err.code})"
+        if err.code == 404:
+            message = f"{what.replace('manifest of ', 'artifact ')} not found in registry{detail}"
+        elif err.code in (401, 403):
+            message = f"registry {host} refused access to {what}{detail}; check --registry-config credentials"
+        elif err.code == 429:
+            message = f"registry {host} is rate limiting ({what}){detail}"
+        else:
+            message = f"registry {host} answered HTTP {err.code} for {what}{detail}"
+        return RegistryError(message, err.code, code, _retry_after(err.headers.get("Retry-After")))
+
+    # -- auth --
+    def _cached_auth(self, host: str, scope: str) -> Optional[str]:
+        with self._auth_lock:
+            for key in ((host, scope), (host, "")):
+                entry = self._auth.get(key)
+                if entry and entry[1] > time.monotonic():
+                    return entry[0]
+        return None
+
+    def _forget_auth(self, host: str, scope: str) -> None:
+        with self._auth_lock:
+            self._auth.pop((host, scope), None)
+            self._auth.pop((host, ""), None)
+
+    def _authenticate(self, host: str, scope: str, headers: List[str], deadline: float, counter: List[int]) -> None:
+        """Answer a 401 challenge: fetch a Bearer token, or use Basic credentials; cache either."""
+        challenges = parse_challenges(headers)
+        credential = self.credentials.lookup(host)
+        for scheme, params in challenges:
+            if scheme == "bearer" and params.get("realm"):
+                token, lifetime = self._fetch_token(host, params, scope, credential, deadline, counter)
+                with self._auth_lock:
+                    self._auth[(host, scope)] = ("Bearer " + token, time.monotonic() + lifetime)
+                return
+        for scheme, _ in challenges:
+            if scheme == "basic":
+                if credential is None or not credential.username:
+                    raise RegistryError(f"registry {host} wants credentials (Basic auth) and --registry-config "
+                                        f"has none for {host}", 401)
+                with self._auth_lock:
+                    self._auth[(host, "")] = (credential.basic(), time.monotonic() + 3600)
+                return
+        raise RegistryError(f"registry {host} answered 401 without a Bearer or Basic challenge", 401)
+
+    def _fetch_token(self, host: str, params: Mapping[str, str], scope: str, credential: Optional[Credential],
+                     deadline: float, counter: List[int]) -> Tuple[str, float]:
+        realm = params["realm"]
+        parts = urllib.parse.urlsplit(realm)
+        if parts.scheme not in ("http", "https") or (parts.scheme == "http" and host not in self.insecure):
+            raise RegistryError(f"registry {host}: refusing token realm {_safe_url(realm)} (needs https)")
+        query = {k: v for k, v in (("service", params.get("service", "")), ("scope", params.get("scope") or scope))
+                 if v}
+        headers = {"User-Agent": f"ocifit/{__version__}"}
+        data = None
+        if credential and credential.identity_token:
+            data = urllib.parse.urlencode(dict(query, grant_type="refresh_token", client_id="ocifit",
+                                               refresh_token=credential.identity_token)).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            url = realm
+        else:
+            url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url, data=data, headers=headers)
+        if credential and credential.username and not credential.identity_token:
+            request.add_unredirected_header("Authorization", credential.basic())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s (token)")
+        counter[0] += 1
+        try:
+            with self.opener.open(request, timeout=min(IO_TIMEOUT, remaining)) as response:
+                body = _read_capped(response, 64 * 1024, deadline, "token", host, self.settings.fetch_budget)
+        except urllib.error.HTTPError as err:
+            raise RegistryError(f"registry {host}: token service {_safe_url(realm)} answered HTTP {err.code}"
+                                + ("; check --registry-config credentials" if err.code in (401, 403) else ""),
+                                err.code) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise RegistryError(f"registry {host}: token service {_safe_url(realm)} unreachable: "
+                                f"{getattr(exc, 'reason', exc)}") from None
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            lifetime = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token, lifetime = None, 0.0
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"registry {host}: token service {_safe_url(realm)} sent no token")
+        return token, max(60.0, lifetime) - 5  # the distribution spec's floor is 60 s; renew a little early
+
+
+def _read_capped(response: Any, cap: int, deadline: float, what: str, host: str, budget: float) -> bytes:
+    """At most cap+1 bytes of a body, each read bounded by the deadline; RegistryError past either."""
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise RegistryError(f"{what} from {host} is {declared} bytes, over the {cap} byte limit")
+    chunks, total = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RegistryError(f"registry {host} did not answer within {budget:g}s ({what} still arriving)")
+        try:
+            response.fp.raw._sock.settimeout(min(IO_TIMEOUT, remaining))  # a slow drip must not outlive the budget
+        except AttributeError:
+            pass
+        chunk = response.read1(min(65536, cap + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            raise RegistryError(f"{what} from {host} is over the {cap} byte limit")
+
+
+# ---- the cache ---------------------------------------------------------------------------
+
+@dataclass
+class _Flight:
+    """One fetch in progress; admissions for the same reference wait on it instead of fetching again."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    digest: str = ""
+    spec: Optional[Spec] = None
+    error: Optional[Exception] = None
+    finished_at: float = 0.0
+
+
+class RegistryArtifacts:
+    """Artifacts from registries: specs cached by digest (LRU), tags by TTL, one fetch per reference at a time,
+    and the last good spec served while the registry is down (stale-if-error)."""
+
+    ERROR_TTL = 3.0  # a failed fetch is remembered this long, so a pod storm on a bad ref costs one request
+
+    def __init__(self, settings: Settings, metrics: Optional[Metrics] = None, client: Optional[RegistryClient] = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.client = client or RegistryClient(settings, self.metrics)
+        self.allowed = tuple(p for p in settings.allowed_registries if p.strip())
+        self._specs: "collections.OrderedDict[str, Spec]" = collections.OrderedDict()
+        self._tags: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
+        self._flights: Dict[str, _Flight] = {}
+        self._failures: Dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+
+    def get(self, text: str, deadline: float) -> Artifact:
+        ref = parse_reference(text)
+        check_allowed(ref, self.allowed)
+        key = str(ref)
+        with self._lock:
+            hit = self._fresh(key, ref)
+            if hit is None:
+                failed = self._failures.get(key)
+                if failed and time.monotonic() - failed.finished_at < self.ERROR_TTL:
+                    flight = failed
+                else:
+                    flight = self._flights.get(key) or self._start(key, ref)
+        if hit is not None:
+            self.metrics.count("ocifit_artifact_cache_total", result="hit")
+            return Artifact(text, hit[1], hit[0], "cache")
+        self.metrics.count("ocifit_artifact_cache_total", result="miss")
+        finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
+        if finished and flight.error is None and flight.spec is not None:
+            return Artifact(text, flight.spec, flight.digest, "registry")
+        error = flight.error if finished else ArtifactError(
+            f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s (artifact {text})")
+        if isinstance(error, SpecError):
+            raise error
+        stale = self._stale(key)
+        if stale is not None:
+            self.metrics.count("ocifit_artifact_cache_total", result="stale")
+            log.warning("artifact %s: %s; serving the last good spec (%s)", text, error, stale[0])
+            return Artifact(text, stale[1], stale[0], "stale",
+                            (f"ocifit: artifact {text} served from cache, registry unavailable",))
+        raise error  # type: ignore[misc]
+
+    def _fresh(self, key: str, ref: Reference) -> Optional[Tuple[str, Spec]]:
+        """(digest, spec) from the cache when the tag is still trusted (digests always are). Holds the lock."""
+        entry = self._tags.get(key)
+        if entry is None or (not ref.digest and time.monotonic() - entry[1] > self.settings.tag_ttl):
+            return None
+        spec = self._specs.get(entry[0])
+        if spec is None:
+            return None
+        self._specs.move_to_end(entry[0])
+        return entry[0], spec
+
+    def _stale(self, key: str) -> Optional[Tuple[str, Spec]]:
+        with self._lock:
+            entry = self._tags.get(key)
+            spec = self._specs.get(entry[0]) if entry else None
+            return (entry[0], spec) if entry and spec else None
+
+    def _start(self, key: str, ref: Reference) -> _Flight:
+        flight = _Flight()
+        self._flights[key] = flight
+        threading.Thread(target=self._fetch, args=(key, ref, flight), name=f"fetch {key}", daemon=True).start()
+        return flight
+
+    def _fetch(self, key: str, ref: Reference, flight: _Flight) -> None:
+        deadline = time.monotonic() + self.settings.fetch_budget
+        try:
+            with self._lock:
+                known = set(self._specs)
+            pulled = self.client.pull(ref, deadline, known=known.__contains__)
+            if pulled.spec_bytes is None:
+                with self._lock:
+                    spec = self._specs.get(pulled.digest)
+                if spec is None:  # evicted meanwhile: fetch the blob after all
+                    pulled = self.client.pull(ref, deadline)
+            if pulled.spec_bytes is not None:
+                spec = parse_spec(pulled.spec_bytes)
+            flight.digest, flight.spec = pulled.digest, spec
+            with self._lock:
+                self._remember(key, pulled.digest, spec)
+            log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
+                     pulled.requests, pulled.seconds * 1000)
+        except (ArtifactError, SpecError) as exc:
+            flight.error = exc
+        except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
+            log.exception("unexpected error fetching %s", ref)
+            flight.error = ArtifactError(f"artifact {ref}: unexpected error: {exc!r}")
+        finally:
+            flight.finished_at = time.monotonic()
+            with self._lock:
+                self._flights.pop(key, None)
+                if flight.error is not None:
+                    self._failures[key] = flight
+                    if len(self._failures) > 1024:
+                        self._failures.clear()
+                else:
+                    self._failures.pop(key, None)
+            flight.done.set()
+
+    def _remember(self, key: str, digest: str, spec: Spec) -> None:
+        """Store a result; both maps are LRU-bounded. Holds the lock."""
+        self._specs[digest] = spec
+        self._specs.move_to_end(digest)
+        while len(self._specs) > self.settings.cache_size:
+            self._specs.popitem(last=False)
+        self._tags[key] = (digest, time.monotonic())
+        self._tags.move_to_end(key)
+        while len(self._tags) > 4 * self.settings.cache_size:
+            self._tags.popitem(last=False)
+
+
 # ============================================================================================
 # Admission: AdmissionReview in -> Decision -> AdmissionReview out (pure, no I/O)
 # ============================================================================================
@@ -1699,8 +2453,8 @@ def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> 
 
 
 def build_artifacts(settings: Settings, metrics: Optional[Metrics] = None) -> LocalArtifacts:
-    """Where artifacts come from: --artifact files."""
-    return LocalArtifacts(settings.artifact_files())
+    """Where artifacts come from: --artifact files first, then registries."""
+    return LocalArtifacts(settings.artifact_files(), fallback=RegistryArtifacts(settings, metrics))
 
 
 def _read_input(path: str) -> bytes:
@@ -1805,6 +2559,27 @@ def run_review(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if response["allowed"] else 1
 
 
+def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    client = RegistryClient(settings)
+    try:
+        ref = parse_reference(args.ref)
+        check_allowed(ref, [p for p in settings.allowed_registries if p.strip()])
+        pulled = client.pull(ref, time.monotonic() + settings.fetch_budget)
+        spec_bytes = pulled.spec_bytes or b""
+        parse_spec(spec_bytes)
+    except ArtifactError as exc:
+        print(f"ocifit: {exc}", file=sys.stderr)
+        return 1
+    except SpecError as exc:
+        print(f"ocifit: artifact {args.ref} is not a valid compatibility spec: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads(spec_bytes), indent=2))
+    if args.verbose:
+        print(f"{ref} resolved to {pulled.digest} via {client.base_url(client.host_for(ref))} "
+              f"({pulled.requests} requests, {pulled.seconds * 1000:.0f} ms)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocifit.py", description="Pick a pod's container image from an OCI compatibility artifact: "
@@ -1840,6 +2615,15 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--patch", action="store_true", help="print only the decoded JSONPatch")
     add_options(review, "nodes", "artifacts", "logging")
     review.set_defaults(run=run_review)
+
+    fetch = commands.add_parser("fetch", help="pull a compatibility artifact and print its spec",
+                                description="Fetch REF from its registry (with --registry-config credentials, "
+                                "mirrors and allow-list as `serve` uses them) and print the spec JSON. Exit 1 on "
+                                "registry errors, with the registry's own error code; 2 on an invalid spec.")
+    fetch.add_argument("ref", help="artifact reference, e.g. ghcr.io/compspec/ocifit-k8s-compatibility:kind-example")
+    fetch.add_argument("-v", "--verbose", action="store_true", help="print the resolved digest and timings on stderr")
+    add_options(fetch, "artifacts", "logging")
+    fetch.set_defaults(run=run_fetch)
     return parser
 
 

@@ -12,6 +12,7 @@ import ast
 import base64
 import copy
 import http.client
+import http.server
 import json
 import os
 import shutil
@@ -450,6 +451,632 @@ def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
     path.write_text("{broken")
     source._checked = 0.0
     assert sorted(source.snapshot().nodes) == ["a", "b"]  # the last good view stays
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts and registry: references, a real registry (docker-registry + oras), stubs for the rest
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("ghcr.io/compspec/ocifit-k8s-compatibility:kind-example",
+     ("ghcr.io", "compspec/ocifit-k8s-compatibility", "kind-example", "")),
+    ("debian", ("docker.io", "library/debian", "latest", "")),
+    ("docker.io/debian:11", ("docker.io", "library/debian", "11", "")),
+    ("index.docker.io/user/app", ("docker.io", "user/app", "latest", "")),
+    ("user/app:v1", ("docker.io", "user/app", "v1", "")),
+    ("localhost/app", ("localhost", "app", "latest", "")),
+    ("localhost:5000/a/b/c:t", ("localhost:5000", "a/b/c", "t", "")),
+    ("127.0.0.1:5000/app:v1@sha256:" + "a" * 64, ("127.0.0.1:5000", "app", "v1", "sha256:" + "a" * 64)),
+    ("[::1]:5000/app", ("[::1]:5000", "app", "latest", "")),
+    ("Registry.Example.COM/app", ("registry.example.com", "app", "latest", "")),
+])
+def test_references_follow_the_distribution_grammar(text: str, expected: tuple) -> None:
+    ref = ocifit.parse_reference(text)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest) == expected
+    assert ref.reference == (expected[3] or expected[2])  # the digest wins over the tag
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "empty artifact reference"), ("ghcr.io/Org/app", "repository component 'Org' is not valid (repository "
+                                                          "names are lowercase)"),
+    ("ghcr.io/app:bad tag", "tag 'bad tag' is not a valid tag"), ("ghcr.io/app@sha256:abc", "digest 'sha256:abc'"),
+    ("bad_host.io:port/app", "registry 'bad_host.io:port' is not a valid host[:port]"),
+    ("ghcr.io//app", "repository component '' is not valid"),
+])
+def test_bad_references_name_the_wrong_part(text: str, message: str) -> None:
+    with pytest.raises(ocifit.BadReference) as caught:
+        ocifit.parse_reference(text)
+    assert message in str(caught.value)
+
+
+def test_allow_list_entries_and_wildcards() -> None:
+    assert ocifit.registry_matches("ghcr.io", "ghcr.io") and ocifit.registry_matches("docker.io", "index.docker.io")
+    assert ocifit.registry_matches("a.corp.example:5000", "*.corp.example")
+    assert not ocifit.registry_matches("corp.example.evil.io", "*.corp.example")
+    assert not ocifit.registry_matches("ghcr.io:443", "ghcr.io")
+
+
+@pytest.mark.parametrize("address,why", [("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"),
+                                         ("169.254.10.1", "link-local"), ("fe80::1%eth0", "link-local"),
+                                         ("::ffff:169.254.169.254", "metadata"), ("127.0.0.1", None),
+                                         ("10.0.0.5", None)])
+def test_metadata_and_link_local_addresses_are_never_fetched_from(address: str, why: Optional[str]) -> None:
+    reason = ocifit.forbidden_address(address)
+    assert (reason is None) if why is None else (why in reason)
+
+
+def test_www_authenticate_challenges_parse_quoted_commas() -> None:
+    header = ('Bearer realm="https://auth.example/token",service="registry.example",'
+              'scope="repository:a/b:pull,push", Basic realm="x\\"y"')
+    assert ocifit.parse_challenges([header]) == [
+        ("bearer", {"realm": "https://auth.example/token", "service": "registry.example",
+                    "scope": "repository:a/b:pull,push"}),
+        ("basic", {"realm": 'x"y'})]
+
+
+class DockerRegistry:
+    """Debian's docker-registry (CNCF distribution 2.8) on a free loopback port, with its own storage."""
+
+    def __init__(self, directory: Path, htpasswd: Optional[Path] = None):
+        binary = need("docker-registry")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.log_path = directory / "registry.log"
+        auth = (f"auth:\n  htpasswd:\n    realm: ocifit-test\n    path: {htpasswd}\n") if htpasswd else ""
+        config = directory / "config.yml"
+        config.write_text(f"version: 0.1\nlog:\n  level: info\n  formatter: json\n"
+                          f"storage:\n  filesystem:\n    rootdirectory: {directory / 'data'}\n"
+                          f"http:\n  addr: {self.host}\n{auth}")
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([binary, "serve", str(config)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise AssertionError(f"docker-registry did not start: {self.log_path.read_text()}")
+                time.sleep(0.05)
+
+    def oras(self, username: str = "", password: str = "") -> Any:
+        import oras.client
+        client = oras.client.OrasClient(hostname=self.host, insecure=True, auth_backend="basic" if username else "token")
+        if username:
+            client.auth.set_basic_auth(username, password)
+        return client
+
+    def push(self, repo_tag: str, spec_file: Path, media_type: str = ocifit.COMPAT_MEDIA_TYPE, **login: str) -> str:
+        """Push a spec with oras from the file's own directory; returns the manifest digest."""
+        cwd = os.getcwd()
+        os.chdir(spec_file.parent)
+        try:
+            response = self.oras(**login).push(target=f"{self.host}/{repo_tag}",
+                                               files=[f"{spec_file.name}:{media_type}"], quiet=True)
+        finally:
+            os.chdir(cwd)
+        return response.headers["Docker-Content-Digest"]
+
+    def requests(self, path_part: str = "/v2/") -> List[str]:
+        """The URIs of the requests the registry logged that contain path_part."""
+        self.log.flush()
+        uris = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if "response completed" in entry.get("msg", "") and path_part in entry.get("http.request.uri", ""):
+                uris.append(entry["http.request.uri"])
+        return uris
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    directory = tmp_path_factory.mktemp("registry")
+    running = DockerRegistry(directory)
+    specs = tmp_path_factory.mktemp("specs")
+    for name in ("compatibility-test.json", "ebpf-compatibility-spec.json"):
+        shutil.copy(EXAMPLE / name, specs / name)
+    running.digests = {"flavor": running.push("flavor:v1", specs / "compatibility-test.json"),
+                       "ebpf": running.push("ebpf:v1", specs / "ebpf-compatibility-spec.json")}
+    yield running
+    running.stop()
+
+
+def registry_settings(*hosts: str, **kw: Any) -> ocifit.Settings:
+    return ocifit.Settings(insecure_registry=tuple(hosts), **kw)
+
+
+def pull_spec(ref: str, settings: ocifit.Settings, budget: float = 8.0) -> "tuple[ocifit.Spec, str]":
+    pulled = ocifit.RegistryClient(settings).pull(ocifit.parse_reference(ref), time.monotonic() + budget)
+    return ocifit.parse_spec(pulled.spec_bytes), pulled.digest
+
+
+def test_a_pushed_artifact_is_fetched_by_tag_and_by_digest(registry: DockerRegistry) -> None:
+    settings = registry_settings(registry.host)
+    spec, digest = pull_spec(f"{registry.host}/flavor:v1", settings)
+    assert [c.tag for c in spec.compatibilities] == ["debian:11", "ubuntu:24.04", "rockylinux:9"]
+    assert digest == registry.digests["flavor"]
+    by_digest, _ = pull_spec(f"{registry.host}/ebpf@{registry.digests['ebpf']}", settings)
+    assert by_digest.compatibilities[0].tag.endswith(":ubuntu2204")
+
+
+def test_a_missing_tag_names_the_artifact_and_the_registry_code(registry: DockerRegistry) -> None:
+    with pytest.raises(ocifit.RegistryError) as caught:
+        pull_spec(f"{registry.host}/flavor:nope", registry_settings(registry.host))
+    assert str(caught.value) == (f"artifact {registry.host}/flavor:nope not found in registry "
+                                 "(MANIFEST_UNKNOWN: manifest unknown)")
+    assert len(registry.requests("/flavor/manifests/nope")) == 1  # a 404 is never retried
+
+
+def test_a_digest_the_registry_lacks_is_not_found(registry: DockerRegistry) -> None:
+    with pytest.raises(ocifit.RegistryError, match="not found in registry"):
+        pull_spec(f"{registry.host}/flavor@sha256:{'0' * 64}", registry_settings(registry.host))
+
+
+def _registry_call(registry: DockerRegistry, method: str, path: str, body: Optional[bytes] = None,
+                   content_type: str = ocifit.MANIFEST_TYPES[0]) -> http.client.HTTPResponse:
+    """A plain HTTP call to the test registry, for setup oras-py has no verb for (pushing an index)."""
+    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=10)
+    conn.request(method, path, body=body, headers={"Accept": ", ".join(ocifit.MANIFEST_TYPES),
+                                                   "Content-Type": content_type})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+def test_an_artifact_behind_an_index_is_followed(registry: DockerRegistry, tmp_path: Path) -> None:
+    other = tmp_path / "readme.txt"
+    other.write_text("not a spec")
+    spec_copy = tmp_path / "compatibility-test.json"
+    shutil.copy(EXAMPLE / "compatibility-test.json", spec_copy)
+    children = [registry.push("indexed:plain", other, media_type="text/plain"), registry.push("indexed:spec", spec_copy)]
+    manifests = [{"mediaType": ocifit.MANIFEST_TYPES[0], "digest": digest,
+                  "size": int(_registry_call(registry, "HEAD", f"/v2/indexed/manifests/{digest}")
+                              .getheader("Content-Length"))} for digest in children]
+    index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": manifests}).encode()
+    assert _registry_call(registry, "PUT", "/v2/indexed/manifests/all", index, ocifit.MANIFEST_TYPES[1]).status == 201
+    spec, digest = pull_spec(f"{registry.host}/indexed:all", registry_settings(registry.host))
+    assert spec.compatibilities[0].tag == "debian:11"
+    assert digest == "sha256:" + ocifit.hashlib.sha256(index).hexdigest()  # the index's digest keys the cache
+
+
+def test_a_manifest_without_the_compatibility_layer_is_explained(registry: DockerRegistry, tmp_path: Path) -> None:
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    registry.push("wrongtype:v1", other, media_type="text/plain")
+    with pytest.raises(ocifit.RegistryError) as caught:
+        pull_spec(f"{registry.host}/wrongtype:v1", registry_settings(registry.host))
+    assert f"has no layer of media type {ocifit.COMPAT_MEDIA_TYPE} (layers: text/plain)" in str(caught.value)
+
+
+def test_a_registry_mirror_serves_another_hosts_artifacts(registry: DockerRegistry) -> None:
+    settings = registry_settings(registry.host, registry_mirror=(f"ghcr.io={registry.host}",))
+    spec, _ = pull_spec("ghcr.io/flavor:v1", settings)
+    assert spec.compatibilities[0].tag == "debian:11"
+
+
+def test_fetch_prints_the_spec_and_with_v_the_digest(registry: DockerRegistry) -> None:
+    done = run_cli("fetch", "-v", "--insecure-registry", registry.host, f"{registry.host}/flavor:v1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads((EXAMPLE / "compatibility-test.json").read_text())
+    assert f"resolved to {registry.digests['flavor']}" in done.stderr and "requests" in done.stderr
+    missing = run_cli("fetch", "--insecure-registry", registry.host, f"{registry.host}/flavor:gone")
+    assert missing.returncode == 1 and "MANIFEST_UNKNOWN: manifest unknown" in missing.stderr
+
+
+def test_https_is_the_default_and_plain_http_needs_listing(registry: DockerRegistry) -> None:
+    with pytest.raises(ocifit.RegistryError, match="TLS failed|unreachable"):
+        pull_spec(f"{registry.host}/flavor:v1", ocifit.Settings(), budget=2)
+
+
+def test_the_allow_list_refuses_other_registries(registry: DockerRegistry) -> None:
+    artifacts = ocifit.RegistryArtifacts(registry_settings(registry.host, allowed_registries=("ghcr.io",)))
+    before = len(registry.requests("/flavor/manifests/v1"))
+    with pytest.raises(ocifit.ArtifactError) as caught:
+        artifacts.get(f"{registry.host}/flavor:v1", time.monotonic() + 5)
+    assert f"registry {registry.host} is not in the allowed registries (ghcr.io)" in str(caught.value)
+    assert len(registry.requests("/flavor/manifests/v1")) == before  # refused before any request
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import bcrypt
+    directory = tmp_path_factory.mktemp("auth-registry")
+    htpasswd = directory / "htpasswd"
+    htpasswd.write_text("ocifit:" + bcrypt.hashpw(b"s3cret-pw", bcrypt.gensalt(rounds=5)).decode() + "\n")
+    running = DockerRegistry(directory / "run", htpasswd=htpasswd)
+    spec = directory / "compatibility-test.json"
+    shutil.copy(EXAMPLE / "compatibility-test.json", spec)
+    running.push("private/flavor:v1", spec, username="ocifit", password="s3cret-pw")
+    yield running
+    running.stop()
+
+
+def docker_config(directory: Path, host: str, **entry: str) -> Path:
+    path = directory / "config.json"
+    path.write_text(json.dumps({"auths": {host: entry}}))
+    return path
+
+
+def test_basic_auth_credentials_come_from_a_docker_config(auth_registry: DockerRegistry, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    token = base64.b64encode(b"ocifit:s3cret-pw").decode()
+    config = docker_config(tmp_path, f"http://{auth_registry.host}", auth=token)
+    spec, _ = pull_spec(f"{auth_registry.host}/private/flavor:v1",
+                        registry_settings(auth_registry.host, registry_config=str(tmp_path)))
+    assert spec.compatibilities[0].tag == "debian:11"
+    assert config.exists() and "s3cret" not in caplog.text and token not in caplog.text
+    by_fields = docker_config(tmp_path, auth_registry.host, username="ocifit", password="s3cret-pw")
+    assert pull_spec(f"{auth_registry.host}/private/flavor:v1",
+                     registry_settings(auth_registry.host, registry_config=str(by_fields)))[0]
+
+
+def test_missing_or_wrong_credentials_are_explained(auth_registry: DockerRegistry, tmp_path: Path) -> None:
+    ref = f"{auth_registry.host}/private/flavor:v1"
+    with pytest.raises(ocifit.RegistryError, match="wants credentials \\(Basic auth\\) and --registry-config has none"):
+        pull_spec(ref, registry_settings(auth_registry.host))
+    wrong = docker_config(tmp_path, auth_registry.host, username="ocifit", password="wrong")
+    with pytest.raises(ocifit.RegistryError) as caught:
+        pull_spec(ref, registry_settings(auth_registry.host, registry_config=str(wrong)))
+    assert "refused access" in str(caught.value) and "wrong" not in str(caught.value)
+
+
+# ---- stubs for what the real registry cannot do ----
+
+class Stub:
+    """A loopback HTTP(S) server whose routes are plain functions; it records every request it gets."""
+
+    def __init__(self, routes: Dict[str, Any], tls: Optional[Dict[str, Path]] = None):
+        stub = self
+        self.routes, self.seen = routes, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                stub.seen.append((self.command, self.path, dict(self.headers)))
+                route = stub.routes.get(self.path.split("?")[0])
+                if route is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                route(self)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls["crt"]), str(tls["key"]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = ("https://" if tls else "http://") + self.host
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self) -> List[str]:
+        return [p for _, p, _ in self.seen]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send(handler: Any, status: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None) -> None:
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def artifact_routes(repo: str = "app", tag: str = "v1", spec: Optional[bytes] = None, blob: Optional[bytes] = None,
+                    guard: Any = None, digest_header: Optional[str] = None) -> "tuple[Dict[str, Any], str]":
+    """Routes serving one artifact: manifest by tag and digest, and its blob (optionally with other bytes)."""
+    spec = spec or (EXAMPLE / "compatibility-test.json").read_bytes()
+    layer = {"mediaType": ocifit.COMPAT_MEDIA_TYPE, "digest": "sha256:" + ocifit.hashlib.sha256(spec).hexdigest(),
+             "size": len(spec)}
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[0],
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:" + "4" * 64,
+                                      "size": 2}, "layers": [layer]}).encode()
+    digest = "sha256:" + ocifit.hashlib.sha256(manifest).hexdigest()
+
+    def guarded(body: bytes, content_type: str) -> Any:
+        def route(h: Any) -> None:
+            if guard is None or guard(h):
+                served = (digest_header or digest) if body is manifest else layer["digest"]
+                send(h, 200, body, {"Content-Type": content_type, "Docker-Content-Digest": served})
+        return route
+    return {f"/v2/{repo}/manifests/{tag}": guarded(manifest, ocifit.MANIFEST_TYPES[0]),
+            f"/v2/{repo}/manifests/{digest}": guarded(manifest, ocifit.MANIFEST_TYPES[0]),
+            f"/v2/{repo}/blobs/{layer['digest']}": guarded(blob if blob is not None else spec, "application/json")
+            }, layer["digest"]
+
+
+@pytest.fixture
+def stubs() -> Any:
+    made: List[Stub] = []
+
+    def make(routes: Dict[str, Any], tls: Optional[Dict[str, Path]] = None) -> Stub:
+        made.append(Stub(routes, tls))
+        return made[-1]
+    yield make
+    for stub in made:
+        stub.stop()
+
+
+def test_a_bearer_token_realm_is_followed_and_the_token_cached(stubs: Any, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    tokens_issued: List[str] = []
+
+    def token(h: Any) -> None:
+        query = dict(ocifit.urllib.parse.parse_qsl(h.path.split("?", 1)[1]))
+        assert h.headers["Authorization"] == "Basic " + base64.b64encode(b"robot:pa55").decode()
+        tokens_issued.append(query["scope"])
+        send(h, 200, json.dumps({"access_token": "tok-123", "expires_in": 300}).encode())
+    auth_server = stubs({"/token": token})
+
+    def need_bearer(h: Any) -> bool:
+        if h.headers.get("Authorization") == "Bearer tok-123":
+            return True
+        send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+             {"WWW-Authenticate": f'Bearer realm="{auth_server.url}/token",service="stub",'
+                                  'scope="repository:team/app:pull,push"'})
+        return False
+    routes, _ = artifact_routes(repo="team/app", guard=need_bearer)
+    registry_stub = stubs(routes)
+    docker_config(tmp_path, registry_stub.host, username="robot", password="pa55")
+    settings = registry_settings(registry_stub.host, auth_server.host, registry_config=str(tmp_path), tag_ttl=0.01)
+    artifacts = ocifit.RegistryArtifacts(settings)
+    first = artifacts.get(f"{registry_stub.host}/team/app:v1", time.monotonic() + 5)
+    time.sleep(0.05)
+    second = artifacts.get(f"{registry_stub.host}/team/app:v1", time.monotonic() + 5)
+    assert first.spec.compatibilities[0].tag == second.spec.compatibilities[0].tag == "debian:11"
+    assert tokens_issued == ["repository:team/app:pull,push"]  # one token, reused until it expires
+    assert "tok-123" not in caplog.text and "pa55" not in caplog.text
+
+
+def test_an_identity_token_is_exchanged_by_oauth2_refresh(stubs: Any, tmp_path: Path) -> None:
+    def token(h: Any) -> None:
+        form = dict(ocifit.urllib.parse.parse_qsl(h.rfile.read(int(h.headers["Content-Length"])).decode()))
+        ok = form.get("grant_type") == "refresh_token" and form.get("refresh_token") == "idt-xyz"
+        send(h, 200 if ok else 401, json.dumps({"access_token": "from-refresh"}).encode())
+    auth_server = stubs({"/token": token})
+
+    def need_bearer(h: Any) -> bool:
+        if h.headers.get("Authorization") == "Bearer from-refresh":
+            return True
+        send(h, 401, b"", {"WWW-Authenticate": f'Bearer realm="{auth_server.url}/token",service="stub"'})
+        return False
+    routes, _ = artifact_routes(guard=need_bearer)
+    registry_stub = stubs(routes)
+    docker_config(tmp_path, registry_stub.host, identitytoken="idt-xyz")
+    spec, _ = pull_spec(f"{registry_stub.host}/app:v1",
+                        registry_settings(registry_stub.host, auth_server.host, registry_config=str(tmp_path)))
+    assert spec.compatibilities[0].tag == "debian:11"
+
+
+def test_redirects_to_another_host_never_carry_authorization(stubs: Any, tmp_path: Path) -> None:
+    routes, layer_digest = artifact_routes()
+    blob_route = routes.pop(f"/v2/app/blobs/{layer_digest}")
+    storage = stubs({"/storage/blob": blob_route})
+
+    def redirect(h: Any) -> None:
+        send(h, 307, b"", {"Location": f"{storage.url}/storage/blob?X-Signature=secret"})
+
+    def need_basic(route: Any) -> Any:
+        def wrapped(h: Any) -> None:
+            if h.headers.get("Authorization", "").startswith("Basic "):
+                route(h)
+            else:
+                send(h, 401, b"", {"WWW-Authenticate": 'Basic realm="stub"'})
+        return wrapped
+    registry_stub = stubs({**{p: need_basic(r) for p, r in routes.items()},
+                           f"/v2/app/blobs/{layer_digest}": need_basic(redirect)})
+    docker_config(tmp_path, registry_stub.host, username="u", password="p")
+    spec, _ = pull_spec(f"{registry_stub.host}/app:v1",
+                        registry_settings(registry_stub.host, storage.host, registry_config=str(tmp_path)))
+    assert spec.compatibilities[0].tag == "debian:11"
+    assert [h.get("Authorization") for _, _, h in storage.seen] == [None]
+
+
+def test_a_redirect_from_https_to_http_is_refused(stubs: Any, pki: Dict[str, Path]) -> None:
+    routes, layer_digest = artifact_routes()
+    plain = stubs({"/blob": routes[f"/v2/app/blobs/{layer_digest}"]})
+    routes[f"/v2/app/blobs/{layer_digest}"] = lambda h: send(h, 302, b"", {"Location": f"{plain.url}/blob"})
+    secure = stubs(routes, tls=pki)
+    with pytest.raises(ocifit.RegistryError, match="refusing a redirect from https to http"):
+        pull_spec(f"{secure.host}/app:v1", ocifit.Settings(registry_ca=str(pki["ca"]), insecure_registry=(plain.host,)))
+    assert plain.seen == []
+    with pytest.raises(ocifit.RegistryError, match="certificate verify failed"):  # without the CA: verified TLS fails
+        pull_spec(f"{secure.host}/app:v1", ocifit.Settings())
+
+
+def test_429_with_retry_after_is_retried_within_the_budget(stubs: Any) -> None:
+    routes, _ = artifact_routes()
+    manifest_route = routes["/v2/app/manifests/v1"]
+    calls = []
+
+    def limited(h: Any) -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            send(h, 429, b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}', {"Retry-After": "1"})
+        else:
+            manifest_route(h)
+    routes["/v2/app/manifests/v1"] = limited
+    stub = stubs(routes)
+    spec, _ = pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
+    assert spec.compatibilities[0].tag == "debian:11" and len(calls) == 2
+    assert calls[1] - calls[0] >= 0.9  # it waited as told
+
+
+def test_a_retry_after_beyond_the_budget_fails_at_once(stubs: Any) -> None:
+    stub = stubs({"/v2/app/manifests/v1": lambda h: send(h, 429, b'{"errors":[{"code":"TOOMANYREQUESTS",'
+                                                                 b'"message":"slow down"}]}', {"Retry-After": "60"})})
+    with pytest.raises(ocifit.RegistryError) as caught:
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host), budget=3)
+    assert "rate limiting" in str(caught.value) and "TOOMANYREQUESTS: slow down" in str(caught.value)
+    assert len(stub.seen) == 1
+
+
+def test_5xx_is_retried_and_404_and_403_are_not(stubs: Any) -> None:
+    routes, _ = artifact_routes()
+    good = routes["/v2/app/manifests/v1"]
+    count = []
+    routes["/v2/app/manifests/v1"] = lambda h: (count.append(1), send(h, 503) if len(count) < 3 else good(h))
+    routes["/v2/app/manifests/forbidden"] = lambda h: send(h, 403, b'{"errors":[{"code":"DENIED","message":"no"}]}')
+    stub = stubs(routes)
+    assert pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))[0]
+    assert len(count) == 3
+    with pytest.raises(ocifit.RegistryError, match="refused access .*DENIED: no"):
+        pull_spec(f"{stub.host}/app:forbidden", registry_settings(stub.host))
+    assert stub.paths().count("/v2/app/manifests/forbidden") == 1
+
+
+def test_a_blob_whose_bytes_do_not_match_its_digest_is_refused(stubs: Any) -> None:
+    evil = json.dumps(json.loads((EXAMPLE / "compatibility-test.json").read_text())).replace("debian", "evil")
+    routes, _ = artifact_routes(blob=evil.encode())
+    stub = stubs(routes)
+    with pytest.raises(ocifit.RegistryError, match="compatibility layer does not match its digest"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
+
+
+def test_a_manifest_that_does_not_match_the_digest_header_is_refused(stubs: Any) -> None:
+    routes, _ = artifact_routes(digest_header="sha256:" + "b" * 64)
+    stub = stubs(routes)
+    with pytest.raises(ocifit.RegistryError, match="Docker-Content-Digest"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
+
+
+def test_an_endless_body_is_cut_at_the_cap(stubs: Any) -> None:
+    sent = []
+
+    def endless(h: Any) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", ocifit.MANIFEST_TYPES[0])
+        h.end_headers()
+        try:
+            for _ in range(10000):
+                h.wfile.write(b" " * 65536)
+                sent.append(65536)
+        except OSError:
+            pass
+    stub = stubs({"/v2/app/manifests/v1": endless})
+    with pytest.raises(ocifit.RegistryError, match="over the 4194304 byte limit"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
+    time.sleep(0.2)
+    assert sum(sent) < 64 * 1024 * 1024  # it stopped reading; the server could not push it all
+
+
+def test_a_server_that_never_answers_costs_no_more_than_the_budget(stubs: Any) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # accepts connections (kernel backlog), never answers
+    host = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        settings = registry_settings(host, fetch_budget=1.5)
+        artifacts = ocifit.RegistryArtifacts(settings)
+        started = time.monotonic()
+        with pytest.raises(ocifit.ArtifactError) as caught:
+            artifacts.get(f"{host}/app:v1", started + settings.fetch_budget)
+        assert f"registry {host} did not answer within 1.5s" in str(caught.value)
+        assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+
+
+def test_a_slow_drip_body_is_cut_at_the_deadline(stubs: Any) -> None:
+    def drip(h: Any) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        try:
+            for _ in range(1000):
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+    stub = stubs({"/v2/app/manifests/v1": drip})
+    started = time.monotonic()
+    with pytest.raises(ocifit.RegistryError, match="did not answer within 1s"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host, fetch_budget=1.0), budget=1.0)
+    assert time.monotonic() - started < 2.5
+
+
+def test_concurrent_admissions_for_one_reference_make_one_fetch(registry: DockerRegistry, tmp_path: Path) -> None:
+    spec = tmp_path / "compatibility-test.json"
+    shutil.copy(EXAMPLE / "compatibility-test.json", spec)
+    registry.push("storm:v1", spec)
+    artifacts = ocifit.RegistryArtifacts(registry_settings(registry.host))
+    results: List[str] = []
+
+    def admit() -> None:
+        results.append(artifacts.get(f"{registry.host}/storm:v1", time.monotonic() + 8).spec.compatibilities[0].tag)
+    threads = [threading.Thread(target=admit) for _ in range(100)]
+    before = len(registry.requests("/v2/storm/"))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["debian:11"] * 100
+    assert len(registry.requests("/v2/storm/")) - before == 2  # one manifest, one blob
+
+
+def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_path: Path) -> None:
+    own = DockerRegistry(tmp_path / "registry")
+    spec = tmp_path / "compatibility-test.json"
+    shutil.copy(EXAMPLE / "compatibility-test.json", spec)
+    own.push("flavor:v1", spec)
+    ref = f"{own.host}/flavor:v1"
+    settings = registry_settings(own.host, tag_ttl=0.1, fetch_budget=2.0,
+                                 nodes=str(EXAMPLE / "nodes-homogeneous.json"))
+    webhook = ocifit.Webhook(settings, ocifit.StaticNodes(settings.nodes), ocifit.build_artifacts(settings))
+    pod = pod_obj(ref=ref)
+    fresh = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    assert patch_of(fresh)[0]["value"] == "debian:11" and "warnings" not in fresh
+    own.stop()
+    time.sleep(0.2)
+    stale = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    assert patch_of(stale)[0]["value"] == "debian:11"
+    assert stale["warnings"] == [f"ocifit: artifact {ref} served from cache, registry unavailable"]
+    other = webhook.handle(json.dumps(review_of(pod_obj(ref=f"{own.host}/never:v1"))).encode())[1]["response"]
+    assert other["allowed"] is False and f"registry {own.host} unreachable" in other["status"]["message"]
+
+
+def test_serve_with_a_real_registry_answers_with_the_right_patch(registry: DockerRegistry, tmp_path: Path,
+                                                                 pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, artifacts=None, insecure_registry=(registry.host,))
+    running.server.webhook.artifacts = ocifit.build_artifacts(running.server.settings)
+    try:
+        pod = pod_obj(ref=f"{registry.host}/flavor:v1")
+        answer = running.post_review(review_of(pod))["response"]
+        patched = kubectl_patch(pod, patch_of(answer), tmp_path)
+        assert patched["spec"]["containers"][0]["image"] == "debian:11"
+        assert patched["metadata"]["annotations"][ocifit.ARTIFACT_ANNOTATION] == \
+            f"{registry.host}/flavor:v1@{registry.digests['flavor']}"
+        missing = running.post_review(review_of(pod_obj(ref=f"{registry.host}/flavor:nope")))["response"]
+        assert missing["allowed"] is False and missing["status"]["code"] == 503
+        assert missing["status"]["message"] == (f"artifact {registry.host}/flavor:nope not found in registry "
+                                                "(MANIFEST_UNKNOWN: manifest unknown)")
+    finally:
+        running.stop()
 
 
 # --------------------------------------------------------------------------------------------
