@@ -716,6 +716,13 @@ class NodeSnapshot:
         self.synced_at = time.time() if synced_at is None else synced_at
         self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
 
+    @classmethod
+    def from_dict(cls, nodes: Mapping[str, Node]) -> "NodeSnapshot":
+        """A snapshot of a name -> Node map, copied at C speed (the watcher publishes one per change)."""
+        snapshot = cls()
+        snapshot.nodes = dict(nodes)
+        return snapshot
+
     def __len__(self) -> int:
         return len(self.nodes)
 
@@ -903,6 +910,294 @@ class StaticNodes:
 
     def stop(self) -> None:
         pass
+
+
+# ---- the cluster: a Kubernetes REST client and a list+watch node cache --------------------
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_REREAD_SECONDS = 60.0
+MAX_EVENT_BYTES = 16 * MiB
+
+
+class KubeAPIError(Exception):
+    """An API server answer other than success; `status` is its HTTP code (410: Gone)."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class KubeClient:
+    """Kubernetes REST over urllib, with a bearer token re-read every minute and after a 401."""
+
+    def __init__(self, base_url: str, token_file: str = "", ca_file: str = ""):
+        self.base_url = base_url.rstrip("/")
+        self.token_file = token_file
+        self._token, self._token_read = "", -1e9
+        self._lock = threading.Lock()
+        context = ssl.create_default_context(cafile=ca_file or None)
+        context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)  # 3.13's strict checks refuse kubeadm CAs
+        self.opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                                  urllib.request.ProxyHandler({}))
+
+    @classmethod
+    def in_cluster(cls) -> "KubeClient":
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST", ""), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise ValueError("not in a cluster (KUBERNETES_SERVICE_HOST unset): pass --nodes FILE or --kube-api URL")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 service address
+        return cls(f"https://{host}:{port}", os.path.join(SERVICE_ACCOUNT_DIR, "token"),
+                   os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"))
+
+    def token(self, reread: bool = False) -> str:
+        """The bearer token, read again when it is a minute old or the server said 401."""
+        if not self.token_file:
+            return ""
+        with self._lock:
+            if reread or time.monotonic() - self._token_read > TOKEN_REREAD_SECONDS:
+                try:
+                    with open(self.token_file) as fh:
+                        self._token = fh.read().strip()
+                except OSError as exc:
+                    log.error("cannot read the API token from %s: %s", self.token_file, exc.strerror or exc)
+                self._token_read = time.monotonic()
+            return self._token
+
+    def open(self, path: str, query: Mapping[str, str], timeout: float) -> Any:
+        """GET path?query; the open response, or KubeAPIError. A 401 re-reads the token and tries once more."""
+        url = f"{self.base_url}{path}?{urllib.parse.urlencode(query)}"
+        for attempt in (1, 2):
+            request = urllib.request.Request(url, headers={"Accept": "application/json",
+                                                           "User-Agent": f"ocifit/{__version__}"})
+            token = self.token(reread=attempt == 2)
+            if token:
+                request.add_unredirected_header("Authorization", f"Bearer {token}")
+            try:
+                return self.opener.open(request, timeout=timeout)
+            except urllib.error.HTTPError as err:
+                if err.code == 401 and attempt == 1:
+                    continue
+                raise self._error(err) from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(err: urllib.error.HTTPError) -> KubeAPIError:
+        try:
+            status = json.loads(err.read(64 * 1024))
+            message = status.get("message") or status.get("reason") or ""
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
+            message = ""
+        hint = " (check the token and RBAC: ocifit needs get/list/watch on nodes)" if err.code in (401, 403) else ""
+        return KubeAPIError(f"API server answered HTTP {err.code}" + (f": {message}" if message else "") + hint,
+                            err.code, _retry_after(err.headers.get("Retry-After")))
+
+    def list_nodes(self, page_size: int = 500, timeout: float = 30.0) -> Tuple[List[Dict[str, Any]], str]:
+        """Every node, page by page; (items, the list's resourceVersion). Starts over if a page token expires."""
+        for _ in range(3):
+            items: List[Dict[str, Any]] = []
+            token = ""
+            try:
+                while True:
+                    query = {"limit": str(page_size)}
+                    if token:
+                        query["continue"] = token
+                    with self.open("/api/v1/nodes", query, timeout) as response:
+                        page = json.loads(_read_capped_plain(response, 256 * MiB))
+                    items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
+                    meta = page.get("metadata") or {}
+                    token = meta.get("continue") or ""
+                    if not token:
+                        return items, str(meta.get("resourceVersion") or "")
+            except KubeAPIError as exc:
+                if exc.status != 410 or not token:
+                    raise
+                log.info("node list page token expired; listing again from the start")
+        raise KubeAPIError("node list kept expiring mid-way", 410)
+
+    def watch_nodes(self, resource_version: str, timeout_seconds: int,
+                    on_open: Callable[[], None] = lambda: None) -> Iterator[Dict[str, Any]]:
+        """Watch events after resource_version until the server ends the stream; bookmarks asked for."""
+        query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(timeout_seconds)}
+        with self.open("/api/v1/nodes", query, timeout_seconds + 30.0) as response:
+            on_open()
+            while True:
+                line = response.readline(MAX_EVENT_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_EVENT_BYTES:
+                    raise KubeAPIError(f"watch event larger than {MAX_EVENT_BYTES} bytes")
+                if line.strip():
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        yield event
+
+
+def _read_capped_plain(response: Any, cap: int) -> bytes:
+    body = response.read(cap + 1)
+    if len(body) > cap:
+        raise KubeAPIError(f"API response larger than {cap} bytes")
+    return body
+
+
+class _WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
+def _describe_change(old: Optional[Node], new: Optional[Node]) -> str:
+    """What changed about a node, for the log: keys only, never values of taints or labels beyond keys."""
+    if old is None and new is not None:
+        return f"node {new.name} added ({len(new.labels)} labels)"
+    if new is None and old is not None:
+        return f"node {old.name} deleted"
+    assert old is not None and new is not None
+    parts = []
+    added = sorted(set(new.labels) - set(old.labels))
+    removed = sorted(set(old.labels) - set(new.labels))
+    changed = sorted(k for k in set(new.labels) & set(old.labels) if new.labels[k] != old.labels[k])
+    if added or removed or changed:
+        parts.append("labels " + " ".join(["+" + k for k in added] + ["~" + k for k in changed]
+                                          + ["-" + k for k in removed]))
+    if old.unschedulable != new.unschedulable:
+        parts.append("cordoned" if new.unschedulable else "uncordoned")
+    if old.taints != new.taints:
+        taints = ",".join(sorted(f"{t.key}:{t.effect}" for t in new.taints))
+        parts.append(f"taints {taints}" if taints else "taints removed")
+    return f"node {new.name} " + "; ".join(parts)
+
+
+class KubeNodes:
+    """The cluster's nodes by list+watch, held as an immutable snapshot that a new one replaces on change.
+
+    Request threads only read `snapshot()`: the API server is never called inside an admission."""
+
+    def __init__(self, client: KubeClient, settings: Settings, metrics: Optional[Metrics] = None):
+        self.client, self.settings = client, settings
+        self.metrics = metrics or Metrics()
+        self._nodes: Dict[str, Node] = {}
+        self._snapshot = NodeSnapshot()
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._failing_since: Optional[float] = None
+        self._last_error = ""
+        self._heard = 0.0
+        self._thread = threading.Thread(target=self._run, name="node-watch", daemon=True)
+        self.metrics.gauge("ocifit_node_sync_age_seconds",
+                           lambda: time.monotonic() - self._heard if self._heard else None)
+
+    def start(self) -> "KubeNodes":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self) -> NodeSnapshot:
+        return self._snapshot
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def health(self) -> Tuple[bool, str]:
+        if not self._synced.is_set():
+            return False, "waiting for the first node list" + (f" ({self._last_error})" if self._last_error else "")
+        if self._failing_since is not None:
+            failing = time.monotonic() - self._failing_since
+            if failing > self.settings.watch_failure_threshold:
+                return False, f"node watch failing for {failing:.0f}s: {self._last_error}"
+        return True, f"{len(self._snapshot)} nodes from {self.client.base_url}"
+
+    # -- the watcher thread --
+    def _run(self) -> None:
+        resource_version, listed_at, backoff = "", 0.0, 0.5
+        while not self._stop.is_set():
+            try:
+                if not resource_version or time.monotonic() - listed_at >= self.settings.resync:
+                    resource_version, listed_at = self._relist(), time.monotonic()
+                resource_version = self._watch(resource_version, listed_at + self.settings.resync)
+                backoff = 0.5
+            except _WatchExpired:
+                log.info("node watch expired (410 Gone); listing again")
+                resource_version = ""
+            except Exception as exc:  # the watcher must outlive any error; it reports through readiness
+                self._failed(exc)
+                delay = getattr(exc, "retry_after", None)
+                delay = backoff * random.uniform(0.5, 1.5) if delay is None else delay
+                backoff = min(backoff * 2, 30.0)
+                self._stop.wait(delay)
+
+    def _failed(self, exc: Exception) -> None:
+        self._last_error = str(exc) if isinstance(exc, KubeAPIError) else f"{type(exc).__name__}: {exc}"
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        log.warning("node view: %s", self._last_error)
+
+    def _healthy(self) -> None:
+        self._failing_since, self._last_error, self._heard = None, "", time.monotonic()
+
+    def _relist(self) -> str:
+        items, resource_version = self.client.list_nodes()
+        nodes = {}
+        for item in items:
+            try:
+                node = node_from_object(item)
+            except ValueError as exc:
+                log.warning("skipping a node in the list: %s", exc)
+                continue
+            nodes[node.name] = node
+        for name in sorted(set(nodes) | set(self._nodes)):
+            old, new = self._nodes.get(name), nodes.get(name)
+            if old != new and self._synced.is_set():
+                log.info("%s", _describe_change(old, new))
+        self._nodes = nodes
+        self._publish()
+        self.metrics.count("ocifit_node_relists_total")
+        self._healthy()
+        log.info("listed %d nodes (%d label sets) at resourceVersion %s", len(nodes),
+                 self._snapshot.label_sets(), resource_version)
+        self._synced.set()
+        return resource_version
+
+    def _watch(self, resource_version: str, resync_at: float) -> str:
+        """Apply watch events until the stream ends; returns the last resourceVersion seen."""
+        timeout = int(max(1.0, min(resync_at - time.monotonic(), random.uniform(240, 360))))
+        self.metrics.count("ocifit_node_watch_restarts_total")
+        for event in self.client.watch_nodes(resource_version, timeout, on_open=self._healthy):
+            if self._stop.is_set():
+                break
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                code = obj.get("code") if isinstance(obj, dict) else None
+                if code == 410:
+                    raise _WatchExpired()
+                raise KubeAPIError(f"node watch error {code}: {obj.get('message', '') if isinstance(obj, dict) else obj}",
+                                   code or 0)
+            self._healthy()
+            meta = obj.get("metadata") or {} if isinstance(obj, dict) else {}
+            resource_version = str(meta.get("resourceVersion") or resource_version)
+            if kind in ("ADDED", "MODIFIED"):
+                self._apply(node_from_object(obj))
+            elif kind == "DELETED":
+                self._remove(str(meta.get("name") or ""))
+        return resource_version
+
+    def _apply(self, node: Node) -> None:
+        old = self._nodes.get(node.name)
+        if old == node:
+            return  # a status heartbeat: nothing a decision looks at
+        self._nodes[node.name] = node
+        self._publish()
+        log.info("%s", _describe_change(old, node))
+
+    def _remove(self, name: str) -> None:
+        old = self._nodes.pop(name, None)
+        if old is not None:
+            self._publish()
+            log.info("%s", _describe_change(old, None))
+
+    def _publish(self) -> None:
+        self._snapshot = NodeSnapshot.from_dict(self._nodes)
 
 
 # ============================================================================================
@@ -2440,12 +2735,18 @@ def build_server(settings: Settings, webhook: Webhook) -> WebhookServer:
 # Command line: serve | match | review | fetch
 # ============================================================================================
 
+def build_kube_client(settings: Settings) -> KubeClient:
+    if settings.kube_api:
+        return KubeClient(settings.kube_api, settings.kube_token_file, settings.kube_ca)
+    return KubeClient.in_cluster()
+
+
 def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> Any:
-    """Where nodes come from: a NodeList file, or else the cluster."""
+    """Where nodes come from: a NodeList file, else the cluster (--kube-api, or in-cluster config)."""
     if settings.nodes:
-        source = StaticNodes(settings.nodes)
+        source: Any = StaticNodes(settings.nodes)
     else:
-        raise ValueError("no node source: pass --nodes FILE (a NodeList from `kubectl get nodes -o json`)")
+        source = KubeNodes(build_kube_client(settings), settings, metrics).start()
     if metrics is not None:
         metrics.gauge("ocifit_nodes", lambda: float(len(source.snapshot())))
         metrics.gauge("ocifit_node_label_sets", lambda: float(source.snapshot().label_sets()))
@@ -2543,8 +2844,12 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_review(args: argparse.Namespace, settings: Settings) -> int:
     body = _read_input(args.file)
-    webhook = Webhook(settings, build_node_source(settings), build_artifacts(settings))
+    nodes = build_node_source(settings)
+    if isinstance(nodes, KubeNodes) and not nodes.wait_synced(30):
+        raise ValueError(f"could not list nodes: {nodes.health()[1]}")
+    webhook = Webhook(settings, nodes, build_artifacts(settings))
     status, payload = webhook.handle(body)
+    nodes.stop()
     if status != 200:
         print(f"ocifit: {payload['error']}", file=sys.stderr)
         return 2

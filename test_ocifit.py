@@ -453,6 +453,468 @@ def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
     assert sorted(source.snapshot().nodes) == ["a", "b"]  # the last good view stays
 
 
+# ---- the live cluster view, against a Kubernetes API double that kubectl accepts ----
+
+class FakeKubeAPI:
+    """A Kubernetes API double on loopback HTTPS with its own CA and a bearer token. It speaks the real wire
+    format for nodes: discovery, NodeList pages with `continue`, chunked watch streams with BOOKMARK events,
+    ERROR events with code 410, and injected faults (429 with Retry-After, 500, 401)."""
+
+    def __init__(self, pki: Dict[str, Path], port: int = 0, bookmark_every: float = 0.5):
+        api = self
+        self.token = "token-1"
+        self.nodes: Dict[str, Dict[str, Any]] = {}
+        self.rv = 1000
+        self.oldest_rv = 0  # watches from before this get 410 Gone
+        self.events: List["tuple[int, str, Dict[str, Any]]"] = []
+        self.cond = threading.Condition()
+        self.generation = 0  # bumped to end every open watch stream
+        self.stream_error: Optional[Dict[str, Any]] = None  # sent into open streams, then they end
+        self.faults: List["tuple[str, int, Dict[str, str]]"] = []  # (list|watch|any, status, headers)
+        self.seen: List["tuple[str, Dict[str, str]]"] = []
+        self.bookmark_every = bookmark_every
+        self.open_streams = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path, _, raw_query = self.path.partition("?")
+                query = dict(ocifit.urllib.parse.parse_qsl(raw_query))
+                api.seen.append((path, query))
+                if self.headers.get("Authorization") != f"Bearer {api.token}":
+                    return self.status(401, "Unauthorized", "Unauthorized")
+                kind = "watch" if query.get("watch") in ("1", "true") else "list"
+                for fault in list(api.faults):
+                    if fault[0] in (kind, "any") and path.startswith("/api/v1/nodes"):
+                        api.faults.remove(fault)
+                        return self.status(fault[1], "injected fault", "InternalError", fault[2])
+                if path == "/api":
+                    return self.json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                        {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{api.port}"}]})
+                if path == "/apis":
+                    return self.json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+                if path == "/api/v1":
+                    return self.json({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                        {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
+                         "verbs": ["get", "list", "watch"], "shortNames": ["no"]}]})
+                if path == "/version":
+                    return self.json({"major": "1", "minor": "32", "gitVersion": "v1.32.2"})
+                if path == "/api/v1/nodes":
+                    return self.watch(query) if kind == "watch" else self.list(query)
+                if path.startswith("/api/v1/nodes/"):
+                    node = api.nodes.get(path.rsplit("/", 1)[1])
+                    return self.json(node) if node else self.status(404, "node not found", "NotFound")
+                self.status(404, f"no route {path}", "NotFound")
+
+            def json(self, payload: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def status(self, code: int, message: str, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
+                self.json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": message, "reason": reason, "code": code}, code, headers)
+
+            def list(self, query: Dict[str, str]) -> None:
+                limit = int(query.get("limit") or 0) or 10 ** 9
+                with api.cond:
+                    if query.get("continue"):
+                        list_rv, start = json.loads(base64.b64decode(query["continue"]))
+                        if list_rv < api.oldest_rv:
+                            return self.status(410, "The provided continue parameter is too old", "Expired")
+                    else:
+                        list_rv, start = api.rv, 0
+                    names = sorted(api.nodes)
+                    page = [api.nodes[n] for n in names[start:start + limit]]
+                    meta: Dict[str, Any] = {"resourceVersion": str(list_rv)}
+                    if start + limit < len(names):
+                        meta["continue"] = base64.b64encode(json.dumps([list_rv, start + limit]).encode()).decode()
+                        meta["remainingItemCount"] = len(names) - start - limit
+                self.json({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": page})
+
+            def chunk(self, payload: Dict[str, Any]) -> None:
+                data = json.dumps(payload).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def watch(self, query: Dict[str, str]) -> None:
+                since = int(query.get("resourceVersion") or 0)
+                ends = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    with api.cond:
+                        generation = api.generation
+                    if since < api.oldest_rv:
+                        self.chunk({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "code": 410,
+                                    "reason": "Expired", "status": "Failure",
+                                    "message": f"too old resource version: {since} ({api.oldest_rv})"}})
+                    else:
+                        self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except OSError:
+                    pass
+
+            def stream(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+                with api.cond:
+                    api.open_streams += 1
+                try:
+                    self.stream_events(since, generation, ends, bookmarks)
+                finally:
+                    with api.cond:
+                        api.open_streams -= 1
+
+            def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+                while time.monotonic() < ends:
+                    with api.cond:
+                        pending = [e for e in api.events if e[0] > since]
+                        if not pending:
+                            api.cond.wait(api.bookmark_every)
+                            pending = [e for e in api.events if e[0] > since]
+                        if api.generation != generation:
+                            if api.stream_error:
+                                self.chunk({"type": "ERROR", "object": api.stream_error})
+                            return
+                        current = api.rv
+                    for rv, kind, obj in pending:
+                        self.chunk({"type": kind, "object": obj})
+                        since = rv
+                    if not pending and bookmarks:
+                        self.chunk({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
+                                                                   "metadata": {"resourceVersion": str(current)}}})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pki["crt"]), str(pki["key"]))
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    # -- the cluster changing --
+    def _event(self, kind: str, obj: Dict[str, Any]) -> None:
+        with self.cond:
+            self.rv += 1
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            if kind == "DELETED":
+                self.nodes.pop(obj["metadata"]["name"], None)
+            else:
+                self.nodes[obj["metadata"]["name"]] = obj
+            self.events.append((self.rv, kind, obj))
+            self.cond.notify_all()
+
+    def add(self, *nodes: Dict[str, Any]) -> None:
+        for node in nodes:
+            self._event("ADDED", node)
+
+    def modify(self, name: str, labels: Optional[Dict[str, Optional[str]]] = None,
+               unschedulable: Optional[bool] = None, status_only: bool = False) -> None:
+        node = copy.deepcopy(self.nodes[name])
+        for key, value in (labels or {}).items():
+            if value is None:
+                node["metadata"]["labels"].pop(key, None)
+            else:
+                node["metadata"]["labels"][key] = value
+        if unschedulable is not None:
+            node["spec"]["unschedulable"] = unschedulable
+        if status_only:
+            node.setdefault("status", {})["heartbeat"] = time.time()
+        self._event("MODIFIED", node)
+
+    def delete(self, name: str) -> None:
+        self._event("DELETED", self.nodes[name])
+
+    def end_streams(self, error: Optional[Dict[str, Any]] = None, wait: bool = True) -> None:
+        """Close every open watch stream, optionally after sending an ERROR event; by default first wait
+        until a watcher is listening, so the test does not race the watcher's reconnect."""
+        if wait:
+            eventually(lambda: self.open_streams)
+        with self.cond:
+            self.stream_error = error
+            self.generation += 1
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: watches and page tokens from before now get 410 Gone."""
+        with self.cond:
+            self.oldest_rv = self.rv + 1
+            self.events.clear()
+
+    def lists(self) -> List[Dict[str, str]]:
+        return [q for p, q in self.seen if p == "/api/v1/nodes" and q.get("watch") not in ("1", "true")]
+
+    def stop(self) -> None:
+        self.end_streams(wait=False)
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def flavor_cluster(api: FakeKubeAPI, flavor: str = "vanilla") -> None:
+    api.add(node_obj("kind-control-plane", {FLAVOR_KEY: flavor}, control_plane=True),
+            *[node_obj(f"kind-worker{i or ''}", {FLAVOR_KEY: flavor}) for i in range(3)])
+
+
+@pytest.fixture
+def kube_api(pki: Dict[str, Path]) -> Any:
+    api = FakeKubeAPI(pki)
+    yield api
+    api.stop()
+
+
+def kube_settings(api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path, **kw: Any) -> ocifit.Settings:
+    token_file = tmp_path / "token"
+    token_file.write_text(api.token + "\n")
+    return ocifit.Settings(kube_api=api.url, kube_token_file=str(token_file), kube_ca=str(pki["ca"]), **kw)
+
+
+@pytest.fixture
+def live_nodes(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> Any:
+    flavor_cluster(kube_api)
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    assert source.wait_synced(10), source.health()
+    yield source
+    source.stop()
+    kube_api.end_streams(wait=False)
+
+
+def eventually(check: Any, seconds: float = 5.0) -> Any:
+    """Poll check() until it returns something truthy (the watch is asynchronous); fail after seconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {seconds}s: {check()!r}")
+        time.sleep(0.02)
+
+
+def live_decision(source: Any, pod: Optional[Dict[str, Any]] = None) -> ocifit.Decision:
+    return ocifit.decide(review_of(pod or pod_obj())["request"], source.snapshot(), FileArtifacts())
+
+
+def kubectl_against(api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path, *args: str) -> List[str]:
+    (tmp_path / "no-kubeconfig").write_text("apiVersion: v1\nkind: Config\n")  # nothing but the flags below
+    return [need("kubectl"), f"--server={api.url}", f"--token={api.token}", f"--certificate-authority={pki['ca']}",
+            f"--kubeconfig={tmp_path / 'no-kubeconfig'}", f"--cache-dir={tmp_path / 'kube-cache'}", *args]
+
+
+def test_kubectl_reads_nodes_from_the_api_double(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    kube_api.add(*[node_obj(f"extra-{i}") for i in range(700)])  # more than one page of 500
+    done = subprocess.run(kubectl_against(kube_api, pki, tmp_path, "get", "nodes", "-o", "json"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    names = [item["metadata"]["name"] for item in json.loads(done.stdout)["items"]]
+    assert len(names) == 704 and "kind-worker2" in names
+    assert any(q.get("continue") for q in kube_api.lists())  # kubectl followed the continue token
+
+
+def test_kubectl_watches_nodes_on_the_api_double(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    watcher = subprocess.Popen(kubectl_against(kube_api, pki, tmp_path, "get", "nodes", "--watch", "-o", "name"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [watcher.stdout.readline().strip() for _ in range(4)]
+        assert sorted(lines) == ["node/kind-control-plane", "node/kind-worker", "node/kind-worker1",
+                                 "node/kind-worker2"]
+        kube_api.add(node_obj("late-joiner"))
+        assert watcher.stdout.readline().strip() == "node/late-joiner"
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def test_the_first_full_list_gates_readiness(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    kube_api.faults += [("list", 500, {}), ("list", 500, {})]
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        ready, why = source.health()
+        assert not ready and why.startswith("waiting for the first node list")
+        assert source.wait_synced(15)
+        assert source.health() == (True, f"4 nodes from {kube_api.url}")
+        assert len(kube_api.lists()) >= 3
+    finally:
+        source.stop()
+
+
+def test_a_relabel_changes_the_image_for_the_next_pod(live_nodes: Any, kube_api: FakeKubeAPI,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
+    assert live_decision(live_nodes).image == "debian:11"
+    for name in ("kind-worker", "kind-worker1", "kind-worker2"):
+        kube_api.modify(name, labels={FLAVOR_KEY: "chocolate"})
+    assert eventually(lambda: live_decision(live_nodes).image == "ubuntu:24.04", 2.0)
+    assert "node kind-worker labels ~feature.node.ocifit-k8s.flavor" in caplog.text
+
+
+def test_added_deleted_and_cordoned_nodes_change_the_candidates(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+    kube_api.add(node_obj("choc", {FLAVOR_KEY: "chocolate"}))
+    assert eventually(lambda: live_decision(live_nodes).reason == "disagreement")
+    kube_api.modify("choc", unschedulable=True)  # cordoned: no longer a candidate
+    assert eventually(lambda: live_decision(live_nodes).image == "debian:11")
+    kube_api.modify("choc", unschedulable=False)
+    assert eventually(lambda: live_decision(live_nodes).reason == "disagreement")
+    kube_api.delete("choc")
+    assert eventually(lambda: live_decision(live_nodes).image == "debian:11")
+
+
+def test_a_status_heartbeat_does_not_replace_the_snapshot(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+    before = live_nodes.snapshot()
+    kube_api.modify("kind-worker", status_only=True)
+    kube_api.add(node_obj("marker"))
+    eventually(lambda: "marker" in live_nodes.snapshot().nodes)
+    assert live_nodes.snapshot().nodes["kind-worker"] is before.nodes["kind-worker"]
+
+
+def test_a_410_in_the_stream_or_on_reconnect_leads_to_a_relist(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+    lists = len(kube_api.lists())
+    kube_api.end_streams(error={"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired",
+                                "message": "too old resource version"})
+    eventually(lambda: len(kube_api.lists()) > lists)
+    lists = len(kube_api.lists())
+    kube_api.compact()
+    kube_api.end_streams()  # the reconnecting watch asks for a compacted version and gets ERROR 410
+    eventually(lambda: len(kube_api.lists()) > lists)
+    kube_api.modify("kind-worker2", labels={FLAVOR_KEY: "strawberry"})
+    assert eventually(lambda: live_decision(live_nodes).reason == "disagreement")
+
+
+def test_a_stream_the_server_closes_is_resumed_without_a_relist(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+    lists = len(kube_api.lists())
+    kube_api.end_streams()
+    kube_api.add(node_obj("after-close", {FLAVOR_KEY: "vanilla"}))
+    eventually(lambda: "after-close" in live_nodes.snapshot().nodes)
+    assert len(kube_api.lists()) == lists
+    watches = [q for p, q in kube_api.seen if q.get("watch") == "1"]
+    assert watches[-1]["allowWatchBookmarks"] == "true" and int(watches[-1]["resourceVersion"]) > 1000
+
+
+def test_a_rotated_token_is_read_again_after_a_401(live_nodes: Any, kube_api: FakeKubeAPI, tmp_path: Path) -> None:
+    kube_api.token = "token-2"
+    (tmp_path / "token").write_text("token-2\n")
+    kube_api.end_streams()
+    kube_api.add(node_obj("after-rotation", {FLAVOR_KEY: "vanilla"}))
+    eventually(lambda: "after-rotation" in live_nodes.snapshot().nodes)
+    assert live_nodes.health()[0]
+
+
+def test_429_retry_after_is_honoured(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    kube_api.faults.append(("list", 429, {"Retry-After": "1"}))
+    started = time.monotonic()
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        assert source.wait_synced(10)
+        assert time.monotonic() - started >= 0.9 and len(kube_api.lists()) == 2
+    finally:
+        source.stop()
+
+
+def test_an_api_server_down_at_start_is_waited_for(pki: Dict[str, Path], tmp_path: Path) -> None:
+    port = _free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text("token-1")
+    settings = ocifit.Settings(kube_api=f"https://127.0.0.1:{port}", kube_token_file=str(token_file),
+                               kube_ca=str(pki["ca"]))
+    source = ocifit.build_node_source(settings)
+    api = None
+    try:
+        ready, why = eventually(lambda: (lambda h: h if "refused" in h[1] else None)(source.health()))
+        assert not ready and "Connection refused" in why
+        api = FakeKubeAPI(pki, port=port)
+        flavor_cluster(api)
+        assert source.wait_synced(15)
+        assert live_decision(source).image == "debian:11"
+    finally:
+        source.stop()
+        if api:
+            api.stop()
+
+
+def test_readiness_fails_when_the_watch_keeps_failing(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path, watch_failure_threshold=0.3))
+    try:
+        assert source.wait_synced(10)
+        eventually(lambda: kube_api.open_streams)
+        kube_api.faults += [("any", 500, {})] * 50
+        kube_api.end_streams(wait=False)
+        ready, why = eventually(lambda: (lambda h: h if not h[0] else None)(source.health()))
+        assert why.startswith("node watch failing for") and "500" in why
+        kube_api.faults.clear()
+        eventually(lambda: source.health()[0], 40)
+    finally:
+        source.stop()
+
+
+def test_5000_nodes_are_listed_in_pages_of_500(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
+    shapes = [{FLAVOR_KEY: "vanilla", "zone": f"z{i % 20}"} for i in range(20)]
+    kube_api.add(*[node_obj(f"n{i:04d}", shapes[i % 20]) for i in range(5000)])
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        assert source.wait_synced(30)
+        assert len(source.snapshot()) == 5000
+        pages = kube_api.lists()
+        assert len(pages) == 10 and all(q["limit"] == "500" for q in pages)
+        assert live_decision(source).image == "debian:11"
+    finally:
+        source.stop()
+
+
+def test_in_cluster_config_joins_ipv6_hosts_safely(monkeypatch: pytest.MonkeyPatch, pki: Dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    shutil.copy(pki["ca"], tmp_path / "ca.crt")
+    (tmp_path / "token").write_text("sa-token\n")
+    monkeypatch.setattr(ocifit, "SERVICE_ACCOUNT_DIR", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    client = ocifit.KubeClient.in_cluster()
+    assert client.base_url == "https://[fd00::1]:6443" and client.token() == "sa-token"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    with pytest.raises(ValueError, match="not in a cluster"):
+        ocifit.KubeClient.in_cluster()
+
+
+def test_serve_follows_the_cluster_and_reports_readiness(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    settings = kube_settings(kube_api, pki, tmp_path, port=0, bind="127.0.0.1", cert=str(pki["crt"]),
+                             key=str(pki["key"]))
+    metrics = ocifit.Metrics()
+    source = ocifit.build_node_source(settings, metrics)
+    artifacts = ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")})
+    running = RunningServer(ocifit.build_server(settings, ocifit.Webhook(settings, source, artifacts, metrics)),
+                            pki["ca"])
+    try:
+        eventually(lambda: running.request("GET", "/readyz")[0] == 200)
+        assert patch_of(running.post_review(review_of(pod_obj()))["response"])[0]["value"] == "debian:11"
+        for name in ("kind-worker", "kind-worker1", "kind-worker2"):
+            kube_api.modify(name, labels={FLAVOR_KEY: "strawberry"})
+        eventually(lambda: patch_of(running.post_review(review_of(pod_obj()))["response"])[0]["value"]
+                   == "rockylinux:9", 2.0)
+        assert b"ocifit_node_relists_total 1" in running.request("GET", "/metrics")[1]
+    finally:
+        running.stop()
+        source.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # Artifacts and registry: references, a real registry (docker-registry + oras), stubs for the rest
 # --------------------------------------------------------------------------------------------
