@@ -2054,3 +2054,254 @@ def _wait_ready(running: "RunningServer", seconds: float = 15) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("server did not become ready")
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Shipping: deploy.yaml, Makefile, Dockerfile, certificates, examples, end to end on kind
+# --------------------------------------------------------------------------------------------
+
+def deploy_docs(text: Optional[str] = None) -> List[Dict[str, Any]]:
+    import yaml
+    return [d for d in yaml.safe_load_all(text if text is not None else (HERE / "deploy.yaml").read_text()) if d]
+
+
+def deploy_object(kind: str, docs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    matches = [d for d in (docs or deploy_docs()) if d["kind"] == kind]
+    assert len(matches) == 1, f"{len(matches)} {kind} objects"
+    return matches[0]
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.32.0"])
+def test_deploy_yaml_core_objects_validate_against_the_kubernetes_schemas(version: str) -> None:
+    import kubernetes_validate
+    kinds = []
+    for doc in deploy_docs():
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            continue  # CRDs: no schema in kubernetes-validate
+        kubernetes_validate.validate(doc, version, strict=True)
+        kinds.append(doc["kind"])
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",
+                             "MutatingWebhookConfiguration", "Namespace", "PodDisruptionBudget", "Service",
+                             "ServiceAccount"]
+
+
+def test_the_webhook_only_sees_opted_in_pod_creates_and_fails_closed_in_time() -> None:
+    config = deploy_object("MutatingWebhookConfiguration")
+    assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ocifit-system/ocifit-tls"
+    (hook,) = config["webhooks"]
+    assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    assert hook["objectSelector"] == {"matchLabels": {ocifit.ENABLED_LABEL: "true"}}
+    (excluded,) = hook["namespaceSelector"]["matchExpressions"]
+    assert excluded["key"] == "kubernetes.io/metadata.name" and excluded["operator"] == "NotIn"
+    assert set(excluded["values"]) == {"kube-system", "ocifit-system"}
+    assert (hook["failurePolicy"], hook["sideEffects"], hook["timeoutSeconds"], hook["reinvocationPolicy"],
+            hook["admissionReviewVersions"]) == ("Fail", "None", 10, "IfNeeded", ["v1"])
+    assert hook["clientConfig"]["service"] == {"name": "ocifit", "namespace": "ocifit-system", "path": "/mutate",
+                                               "port": 443}
+    budget = float(deploy_object("ConfigMap")["data"]["OCIFIT_FETCH_BUDGET"])
+    assert budget < hook["timeoutSeconds"]
+
+
+def test_rbac_is_get_list_watch_on_nodes_and_nothing_else() -> None:
+    role = deploy_object("ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    assert not [d for d in deploy_docs() if d["kind"] in ("Role", "RoleBinding")]
+    binding = deploy_object("ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocifit", "namespace": "ocifit-system"}]
+
+
+def test_the_deployment_is_restricted_replicated_and_probed_over_https() -> None:
+    deployment = deploy_object("Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert deployment["spec"]["replicas"] == 2 and spec["topologySpreadConstraints"]
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"] == \
+        {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "https", "scheme": "HTTPS"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert deploy_object("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert deploy_object("Service")["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https",
+                                                          "protocol": "TCP"}]
+    assert deploy_object("Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    registry_volume = [v for v in spec["volumes"] if v["name"] == "registry-credentials"][0]["secret"]
+    assert registry_volume["optional"] is True and registry_volume["items"][0]["key"] == ".dockerconfigjson"
+
+
+def test_ocifit_starts_with_the_deployments_own_args_and_environment(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    """What the kubelet would run: the container's args and env (ConfigMap included), probed as its probes do."""
+    deployment = deploy_object("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {k: v for k, v in deploy_object("ConfigMap")["data"].items()}
+    env.update({e["name"]: e["value"] for e in container["env"]})
+    mounts = {"/etc/ocifit/tls/tls.crt": pki["crt"], "/etc/ocifit/tls/tls.key": pki["key"],
+              "/etc/ocifit/registry/config.json": tmp_path / "absent-config.json"}
+    env = {k: str(mounts.get(v, v)) for k, v in env.items()}
+    port = _free_port()
+    args = [a if a != "8443" else str(port) for a in container["args"]]
+    env.update(OCIFIT_NODES=str(EXAMPLE / "nodes-homogeneous.json"), OCIFIT_BIND="127.0.0.1")
+    server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", *args],
+                              env=dict(os.environ, **env), stderr=subprocess.PIPE, text=True)
+    try:
+        running = RunningServer.__new__(RunningServer)
+        running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
+        _wait_ready(running)
+        assert running.request("GET", "/healthz")[0] == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    log_lines = [json.loads(line) for line in server.stderr.read().splitlines() if line.startswith("{")]
+    assert log_lines and all({"time", "level", "msg"} <= set(line) for line in log_lines)  # OCIFIT_LOG_FORMAT=json
+
+
+def make_targets() -> List[str]:
+    done = subprocess.run(["make", "-s", "help"], cwd=HERE, capture_output=True, text=True, timeout=30)
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_make_help_lists_every_target_and_each_dry_runs() -> None:
+    need("make")
+    targets = make_targets()
+    assert {"build", "push", "kind-load", "install", "install-configmap", "uninstall", "certs", "demo", "test",
+            "e2e", "help"} <= set(targets)
+    for target in targets:
+        done = subprocess.run(["make", "-n", target, "IMAGE=registry.local/ocifit", "TAG=v1"], cwd=HERE,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (target, done.stderr)
+    build = subprocess.run(["make", "-n", "build", "IMAGE=registry.local/ocifit", "TAG=v1"], cwd=HERE,
+                           capture_output=True, text=True)
+    assert "docker build -t registry.local/ocifit:v1 ." in build.stdout
+
+
+@pytest.fixture
+def kubectl_shim(tmp_path: Path) -> Path:
+    """A kubectl that records what it is asked to apply or patch; `create --dry-run` and `kustomize` are real."""
+    real = need("kubectl")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    shim = tmp_path / "kubectl"
+    shim.write_text(f"""#!/bin/sh
+case "$1 $2 $3" in *kustomize*|*create*) KUBECONFIG={tmp_path}/none exec {real} "$@";; esac
+n=$(ls {calls} | grep -c args)
+printf '%s\\n' "$@" > {calls}/$n.args
+case "$*" in *"-f -"*) cat > {calls}/$n.stdin;; esac
+""")
+    shim.chmod(0o755)
+    return shim
+
+
+def shim_calls(shim: Path) -> List["tuple[List[str], str]"]:
+    calls = shim.parent / "calls"
+    result = []
+    for n in range(len(list(calls.glob("*.args")))):
+        stdin = calls / f"{n}.stdin"
+        result.append(((calls / f"{n}.args").read_text().splitlines(), stdin.read_text() if stdin.exists() else ""))
+    return result
+
+
+def run_make(*args: str) -> subprocess.CompletedProcess:
+    need("make")
+    return subprocess.run(["make", *args], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_make_certs_makes_a_verifiable_certificate_for_the_service(kubectl_shim: Path, tmp_path: Path) -> None:
+    openssl = need("openssl")
+    certs = tmp_path / "certs"
+    done = run_make("certs", f"CERT_DIR={certs}", f"KUBECTL={kubectl_shim}")
+    assert done.returncode == 0, done.stderr
+    verified = subprocess.run([openssl, "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "tls.crt")],
+                              capture_output=True, text=True)
+    assert verified.stdout.strip() == f"{certs / 'tls.crt'}: OK"
+    sans = subprocess.run([openssl, "x509", "-in", str(certs / "tls.crt"), "-noout", "-ext", "subjectAltName"],
+                          capture_output=True, text=True).stdout
+    for name in ("ocifit.ocifit-system.svc", "ocifit.ocifit-system.svc.cluster.local"):
+        assert f"DNS:{name}" in sans
+    (apply_args, secret), (patch_args, _) = shim_calls(kubectl_shim)
+    assert apply_args == ["apply", "-f", "-"] and "kind: Secret" in secret and "type: kubernetes.io/tls" in secret
+    assert patch_args[:3] == ["patch", "mutatingwebhookconfiguration", "ocifit"]
+    ca_bundle = json.loads(patch_args[-1])[0]
+    assert ca_bundle["path"] == "/webhooks/0/clientConfig/caBundle"
+    assert base64.b64decode(ca_bundle["value"]) == (certs / "ca.crt").read_bytes()
+
+
+def test_make_install_without_cert_manager_leaves_its_objects_out(kubectl_shim: Path) -> None:
+    done = run_make("install", "CERT_MANAGER=false", "IMAGE=registry.local/ocifit", "TAG=v7",
+                    f"KUBECTL={kubectl_shim}")
+    assert done.returncode == 0, done.stderr
+    ((args, applied),) = shim_calls(kubectl_shim)
+    docs = deploy_docs(applied)
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    assert len(docs) == len(deploy_docs()) - 2
+    assert deploy_object("Deployment", docs)["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.local/ocifit:v7"
+
+
+def test_make_install_configmap_runs_ocifit_py_on_a_stock_python_image(kubectl_shim: Path) -> None:
+    import kubernetes_validate
+    done = run_make("install-configmap", "PYTHON_IMAGE=mirror.local/python:3.12-slim", f"KUBECTL={kubectl_shim}")
+    assert done.returncode == 0, done.stderr
+    ((args, applied),) = shim_calls(kubectl_shim)
+    docs = deploy_docs(applied)
+    code = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ocifit-code-")]
+    assert len(code) == 1 and code[0]["data"]["ocifit.py"] == (HERE / "ocifit.py").read_text()
+    deployment = deploy_object("Deployment", docs)
+    kubernetes_validate.validate(deployment, "1.32.0", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "mirror.local/python:3.12-slim"
+    assert container["command"] == ["python3", "/opt/ocifit/ocifit.py", "serve"]
+    assert {"name": "code", "configMap": {"name": code[0]["metadata"]["name"]}} in pod["volumes"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_dockerfile_is_small_non_root_and_installs_nothing() -> None:
+    lines = [line.strip() for line in (HERE / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM python:3.") and lines[0].endswith("-slim")
+    assert "COPY ocifit.py /app/ocifit.py" in lines
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0] not in ("0", "root")
+    assert not [line for line in lines if "pip" in line or line.startswith("RUN ")]
+    assert json.loads(lines[-1].split(" ", 1)[1]) == ["python3", "/app/ocifit.py", "serve"]
+
+
+def _manifest(path: Path) -> Dict[str, Any]:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def test_the_example_pod_and_deployment_are_mutated(tmp_path: Path) -> None:
+    import kubernetes_validate
+    pod = _manifest(EXAMPLE / "pod.yaml")
+    pod["metadata"]["namespace"] = "default"
+    kubernetes_validate.validate(pod, "1.32.0", strict=True)
+    assert kubectl_patch(pod, list(decide(pod).patch), tmp_path)["spec"]["containers"][0]["image"] == "debian:11"
+    deployment = _manifest(EXAMPLE / "deployment.yaml")
+    kubernetes_validate.validate(deployment, "1.32.0", strict=True)
+    template = deployment["spec"]["template"]
+    replica = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
+               "metadata": dict(template["metadata"], generateName="flavor-deployment-5c9f-", namespace="default")}
+    patched = kubectl_patch(replica, list(decide(replica).patch), tmp_path)
+    assert [c["image"] for c in patched["spec"]["initContainers"] + patched["spec"]["containers"]] == \
+        ["debian:11", "debian:11"]
+
+
+def test_the_kind_example_has_one_control_plane_and_three_workers() -> None:
+    roles = [n["role"] for n in _manifest(EXAMPLE / "kind-config.yaml")["nodes"]]
+    assert roles == ["control-plane", "worker", "worker", "worker"]
+
+
+def test_e2e_on_kind() -> None:
+    """`make e2e`: the whole upstream story on a kind cluster. Needs a Docker engine, which CI here lacks."""
+    for tool in ("kind", "docker"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed: the kind end-to-end test needs kind and a Docker engine")
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no Docker engine answers `docker info`: the kind end-to-end test needs one")
+    done = subprocess.run(["make", "e2e"], cwd=HERE, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "=== e2e passed" in done.stdout
