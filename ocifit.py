@@ -131,7 +131,7 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "serve plain HTTP without a certificate (local trials only: the API server needs HTTPS)"),
         Option("--cert-reload-interval", ("OCIFIT_CERT_RELOAD_INTERVAL",), _seconds, 10.0,
                "how often to look for renewed certificate files"),
-        Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _count, 256,
+        Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _count, 1024,
                "concurrent connections; more are closed at once"),
         Option("--handshake-timeout", ("OCIFIT_HANDSHAKE_TIMEOUT",), _seconds, 5.0,
                "seconds a client has to complete the TLS handshake"),
@@ -185,7 +185,7 @@ class Settings:
     key: str = ""
     plain_http: bool = False
     cert_reload_interval: float = 10.0
-    max_connections: int = 256
+    max_connections: int = 1024
     handshake_timeout: float = 5.0
     idle_timeout: float = 120.0
     max_body: int = 3 * MiB + 64 * 1024
@@ -266,6 +266,23 @@ class JsonLogFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+MAX_NUMBER_DIGITS = 64
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_DIGITS:  # CPython before 3.11 converts long digit strings in quadratic time
+        raise ValueError(f"number with {len(text)} digits")
+    return int(text)
+
+
+def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Any:
+    """json.loads for untrusted input: numbers longer than 64 digits are refused, nesting errors are ValueError."""
+    try:
+        return json.loads(data, parse_int=_bounded_int, object_hook=object_hook)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
@@ -615,8 +632,8 @@ def parse_spec(data: Any) -> Spec:
     """Validate a compatibility spec (bytes, text or parsed JSON) as a whole, or raise SpecError."""
     if isinstance(data, (bytes, str)):
         try:
-            data = json.loads(data)
-        except (ValueError, RecursionError) as exc:
+            data = load_json(data)
+        except ValueError as exc:
             raise SpecError(f"spec is not valid JSON: {exc}") from None
     _require(data, dict, "spec", "a JSON object with compatibilities")
     version = _string(data.get("version", ""), "version")
@@ -688,6 +705,20 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
     return Node(_intern(name), labels, bool(spec.get("unschedulable")), taints)
 
 
+def slim_node(obj: Dict[str, Any]) -> Dict[str, Any]:
+    """A json object_hook that keeps of a Node object only what node_from_object reads, as it is parsed,
+    so a large node list never holds every node's status, images and managed fields at once."""
+    meta, spec = obj.get("metadata"), obj.get("spec")
+    if not isinstance(meta, dict) or not ("spec" in obj or "status" in obj) or "items" in obj:
+        return obj
+    slim: Dict[str, Any] = {"metadata": {k: meta[k] for k in ("name", "labels", "resourceVersion") if k in meta}}
+    if isinstance(spec, dict):
+        slim["spec"] = {k: spec[k] for k in ("unschedulable", "taints") if k in spec}
+    if "kind" in obj:
+        slim["kind"] = obj["kind"]
+    return slim
+
+
 def nodes_from_document(doc: Any) -> List[Node]:
     """Nodes from a NodeList (or List, or bare list) as `kubectl get nodes -o json` prints it."""
     items = doc.get("items") if isinstance(doc, dict) else doc
@@ -715,6 +746,7 @@ class NodeSnapshot:
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
         self.synced_at = time.time() if synced_at is None else synced_at
         self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
+        self._label_sets: Optional[int] = None
 
     @classmethod
     def from_dict(cls, nodes: Mapping[str, Node]) -> "NodeSnapshot":
@@ -746,8 +778,10 @@ class NodeSnapshot:
         return groups
 
     def label_sets(self) -> int:
-        """How many distinct label sets the nodes carry."""
-        return len({frozenset(n.labels.items()) for n in self.nodes.values()})
+        """How many distinct label sets the nodes carry (computed once per snapshot)."""
+        if self._label_sets is None:
+            self._label_sets = len({frozenset(n.labels.items()) for n in self.nodes.values()})
+        return self._label_sets
 
 
 @dataclass(frozen=True)
@@ -887,8 +921,8 @@ class StaticNodes:
             if stamp == self._stamp:
                 return
             with open(self.path, "rb") as fh:
-                nodes = nodes_from_document(json.load(fh))
-        except (OSError, ValueError, RecursionError) as exc:
+                nodes = nodes_from_document(load_json(fh.read(), slim_node))
+        except (OSError, ValueError) as exc:
             self._error = f"cannot read nodes from {self.path}: {exc}"
             if initial:
                 raise ValueError(self._error) from None
@@ -984,7 +1018,7 @@ class KubeClient:
     @staticmethod
     def _error(err: urllib.error.HTTPError) -> KubeAPIError:
         try:
-            status = json.loads(err.read(64 * 1024))
+            status = load_json(err.read(64 * 1024))
             message = status.get("message") or status.get("reason") or ""
         except (ValueError, AttributeError, OSError, http.client.HTTPException):
             message = ""
@@ -1003,7 +1037,7 @@ class KubeClient:
                     if token:
                         query["continue"] = token
                     with self.open("/api/v1/nodes", query, timeout) as response:
-                        page = json.loads(_read_capped_plain(response, 256 * MiB))
+                        page = load_json(_read_capped_plain(response, 256 * MiB), slim_node)
                     items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
                     meta = page.get("metadata") or {}
                     token = meta.get("continue") or ""
@@ -1029,7 +1063,7 @@ class KubeClient:
                 if len(line) > MAX_EVENT_BYTES:
                     raise KubeAPIError(f"watch event larger than {MAX_EVENT_BYTES} bytes")
                 if line.strip():
-                    event = json.loads(line)
+                    event = load_json(line, slim_node)
                     if isinstance(event, dict):
                         yield event
 
@@ -1564,7 +1598,7 @@ def verify_digest(data: bytes, digest: str, what: str) -> None:
 def _registry_error_text(body: bytes) -> Tuple[str, str]:
     """(first error code, 'CODE: message; ...') from a distribution error body, if it is one."""
     try:
-        errors = json.loads(body)["errors"]
+        errors = load_json(body)["errors"]
         parts = [f"{e.get('code', '?')}: {e.get('message', '')}".rstrip(": ") for e in errors if isinstance(e, dict)]
         return (errors[0].get("code", "") if errors else ""), "; ".join(parts)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
@@ -1664,8 +1698,8 @@ class RegistryClient:
     @staticmethod
     def _manifest_json(body: bytes, what: str) -> Dict[str, Any]:
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
+            doc = load_json(body)
+        except ValueError:
             raise RegistryError(f"{what} is not JSON") from None
         if not isinstance(doc, dict):
             raise RegistryError(f"{what} is not a JSON object")
@@ -1851,7 +1885,7 @@ class RegistryClient:
             raise RegistryError(f"registry {host}: token service {_safe_url(realm)} unreachable: "
                                 f"{getattr(exc, 'reason', exc)}") from None
         try:
-            answer = json.loads(body)
+            answer = load_json(body)
             token = answer.get("token") or answer.get("access_token")
             lifetime = float(answer.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
@@ -2094,8 +2128,8 @@ class PodFacts:
 def parse_review(body: bytes) -> Dict[str, Any]:
     """The AdmissionReview in a request body, or BadReview saying what is wrong with it."""
     try:
-        review = json.loads(body)
-    except (ValueError, RecursionError) as exc:
+        review = load_json(body)
+    except ValueError as exc:
         raise BadReview(f"request body is not valid JSON: {exc}") from None
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
         raise BadReview("request body is not an AdmissionReview (kind must be AdmissionReview)")
@@ -2449,7 +2483,7 @@ class Metrics:
             histograms = {k: list(v) for k, v in self._histograms.items()}
         for (name, labels), amount in counters:
             header(name)
-            text = ",".join(f'{k}="{v}"' for k, v in labels)
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
             lines.append(f"{name}{{{text}}} {amount:g}" if text else f"{name} {amount:g}")
         for name, counts in sorted(histograms.items()):
             header(name)
@@ -2466,6 +2500,10 @@ class Metrics:
                 header(name)
                 lines.append(f"{name} {value:g}")
         return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def certificate_expiry(path: str) -> Optional[float]:
@@ -2539,7 +2577,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024
 
     def __init__(self, settings: Settings, webhook: Webhook, tls: Optional[TLSFiles]):
         self.settings, self.webhook, self.tls = settings, webhook, tls
@@ -2657,6 +2695,10 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def reply_json(self, status: int, payload: Any, close: bool = False) -> None:
         self.reply(status, json.dumps(payload).encode(), close=close)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Errors the stdlib detects (bad request line, unsupported method) as one JSON reply, then close."""
+        self.reply_json(code, {"error": message or http.HTTPStatus(code).phrase}, close=True)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -13,8 +13,10 @@ import base64
 import copy
 import http.client
 import http.server
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -163,6 +165,31 @@ def run_cli(*args: str, stdin: Optional[str] = None, env: Optional[Dict[str, str
             python: str = sys.executable) -> subprocess.CompletedProcess:
     return subprocess.run([python, str(HERE / "ocifit.py"), *args], capture_output=True, text=True, input=stdin,
                           cwd=HERE, env=dict(os.environ, **(env or {})), timeout=60)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0].strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test talks to this machine only: a name or address beyond loopback fails the test."""
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(str(address[0])):
+            raise AssertionError(f"a test tried to connect to {address[0]}")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not _loopback(host.decode() if isinstance(host, bytes) else str(host)):
+            raise AssertionError(f"a test tried to resolve {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2305,3 +2332,258 @@ def test_e2e_on_kind() -> None:
     done = subprocess.run(["make", "e2e"], cwd=HERE, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "=== e2e passed" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input and faults while serving
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+label_text = st.sampled_from(["f", FLAVOR_KEY, "pool", "gen", ""]) | st.text(max_size=6)
+value_text = st.sampled_from(["vanilla", "chocolate", "5", "-1", "true", "x" * 70]) | st.text(max_size=8)
+
+
+def maybe(strategy: Any) -> Any:
+    """A well-formed value most of the time, any JSON value some of the time."""
+    return st.one_of(strategy, strategy, json_values)
+
+
+expressions = st.fixed_dictionaries({
+    "op": maybe(st.sampled_from(list(ocifit.OPERATORS))), "key": maybe(label_text),
+    "value": maybe(st.lists(value_text, max_size=3) | value_text | st.sampled_from(["(a+)+", "[", r"^\d+$"]))})
+compatibilities = st.fixed_dictionaries(
+    {"tag": maybe(st.sampled_from(["debian:11", "ubuntu:24.04"])), "weight": maybe(st.integers(-3, 3)),
+     "rules": maybe(st.lists(st.fixed_dictionaries({"matchFeatures": maybe(st.lists(st.fixed_dictionaries(
+         {"matchExpressions": maybe(st.lists(expressions, max_size=3))}), max_size=2))}), max_size=2))})
+specs = st.fixed_dictionaries({"version": maybe(st.just("v1alpha1")),
+                               "compatibilities": maybe(st.lists(compatibilities, min_size=1, max_size=3))})
+
+
+@hypothesis_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs, labels=st.dictionaries(label_text, value_text, max_size=4))
+def test_any_spec_is_either_valid_and_evaluates_or_rejected_with_a_place(spec: Any, labels: Dict[str, str]) -> None:
+    try:
+        parsed = ocifit.parse_spec(json.dumps(spec))
+    except ocifit.SpecError as exc:
+        assert str(exc)
+        return
+    selection = parsed.select(labels)
+    assert selection.chosen is None or selection.chosen.tag in ("debian:11", "ubuntu:24.04")
+    assert len(selection.verdicts) == len(parsed.compatibilities)
+
+
+node_terms = st.fixed_dictionaries({"matchExpressions": maybe(st.lists(st.fixed_dictionaries({
+    "key": maybe(label_text), "operator": maybe(st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"])),
+    "values": maybe(st.lists(value_text, max_size=2))}), max_size=2))})
+pod_specs = st.fixed_dictionaries({}, optional={
+    "containers": maybe(st.lists(st.fixed_dictionaries({"name": st.just("c"), "image": maybe(st.sampled_from(
+        ["placeholder:latest", "nginx:1"]))}), max_size=3)),
+    "initContainers": maybe(st.lists(st.fixed_dictionaries({"image": st.just("placeholder:latest")}), max_size=2)),
+    "nodeSelector": maybe(st.dictionaries(label_text, value_text, max_size=2)),
+    "affinity": maybe(st.fixed_dictionaries({"nodeAffinity": maybe(st.fixed_dictionaries({
+        "requiredDuringSchedulingIgnoredDuringExecution": maybe(st.fixed_dictionaries({
+            "nodeSelectorTerms": maybe(st.lists(node_terms, max_size=2))}))}))})),
+    "tolerations": maybe(st.lists(st.fixed_dictionaries({"operator": maybe(st.just("Exists"))}), max_size=1))})
+pods = st.fixed_dictionaries({
+    "metadata": maybe(st.fixed_dictionaries({
+        "labels": maybe(st.just({ocifit.ENABLED_LABEL: "true"})),
+        "annotations": maybe(st.fixed_dictionaries({ocifit.IMAGE_REF_ANNOTATION: maybe(st.sampled_from(
+            [FLAVOR_REF, "", "r/missing:1"]))}))})),
+    "spec": maybe(pod_specs)})
+
+
+def fuzz_webhook() -> ocifit.Webhook:
+    return ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-heterogeneous.json")),
+                          ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
+
+
+@hypothesis_settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pod=pods, operation=st.sampled_from(["CREATE", "CREATE", "UPDATE"]), uid=st.text(min_size=1, max_size=8))
+def test_any_pod_shape_gets_a_valid_review_never_an_internal_error(pod: Any, operation: str, uid: str) -> None:
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": uid, "kind": {"kind": "Pod"}, "operation": operation, "object": pod}}
+    status, payload = fuzz_webhook().handle(json.dumps(review).encode())
+    assert status == 200
+    response = payload["response"]
+    assert response["uid"] == uid and isinstance(response["allowed"], bool)
+    if not response["allowed"]:
+        assert response["status"]["code"] != 500 and response["status"]["message"]
+    if "patch" in response:
+        assert all(op["op"] in ("replace", "add") for op in patch_of(response))
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_body_gets_a_review_or_a_400(body: bytes) -> None:
+    status, payload = fuzz_webhook().handle(body)
+    assert (status == 400 and payload["error"]) or (status == 200 and payload["kind"] == "AdmissionReview")
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"[" * 50000 + b"]" * 50000, "nested too deeply"),
+    (b'{"kind": "AdmissionReview", "request": {"uid": ' + b"9" * 200000 + b"}}", "number with 200000 digits"),
+])
+def test_hostile_bodies_are_refused_quickly(body: bytes, message: str) -> None:
+    status, payload = fuzz_webhook().handle(body)
+    assert status == 400 and message in payload["error"]
+
+
+def test_the_live_server_survives_a_burst_of_garbage(https_server: RunningServer) -> None:
+    for body in [b"\x00\xff" * 100, b"{" * 10000, b"[]", json.dumps({"kind": "AdmissionReview",
+                                                                       "request": {"uid": "u", "object": 5}}).encode()]:
+        status, _ = https_server.request("POST", "/mutate", body)
+        assert status in (200, 400)
+    raw = socket.create_connection(("127.0.0.1", https_server.port))
+    raw.sendall(b"GARBAGE\r\n\r\n")  # not even TLS
+    raw.close()
+    tls = https_server.context.wrap_socket(socket.create_connection(("127.0.0.1", https_server.port)),
+                                           server_hostname="localhost")
+    tls.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    assert tls.recv(100).startswith(b"HTTP/1.1 400")
+    tls.close()
+    assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+
+
+def test_idle_keep_alive_connections_are_closed(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, idle_timeout=0.5)
+    try:
+        conn = running.connect()
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b"ok\n"
+        time.sleep(1.0)
+        conn.sock.settimeout(5)
+        assert conn.sock.recv(1) == b""  # the server hung up on the idle connection
+        conn.close()
+    finally:
+        running.stop()
+
+
+def test_connections_past_the_cap_are_closed_and_the_rest_served(tmp_path: Path, pki: Dict[str, Path],
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    running = start_server(tmp_path, pki, max_connections=2, handshake_timeout=3)
+    holders = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(2)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", running.port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed at once
+        extra.close()
+        assert "2 connections open already" in caplog.text
+    finally:
+        for sock in holders:
+            sock.close()
+
+    def served() -> bool:
+        try:
+            return running.request("GET", "/healthz")[0] == 200
+        except OSError:  # closed at once while the freed slots are not yet back
+            return False
+    eventually(served)
+    running.stop()
+
+
+def test_registry_faults_while_serving_are_denials_and_the_server_goes_on(tmp_path: Path, pki: Dict[str, Path],
+                                                                         stubs: Any) -> None:
+    evil = (EXAMPLE / "compatibility-test.json").read_text().replace("debian", "evil").encode()
+    wrong_routes, _ = artifact_routes(repo="wrong", blob=evil)
+    slow_routes, _ = artifact_routes(repo="slow")
+    slow_routes["/v2/slow/manifests/v1"] = lambda h: time.sleep(5)
+    good_routes, _ = artifact_routes(repo="good")
+    stub = stubs({**wrong_routes, **slow_routes, **good_routes})
+    down = f"127.0.0.1:{_free_port()}"
+    running = start_server(tmp_path, pki, insecure_registry=(stub.host, down), fetch_budget=1.0,
+                           allowed_registries=(stub.host, down))
+    running.server.webhook.artifacts = ocifit.build_artifacts(running.server.settings)
+    try:
+        cases = {f"{stub.host}/wrong:v1": "compatibility layer does not match its digest",
+                 f"{stub.host}/slow:v1": f"registry {stub.host} did not answer within 1s",
+                 f"{down}/gone:v1": f"registry {down} unreachable"}
+        for ref, message in cases.items():
+            started = time.monotonic()
+            answer = running.post_review(review_of(pod_obj(ref=ref)))["response"]
+            assert answer["allowed"] is False and message in answer["status"]["message"]
+            assert time.monotonic() - started < 3  # within the budget, not the stub's 5 s
+        assert running.post_review(review_of(pod_obj(ref=f"{stub.host}/good:v1")))["response"]["allowed"] is True
+        metrics = running.request("GET", "/metrics")[1].decode()
+        assert 'ocifit_admissions_total{outcome="denied",reason="artifact-unavailable"} 3' in metrics
+    finally:
+        running.stop()
+
+
+def test_an_api_server_that_goes_away_leaves_decisions_on_the_last_view(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    flavor_cluster(kube_api)
+    settings = kube_settings(kube_api, pki, tmp_path, watch_failure_threshold=0.5)
+    source = ocifit.build_node_source(settings)
+    try:
+        assert source.wait_synced(10)
+        kube_api.stop()
+        ready, why = eventually(lambda: (lambda h: h if not h[0] else None)(source.health()), 10)
+        assert why.startswith("node watch failing for")
+        assert live_decision(source).image == "debian:11"  # the last good view still decides
+    finally:
+        source.stop()
+
+
+def test_sigterm_drains_in_flight_admissions_then_exits(tmp_path: Path, pki: Dict[str, Path], stubs: Any) -> None:
+    routes, _ = artifact_routes()
+    manifest = routes["/v2/app/manifests/v1"]
+    routes["/v2/app/manifests/v1"] = lambda h: (time.sleep(1.5), manifest(h))
+    stub = stubs(routes)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind",
+                               "127.0.0.1", "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
+                               str(EXAMPLE / "nodes-homogeneous.json"), "--insecure-registry", stub.host],
+                              stderr=subprocess.PIPE, text=True)
+    running = RunningServer.__new__(RunningServer)
+    running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
+    try:
+        _wait_ready(running)
+        answers: List[Dict[str, Any]] = []
+        slow = threading.Thread(target=lambda: answers.append(
+            running.post_review(review_of(pod_obj(ref=f"{stub.host}/app:v1")))))
+        slow.start()
+        eventually(lambda: stub.seen)  # the admission is in flight, waiting on the registry
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert running.request("GET", "/readyz") == (503, b"not ready: shutting down\n")
+        slow.join(10)
+        assert patch_of(answers[0]["response"])[0]["value"] == "debian:11"
+        assert server.wait(timeout=20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert "letting in-flight admissions finish" in server.stderr.read()
+
+
+def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {"registry.example": {"auth": base64.b64encode(b"u:topsecret").decode()}}}))
+    review = tmp_path / "review.json"
+    review.write_text(json.dumps(review_of(pod_obj(name=None))))
+    done = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), "--artifact",
+                   f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--log-format", "json",
+                   "--registry-config", str(config))
+    assert done.returncode == 0
+    (line,) = [json.loads(l) for l in done.stderr.splitlines() if '"admission"' in l]
+    assert line["admission"]["pod"] == "demo-7d9c8b6f5-*" and line["admission"]["image"] == "debian:11"
+    assert line["admission"]["candidates"] == 3 and line["level"] == "info"
+    assert "topsecret" not in done.stderr and "dTp0b3BzZWNyZXQ" not in done.stderr
+
+
+def test_metrics_cover_admissions_nodes_and_the_certificate(https_server: RunningServer) -> None:
+    https_server.post_review(review_of(pod_obj()))
+    https_server.post_review(review_of(pod_obj(ref=None)))
+    status, body = https_server.request("GET", "/metrics")
+    text = body.decode()
+    assert status == 200
+    for line in ('ocifit_admissions_total{outcome="mutated",reason="selected"} 1',
+                 'ocifit_admissions_total{outcome="denied",reason="missing-annotation"} 1',
+                 "ocifit_admission_duration_seconds_count 2", "ocifit_nodes 4", "ocifit_node_label_sets 4"):
+        assert line in text
+    expiry = float(re.search(r"^ocifit_certificate_expiry_timestamp_seconds (\S+)$", text, re.M).group(1))
+    assert time.time() < expiry < time.time() + 31 * 86400
