@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import http.client
 import http.server
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import random
 import re
 import signal
@@ -254,14 +258,33 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
             parser.add_argument(option.flag, **kwargs)
 
 
-class JsonLogFormatter(logging.Formatter):
+class TextLogFormatter(logging.Formatter):
+    """`time LEVEL message`, the time string made once a second rather than once a line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second, self._stamp = -1, ""
+
+    def stamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+        return self._stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.stamp(record)} {record.levelname} {record.getMessage()}"
+        return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
+
+
+class JsonLogFormatter(TextLogFormatter):
     """One JSON object a line: time, level, message, and any `extra` fields passed to the log call."""
 
     STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                 "msg": record.getMessage()}
+        entry = {"time": self.stamp(record), "level": record.levelname.lower(), "msg": record.getMessage()}
+        if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], AdmissionLine):
+            entry["admission"] = {k: v for k, v in record.args[0].fields.items() if k != "message"}
         entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -277,23 +300,97 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+_DECODERS: Dict[Any, json.JSONDecoder] = {}
+
+
 def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Any:
     """json.loads for untrusted input: numbers longer than 64 digits are refused, nesting errors are ValueError."""
+    decoder = _DECODERS.get(object_hook)
+    if decoder is None:  # built once per hook: json.loads with arguments builds a decoder on every call
+        decoder = _DECODERS[object_hook] = json.JSONDecoder(parse_int=_bounded_int, object_hook=object_hook)
+    if isinstance(data, (bytes, bytearray)):
+        data = data.decode("utf-8-sig" if data[:3] == b"\xef\xbb\xbf" else "utf-8")
     try:
-        return json.loads(data, parse_int=_bounded_int, object_hook=object_hook)
+        return decoder.decode(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
 
+class _EnqueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class LogWriter(threading.Thread):
+    """Writes queued log records in batches: at most one wake-up and one write() per interval, however many
+    admissions were logged meanwhile, so logging costs request threads a queue put and nothing else."""
+
+    STOP = logging.makeLogRecord({"msg": "stop"})
+
+    def __init__(self, handler: logging.StreamHandler, interval: float = 0.05):
+        super().__init__(name="log-writer", daemon=True)
+        self.handler, self.interval = handler, interval
+        self.records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self.records.get()]
+            time.sleep(self.interval)  # let a batch gather
+            while True:
+                try:
+                    batch.append(self.records.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = any(r is self.STOP for r in batch)
+            self._write([r for r in batch if r is not self.STOP])
+
+    def _write(self, batch: List[logging.LogRecord]) -> None:
+        lines = []
+        for record in batch:
+            try:
+                lines.append(self.handler.format(record) + "\n")
+            except Exception:
+                self.handler.handleError(record)
+        try:
+            self.handler.stream.write("".join(lines))
+            self.handler.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nothing left to tell
+
+    def stop(self) -> None:
+        self.records.put(self.STOP)
+        self.join(timeout=5)
+
+
+_log_writer: Optional[LogWriter] = None
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr from one writer thread, so a slow log pipe or lock never holds up an admission."""
+    global _log_writer
+    # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every admission's line.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter())
+    if _log_writer is not None:
+        _log_writer.stop()
+    _log_writer = LogWriter(handler)
+    _log_writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_EnqueueHandler(_log_writer.records)]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def flush_logging() -> None:
+    """Write out every queued log record (at exit, and before a subcommand returns)."""
+    global _log_writer
+    if _log_writer is not None:
+        _log_writer.stop()
+        _log_writer = None
 
 
 # ============================================================================================
@@ -432,38 +529,41 @@ class Expression:
 
     def failure(self, labels: Mapping[str, str]) -> Optional[str]:
         """None when the expression holds on these labels, else why it does not."""
-        op, key, value = self.op, self.key, labels.get(self.key)
-        shown = json.dumps(value) if value is not None else ""
+        op, value = self.op, labels.get(self.key)
         if op == "Exists":
-            return None if value is not None else f"label {json.dumps(key)} missing"
+            return None if value is not None else self._missing()
         if op == "DoesNotExist":
-            return None if value is None else f"label {json.dumps(key)} present (value {shown})"
+            return None if value is None else f"label {json.dumps(self.key)} present (value {json.dumps(value)})"
         if op == "NotIn":
-            if value is None or value not in self.values:
-                return None
-            return f"value {shown} of label {json.dumps(key)} is in {_quote_values(self.values)}"
+            return None if value is None or value not in self.values else \
+                self._value(value, f"is in {_quote_values(self.values)}")
         if value is None:
-            return f"label {json.dumps(key)} missing"
+            return self._missing()
         if op == "In":
-            return None if value in self.values else \
-                f"value {shown} of label {json.dumps(key)} not in {_quote_values(self.values)}"
+            return None if value in self.values else self._value(value, f"not in {_quote_values(self.values)}")
         if op == "InRegexp":
             return None if any(p.search(value) for p in self.patterns) else \
-                f"value {shown} of label {json.dumps(key)} matches none of {_quote_values(self.values)}"
+                self._value(value, f"matches none of {_quote_values(self.values)}")
         if op in ("IsTrue", "IsFalse"):
             want = "true" if op == "IsTrue" else "false"
-            return None if value == want else f"value {shown} of label {json.dumps(key)} is not \"{want}\""
+            return None if value == want else self._value(value, f'is not "{want}"')
         number = parse_integer(value)
         if number is None:
-            return f"value {shown} of label {json.dumps(key)} is not an integer"
+            return self._value(value, "is not an integer")
         if op == "GtLt":
             low, high = self.bounds
             return None if low < number < high else \
-                f"value {shown} of label {json.dumps(key)} is not between {low} and {high} (exclusive)"
+                self._value(value, f"is not between {low} and {high} (exclusive)")
         bound = self.bounds[0]
         holds = {"Gt": number > bound, "Lt": number < bound, "Gte": number >= bound, "Lte": number <= bound}[op]
         symbol = {"Gt": ">", "Lt": "<", "Gte": ">=", "Lte": "<="}[op]
-        return None if holds else f"value {shown} of label {json.dumps(key)} is not {symbol} {bound}"
+        return None if holds else self._value(value, f"is not {symbol} {bound}")
+
+    def _missing(self) -> str:
+        return f"label {json.dumps(self.key)} missing"
+
+    def _value(self, value: str, why: str) -> str:
+        return f"value {json.dumps(value)} of label {json.dumps(self.key)} {why}"
 
 
 @dataclass(frozen=True)
@@ -747,6 +847,7 @@ class NodeSnapshot:
         self.synced_at = time.time() if synced_at is None else synced_at
         self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
         self._label_sets: Optional[int] = None
+        self.memo: Dict[Any, Any] = {}  # decisions on this snapshot, by whoever makes them (see choose_for)
 
     @classmethod
     def from_dict(cls, nodes: Mapping[str, Node]) -> "NodeSnapshot":
@@ -888,6 +989,26 @@ class Placement:
             terms = " OR ".join("(" + " AND ".join(str(r) for r in t.labels + t.names) + ")" for t in self.terms)
             parts.append("required node affinity " + (terms or "(no terms)"))
         return " and ".join(parts) if parts else "schedulable worker nodes"
+
+
+def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> Any:
+    """choose() over the pod's candidate groups, memoised on the snapshot: snapshot, spec and placement are all
+    immutable, so the same question asked again (every pod of a Deployment) gets the same answer for free."""
+    key = (id(spec), placement)
+    hit = snapshot.memo.get(key)
+    if hit is not None and hit[0] is spec:
+        outcome = hit[1]
+    else:
+        try:
+            outcome = choose(spec, candidate_groups(snapshot, placement, spec.keys), placement)
+        except Denial as denial:
+            outcome = denial
+        if len(snapshot.memo) >= 256:
+            snapshot.memo.clear()
+        snapshot.memo[key] = (spec, outcome)
+    if isinstance(outcome, Denial):
+        raise type(outcome)(str(outcome))
+    return outcome
 
 
 def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
@@ -1328,6 +1449,7 @@ class Reference:
         return f"{self.registry}/{self.repository}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_reference(text: str) -> Reference:
     """Parse an image reference by the distribution grammar, or raise BadReference naming the bad part."""
     ref = text.strip()
@@ -2106,6 +2228,7 @@ class Decision:
     message: str = ""
     code: int = 200
     patch: Tuple[Dict[str, Any], ...] = ()
+    encoded_patch: str = ""  # base64 of the patch JSON, as the response carries it
     image: str = ""
     matched: str = ""
     candidates: int = 0
@@ -2291,19 +2414,27 @@ def escape_pointer(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
-def build_patch(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact) -> List[Dict[str, Any]]:
-    """JSONPatch ops that swap the target images and record the decision in annotations."""
-    image = choice.compatibility.tag
+def build_patch(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact
+                ) -> Tuple[Tuple[Dict[str, Any], ...], str]:
+    """JSONPatch ops that swap the target images and record the decision in annotations, and their base64 JSON."""
+    artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
+    return _patch_ops(tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
+                      artifact_note)
+
+
+@functools.lru_cache(maxsize=512)
+def _patch_ops(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str
+               ) -> Tuple[Tuple[Dict[str, Any], ...], str]:
+    """The patch ops and their base64 JSON, made once per distinct decision (pods of a Deployment share one).
+    The ops are shared: treat them as read-only."""
     ops: List[Dict[str, Any]] = [{"op": "replace", "path": path, "value": image} for path in targets]
-    record = {SELECTED_IMAGE_ANNOTATION: image,
-              MATCHED_ANNOTATION: choice.compatibility.name,
-              ARTIFACT_ANNOTATION: f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref}
-    if pod.annotations is None:
+    record = {SELECTED_IMAGE_ANNOTATION: image, MATCHED_ANNOTATION: matched, ARTIFACT_ANNOTATION: artifact_note}
+    if no_annotations:
         ops.append({"op": "add", "path": "/metadata/annotations", "value": record})
     else:
         ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
                    for k, v in record.items())
-    return ops
+    return tuple(ops), base64.b64encode(json.dumps(ops).encode()).decode()
 
 
 ArtifactGetter = Callable[[str], Artifact]
@@ -2342,13 +2473,12 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         raise SpecInvalid(f"artifact {ref} is not a valid compatibility spec: {exc}") from None
     except ArtifactError as exc:
         raise ArtifactUnavailable(str(exc)) from None
-    groups = candidate_groups(snapshot, pod.placement, artifact.spec.keys)
     try:
-        choice = choose(artifact.spec, groups, pod.placement)
+        choice = choose_for(snapshot, artifact.spec, pod.placement)
     except Denial as denial:
         raise type(denial)(f"artifact {ref}: {denial}") from None
-    return Decision(True, "mutated", "selected", patch=tuple(build_patch(pod, targets, choice, artifact)),
-                    image=choice.compatibility.tag, matched=choice.compatibility.name,
+    patch, encoded = build_patch(pod, targets, choice, artifact)
+    return Decision(True, "mutated", "selected", patch=patch, encoded_patch=encoded, image=choice.compatibility.tag, matched=choice.compatibility.name,
                     candidates=choice.candidates, artifact_origin=artifact.origin, warnings=artifact.warnings)
 
 
@@ -2360,13 +2490,27 @@ def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, 
         response["status"] = {"code": decision.code, "message": decision.message}
     if decision.patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(json.dumps(list(decision.patch)).encode()).decode()
+        response["patch"] = decision.encoded_patch or base64.b64encode(json.dumps(decision.patch).encode()).decode()
     if decision.warnings:
         response["warnings"] = list(decision.warnings)
     api_version = review.get("apiVersion")
     if api_version not in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1"):
         api_version = "admission.k8s.io/v1"
     return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+
+
+class AdmissionLine:
+    """The fields of one admission's log line, rendered as `key=value ...` only when the writer formats it
+    (off the request path); the JSON formatter takes the fields as they are."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Dict[str, Any]):
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={json.dumps(v) if ' ' in str(v) or k == 'message' else v}"
+                        for k, v in self.fields.items() if v or k == "pod")
 
 
 class Webhook:
@@ -2404,20 +2548,17 @@ class Webhook:
         if decision.reason in ("not-pod-create", "not-enabled"):
             log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
             return
+        if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
+            return
         pod = request.get("object") if isinstance(request.get("object"), dict) else {}
         meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-        fields = {"namespace": request.get("namespace") or meta.get("namespace") or "",
-                  "pod": meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*"),
-                  "outcome": decision.outcome, "reason": decision.reason, "image": decision.image,
-                  "matched": decision.matched, "candidates": decision.candidates,
-                  "artifact": decision.artifact_origin, "ms": round(elapsed * 1000, 1)}
-        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
-                        for k, v in fields.items() if v not in ("", 0) or k == "pod")
-        if decision.allowed:
-            log.info("admission %s", text, extra={"admission": fields})
-        else:
-            log.warning("admission %s message=%s", text, json.dumps(decision.message),
-                        extra={"admission": fields})
+        line = AdmissionLine({
+            "namespace": request.get("namespace") or meta.get("namespace") or "",
+            "pod": meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*"),
+            "outcome": decision.outcome, "reason": decision.reason, "image": decision.image,
+            "matched": decision.matched, "candidates": decision.candidates, "artifact": decision.artifact_origin,
+            "ms": round(elapsed * 1000, 1), "message": decision.message})
+        log.log(logging.INFO if decision.allowed else logging.WARNING, "admission %s", line)
 
 
 # ============================================================================================
@@ -2452,12 +2593,10 @@ class Metrics:
             self._counters[(name, tuple(sorted(labels.items())))] += amount
 
     def observe(self, name: str, seconds: float) -> None:
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # len(BUCKETS): only +Inf
         with self._lock:
             counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                if seconds <= bound:
-                    counts[i] += 1
-            counts[-2] += 1
+            counts[bucket] += 1
             counts[-1] += seconds
 
     def gauge(self, name: str, read: Callable[[], Optional[float]]) -> None:
@@ -2487,9 +2626,12 @@ class Metrics:
             lines.append(f"{name}{{{text}}} {amount:g}" if text else f"{name} {amount:g}")
         for name, counts in sorted(histograms.items()):
             header(name)
+            cumulative = 0.0
             for bound, count in zip(self.BUCKETS, counts):
-                lines.append(f'{name}_bucket{{le="{bound:g}"}} {count:g}')
-            lines += [f'{name}_bucket{{le="+Inf"}} {counts[-2]:g}', f"{name}_count {counts[-2]:g}",
+                cumulative += count
+                lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative:g}')
+            total = cumulative + counts[-2]
+            lines += [f'{name}_bucket{{le="+Inf"}} {total:g}', f"{name}_count {total:g}",
                       f"{name}_sum {counts[-1]:.6f}"]
         for name, read in sorted(self._gauges.items()):
             try:
@@ -2754,7 +2896,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         return body
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # the access log: formatted only when someone reads it
+            log.debug("%s %s", self.address_string(), format % args)
 
 
 def build_server(settings: Settings, webhook: Webhook) -> WebhookServer:
@@ -2985,10 +3128,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(args, settings)
     except (ValueError, OSError, ArtifactError) as exc:  # configuration and input errors: say, don't trace
+        flush_logging()
         print(f"ocifit: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        flush_logging()
 
 
 if __name__ == "__main__":

@@ -1604,8 +1604,9 @@ def test_the_patch_creates_the_annotations_object_when_the_pod_has_none(tmp_path
     facts = ocifit.pod_facts(review_of(pod)["request"])
     artifact = FileArtifacts()(FLAVOR_REF)
     choice = ocifit.Choice(artifact.spec.compatibilities[1], 1)
-    patch = ocifit.build_patch(facts, ["/spec/containers/0/image"], choice, artifact)
-    patched = kubectl_patch(pod, patch, tmp_path)
+    patch, encoded = ocifit.build_patch(facts, ["/spec/containers/0/image"], choice, artifact)
+    assert json.loads(base64.b64decode(encoded)) == list(patch)
+    patched = kubectl_patch(pod, list(patch), tmp_path)
     assert patched["metadata"]["annotations"][ocifit.SELECTED_IMAGE_ANNOTATION] == "ubuntu:24.04"
     assert patched["spec"]["containers"][0]["image"] == "ubuntu:24.04"
 

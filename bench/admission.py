@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Admission throughput and latency of a live HTTPS `serve`, against the floor of the same stack.
+
+Keep-alive HTTPS clients (wrk) post a realistic pod review for N seconds to, in turn:
+  (a) ocifit's full mutate path, artifact cache warm;
+  (b) a no-op admit handler on the same server stack (TLS, HTTP, JSON in and out): the floor;
+  (c) upstream's strategy: fetch the artifact from the registry on every admission (same local registry).
+It prints req/s, p50 and p99 for each, and the ratios the targets are set on:
+  (a)/(b) >= 0.8 in throughput and <= 1.25 in p50;  (a) >= 20x (c) in throughput.
+
+    python3 bench/admission.py [--seconds 10] [--connections 16]
+
+Needs wrk, openssl, docker-registry and the test needs (`make test` installs them in .venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from _support import EXAMPLE, ROOT, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready, \
+    workdir
+
+
+class FloorWebhook(ocifit.Webhook):
+    """The least any admission webhook does: parse the review, answer allowed with its uid."""
+
+    def handle(self, body: bytes) -> "tuple[int, Dict[str, Any]]":
+        review = json.loads(body)
+        return 200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                     "response": {"uid": review["request"]["uid"], "allowed": True}}
+
+
+class FetchEveryTime:
+    """Upstream's strategy: the artifact fetched and parsed on every admission, no cache."""
+
+    def __init__(self, settings: ocifit.Settings):
+        self.client = ocifit.RegistryClient(settings)
+
+    def get(self, ref: str, deadline: float) -> ocifit.Artifact:
+        pulled = self.client.pull(ocifit.parse_reference(ref), deadline)
+        return ocifit.Artifact(ref, ocifit.parse_spec(pulled.spec_bytes), pulled.digest, "registry")
+
+
+def serve(mode: str, port: int, cert: str, key: str, registry: str, log_level: str = "info") -> None:
+    """The server side, run in its own process: one of the three handlers on the real server stack."""
+    settings = ocifit.Settings(port=port, bind="127.0.0.1", cert=cert, key=key,
+                               nodes=str(EXAMPLE / "nodes-homogeneous.json"), insecure_registry=(registry,))
+    ocifit.setup_logging(log_level)  # info, as in production: one line per admission, to a file (see main)
+    nodes = ocifit.StaticNodes(settings.nodes)
+    if mode == "floor":
+        webhook: ocifit.Webhook = FloorWebhook(settings, nodes, None)
+    else:
+        artifacts = ocifit.build_artifacts(settings) if mode == "ocifit" else FetchEveryTime(settings)
+        webhook = ocifit.Webhook(settings, nodes, artifacts)
+    ocifit.build_server(settings, webhook).serve_forever()
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port: int, body_file: Path, seconds: int, connections: int) -> Dict[str, float]:
+    script = body_file.with_suffix(".lua")
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    done = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+                           f"https://127.0.0.1:{port}/mutate"], capture_output=True, text=True, check=True)
+    out = done.stdout
+
+    def latency(q: str) -> float:
+        value, unit = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * UNITS[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": latency("50"),
+            "p99": latency("99"), "errors": float(errors.group(1)) if errors else 0.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=6, help="load time per handler and concurrency level")
+    parser.add_argument("--connections", default="1,4,16", help="concurrency levels, comma-separated")
+    parser.add_argument("--log-level", default="info", help="the servers' log level (info: a line per admission)")
+    parser.add_argument("--serve", nargs=5, metavar=("MODE", "PORT", "CERT", "KEY", "REGISTRY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        mode, port, cert, key, registry = args.serve
+        serve(mode, int(port), cert, key, registry, args.log_level)
+        return 0
+    if not shutil.which("wrk"):
+        raise SystemExit("bench/admission.py needs wrk (apt-get install wrk)")
+    levels = [int(c) for c in args.connections.split(",")]
+    work = workdir()
+    certs = pki(work)
+    registry = registry_with_flavor(work)
+    ref = f"{registry.host}/flavor:v1"
+    review = json.loads((EXAMPLE / "reviews" / "deployment-pod.json").read_text())
+    review["request"]["object"]["metadata"]["annotations"][ocifit.IMAGE_REF_ANNOTATION] = ref
+    body = work / "review.json"
+    body.write_text(json.dumps(review))
+    results: Dict[str, Dict[int, Dict[str, float]]] = {}
+    try:
+        for mode in ("floor", "ocifit", "upstream"):
+            port = free_port()
+            log_file = open(work / f"{mode}.log", "w")  # where a container runtime would put stderr
+            server = subprocess.Popen([python(), __file__, "--log-level", args.log_level, "--serve", mode, str(port),
+                                       str(certs["crt"]), str(certs["key"]), registry.host], stderr=log_file)
+            try:
+                wait_ready(port, certs["ca"])
+                answer = post(port, certs["ca"], review)["response"]  # also warms the artifact cache
+                assert answer["allowed"], answer
+                if mode != "floor":
+                    assert t.patch_of(answer)[0]["value"] == "debian:11", answer
+                for level in levels:
+                    before = len(registry.requests("/v2/flavor/"))
+                    result = wrk(port, body, args.seconds, level)
+                    result["registry"] = len(registry.requests("/v2/flavor/")) - before
+                    results.setdefault(mode, {})[level] = result
+            finally:
+                stop(server)
+                log_file.close()
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"admission benchmark: keep-alive HTTPS (wrk), {args.seconds}s per run, server log level {args.log_level}, "
+          f"CPython {sys.version.split()[0]}, {os.cpu_count()} cores")
+    for level in levels:
+        a, b, c = results["ocifit"][level], results["floor"][level], results["upstream"][level]
+        print(f"\n{level} connection{'s' if level > 1 else ''}")
+        print(f"  {'':34} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'registry GETs':>14}")
+        for label, r in (("(a) ocifit, warm cache", a), ("(b) no-op admit, same stack", b),
+                         ("(c) upstream: fetch per admission", c)):
+            print(f"  {label:34} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['errors']:8.0f} "
+                  f"{r['registry']:14.0f}")
+        for name, value, sign, target in (("(a)/(b) throughput", a["rps"] / b["rps"], ">=", 0.8),
+                                          ("(a)/(b) p50", a["p50"] / b["p50"], "<=", 1.25),
+                                          ("(a)/(c) throughput", a["rps"] / c["rps"], ">=", 20.0)):
+            ok = value >= target if sign == ">=" else value <= target
+            print(f"  {name:34} {value:8.2f}   target {sign} {target:<5} {'met' if ok else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
