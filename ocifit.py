@@ -26,6 +26,7 @@ import argparse
 import base64
 import bisect
 import collections
+import collections.abc
 import dataclasses
 import email.utils
 import functools
@@ -770,6 +771,60 @@ class Taint:
 UNSCHEDULABLE_TAINT = Taint("node.kubernetes.io/unschedulable", "", "NoSchedule")
 
 
+PER_NODE_LABELS = frozenset({"kubernetes.io/hostname"})
+_label_bases: Dict[frozenset, Dict[str, str]] = {}
+
+
+class NodeLabels(collections.abc.Mapping):
+    """A node's labels: a base that every node of the same shape shares (one dict for hundreds of nodes),
+    and the few labels that name the node itself (its hostname)."""
+
+    __slots__ = ("base", "own")
+
+    def __init__(self, base: Dict[str, str], own: Dict[str, str]):
+        self.base, self.own = base, own
+
+    @classmethod
+    def of(cls, name: str, labels: Mapping[str, str]) -> "NodeLabels":
+        own = {k: v for k, v in labels.items() if k in PER_NODE_LABELS or v == name}
+        base = {k: v for k, v in labels.items() if k not in own}
+        key = frozenset(base.items())
+        shared = _label_bases.get(key)
+        if shared is None:
+            if len(_label_bases) >= 10000:  # bounded: a cluster with more shapes simply shares less
+                _label_bases.clear()
+            shared = _label_bases[key] = base
+        return cls(shared, own)
+
+    def __getitem__(self, key: str) -> str:
+        value = self.own.get(key)
+        return self.base[key] if value is None else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.own.get(key)
+        return self.base.get(key, default) if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.own or key in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.own
+        yield from self.base
+
+    def __len__(self) -> int:
+        return len(self.own) + len(self.base)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NodeLabels):
+            return (self.base is other.base or self.base == other.base) and self.own == other.own
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"NodeLabels({dict(self.items())!r})"
+
+
 @dataclass(frozen=True)
 class Node:
     """What decisions need of a node, and nothing more."""
@@ -787,6 +842,14 @@ class Node:
     def blocking_taints(self) -> Tuple[Taint, ...]:
         return self.taints + ((UNSCHEDULABLE_TAINT,) if self.unschedulable else ())
 
+    @property
+    def shape(self) -> tuple:
+        """What nodes share when they differ only in their own labels (hostname): decisions group by it."""
+        labels = self.labels
+        if isinstance(labels, NodeLabels):
+            return id(labels.base), frozenset(labels.own), self.control_plane, self.blocking_taints
+        return id(labels), frozenset(), self.control_plane, self.blocking_taints
+
 
 def node_from_object(obj: Mapping[str, Any]) -> Node:
     """A Node from a Kubernetes Node object; raises ValueError if it has no name."""
@@ -798,11 +861,12 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
     raw_labels = meta.get("labels") or {}
     if not isinstance(raw_labels, dict):
         raise ValueError(f"node {name}: metadata.labels is not an object")
-    labels = {_intern(str(k)): _intern(str(v)) for k, v in raw_labels.items()}
+    name = _intern(name)
+    labels = NodeLabels.of(name, {_intern(str(k)): _intern(str(v)) for k, v in raw_labels.items()})
     taints = tuple(
         Taint(_intern(str(t.get("key", ""))), _intern(str(t.get("value", ""))), _intern(str(t.get("effect", ""))))
         for t in (spec.get("taints") or []) if isinstance(t, dict) and t.get("effect") in ("NoSchedule", "NoExecute"))
-    return Node(_intern(name), labels, bool(spec.get("unschedulable")), taints)
+    return Node(name, labels, bool(spec.get("unschedulable")), taints)
 
 
 def slim_node(obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -836,28 +900,65 @@ class NodeGroup:
     labels: Mapping[str, str]  # only the keys asked about
     control_plane: bool
     taints: Tuple[Taint, ...]
-    names: Tuple[str, ...]
+    names: Tuple[str, ...]  # in no particular order: messages sort what they show
 
 
 class NodeSnapshot:
-    """An immutable view of the cluster's nodes. Request threads share it; updates build a new one."""
+    """An immutable view of the cluster's nodes. Request threads share it; updates build a new one.
+
+    Nodes are indexed by shape (shared base labels, own label keys, role, taints), so grouping thousands
+    of nodes for a decision walks the few shapes, not every node; `changed` carries the index over."""
 
     def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None):
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
         self.synced_at = time.time() if synced_at is None else synced_at
+        self._shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
         self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
         self._label_sets: Optional[int] = None
         self.memo: Dict[Any, Any] = {}  # decisions on this snapshot, by whoever makes them (see choose_for)
 
     @classmethod
-    def from_dict(cls, nodes: Mapping[str, Node]) -> "NodeSnapshot":
-        """A snapshot of a name -> Node map, copied at C speed (the watcher publishes one per change)."""
+    def from_dict(cls, nodes: Mapping[str, Node], shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
+                  ) -> "NodeSnapshot":
+        """A snapshot of a name -> Node map, copied at C speed."""
         snapshot = cls()
         snapshot.nodes = dict(nodes)
+        snapshot._shapes = shapes
         return snapshot
+
+    def changed(self, name: str, node: Optional[Node]) -> "NodeSnapshot":
+        """A new snapshot with one node added, replaced or (None) removed; the shape index is carried over,
+        touching only the shapes the node left and joined."""
+        nodes = dict(self.nodes)
+        old = nodes.pop(name, None)
+        if node is not None:
+            nodes[name] = node
+        shapes = None
+        if self._shapes is not None:
+            shapes = dict(self._shapes)
+            if old is not None:
+                members = dict(shapes[old.shape])
+                del members[name]
+                if members:
+                    shapes[old.shape] = members
+                else:
+                    del shapes[old.shape]
+            if node is not None:
+                members = dict(shapes.get(node.shape, {}))
+                members[name] = node
+                shapes[node.shape] = members
+        return NodeSnapshot.from_dict(nodes, shapes)
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def shapes(self) -> Dict[tuple, Dict[str, Node]]:
+        if self._shapes is None:
+            shapes: Dict[tuple, Dict[str, Node]] = {}
+            for node in self.nodes.values():
+                shapes.setdefault(node.shape, {})[node.name] = node
+            self._shapes = shapes
+        return self._shapes
 
     def partition(self, keys: frozenset) -> Tuple[NodeGroup, ...]:
         """The nodes grouped by their values for `keys`, their taints and their role; cached."""
@@ -866,12 +967,16 @@ class NodeSnapshot:
             return cached
         ordered = sorted(keys)
         buckets: Dict[tuple, List[str]] = collections.defaultdict(list)
-        for node in self.nodes.values():
-            values = tuple(node.labels.get(k) for k in ordered)
-            buckets[(values, node.control_plane, node.blocking_taints)].append(node.name)
+        for (_, own_keys, control_plane, taints), members in self.shapes().items():
+            if keys.isdisjoint(own_keys):  # every member answers alike: ask one
+                labels = next(iter(members.values())).labels
+                buckets[(tuple(labels.get(k) for k in ordered), control_plane, taints)].extend(members)
+            else:
+                for node in members.values():
+                    values = tuple(node.labels.get(k) for k in ordered)
+                    buckets[(values, control_plane, taints)].append(node.name)
         groups = tuple(
-            NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints,
-                      tuple(sorted(names)))
+            NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints, tuple(names))
             for (values, control_plane, taints), names in buckets.items())
         if len(self._partitions) >= 64:
             self._partitions.clear()
@@ -881,8 +986,14 @@ class NodeSnapshot:
     def label_sets(self) -> int:
         """How many distinct label sets the nodes carry (computed once per snapshot)."""
         if self._label_sets is None:
-            self._label_sets = len({frozenset(n.labels.items()) for n in self.nodes.values()})
+            self._label_sets = len({(id(n.labels.base), frozenset(n.labels.own.items()))
+                                    if isinstance(n.labels, NodeLabels) else frozenset(n.labels.items())
+                                    for n in self.nodes.values()})
         return self._label_sets
+
+    def shape_count(self) -> int:
+        """How many kinds of node there are, per-node labels aside."""
+        return len(self.shapes())
 
 
 @dataclass(frozen=True)
@@ -1147,10 +1258,12 @@ class KubeClient:
         return KubeAPIError(f"API server answered HTTP {err.code}" + (f": {message}" if message else "") + hint,
                             err.code, _retry_after(err.headers.get("Retry-After")))
 
-    def list_nodes(self, page_size: int = 500, timeout: float = 30.0) -> Tuple[List[Dict[str, Any]], str]:
-        """Every node, page by page; (items, the list's resourceVersion). Starts over if a page token expires."""
+    def list_nodes(self, convert: Callable[[Dict[str, Any]], Any] = lambda item: item, page_size: int = 500,
+                   timeout: float = 30.0) -> Tuple[List[Any], str]:
+        """Every node, page by page, each item converted as its page lands (so a large list is never held
+        raw); (items, the list's resourceVersion). Starts over if a page token expires."""
         for _ in range(3):
-            items: List[Dict[str, Any]] = []
+            items: List[Any] = []
             token = ""
             try:
                 while True:
@@ -1159,7 +1272,7 @@ class KubeClient:
                         query["continue"] = token
                     with self.open("/api/v1/nodes", query, timeout) as response:
                         page = load_json(_read_capped_plain(response, 256 * MiB), slim_node)
-                    items.extend(i for i in page.get("items") or [] if isinstance(i, dict))
+                    items.extend(convert(i) for i in page.get("items") or [] if isinstance(i, dict))
                     meta = page.get("metadata") or {}
                     token = meta.get("continue") or ""
                     if not token:
@@ -1230,7 +1343,6 @@ class KubeNodes:
     def __init__(self, client: KubeClient, settings: Settings, metrics: Optional[Metrics] = None):
         self.client, self.settings = client, settings
         self.metrics = metrics or Metrics()
-        self._nodes: Dict[str, Node] = {}
         self._snapshot = NodeSnapshot()
         self._synced = threading.Event()
         self._stop = threading.Event()
@@ -1291,22 +1403,25 @@ class KubeNodes:
     def _healthy(self) -> None:
         self._failing_since, self._last_error, self._heard = None, "", time.monotonic()
 
+    @staticmethod
+    def _node_or_none(item: Dict[str, Any]) -> Optional[Node]:
+        try:
+            return node_from_object(item)
+        except ValueError as exc:
+            log.warning("skipping a node in the list: %s", exc)
+            return None
+
     def _relist(self) -> str:
-        items, resource_version = self.client.list_nodes()
-        nodes = {}
-        for item in items:
-            try:
-                node = node_from_object(item)
-            except ValueError as exc:
-                log.warning("skipping a node in the list: %s", exc)
-                continue
-            nodes[node.name] = node
-        for name in sorted(set(nodes) | set(self._nodes)):
-            old, new = self._nodes.get(name), nodes.get(name)
+        listed, resource_version = self.client.list_nodes(self._node_or_none)
+        nodes = {node.name: node for node in listed if node is not None}
+        previous = self._snapshot.nodes
+        for name in sorted(set(nodes) | set(previous)):
+            old, new = previous.get(name), nodes.get(name)
             if old != new and self._synced.is_set():
                 log.info("%s", _describe_change(old, new))
-        self._nodes = nodes
-        self._publish()
+        snapshot = NodeSnapshot(nodes.values())
+        snapshot.shapes()  # built here, off the request path; watch events then carry it over
+        self._snapshot = snapshot
         self.metrics.count("ocifit_node_relists_total")
         self._healthy()
         log.info("listed %d nodes (%d label sets) at resourceVersion %s", len(nodes),
@@ -1338,21 +1453,17 @@ class KubeNodes:
         return resource_version
 
     def _apply(self, node: Node) -> None:
-        old = self._nodes.get(node.name)
+        old = self._snapshot.nodes.get(node.name)
         if old == node:
             return  # a status heartbeat: nothing a decision looks at
-        self._nodes[node.name] = node
-        self._publish()
+        self._snapshot = self._snapshot.changed(node.name, node)
         log.info("%s", _describe_change(old, node))
 
     def _remove(self, name: str) -> None:
-        old = self._nodes.pop(name, None)
+        old = self._snapshot.nodes.get(name)
         if old is not None:
-            self._publish()
+            self._snapshot = self._snapshot.changed(name, None)
             log.info("%s", _describe_change(old, None))
-
-    def _publish(self) -> None:
-        self._snapshot = NodeSnapshot.from_dict(self._nodes)
 
 
 # ============================================================================================
@@ -2576,6 +2687,7 @@ class Metrics:
         "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
         "ocifit_nodes": ("gauge", "Nodes in the current view."),
         "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
+        "ocifit_node_shapes": ("gauge", "Kinds of node in view: label sets less per-node labels (hostname)."),
         "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
         "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
         "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
@@ -2935,6 +3047,7 @@ def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> 
     if metrics is not None:
         metrics.gauge("ocifit_nodes", lambda: float(len(source.snapshot())))
         metrics.gauge("ocifit_node_label_sets", lambda: float(source.snapshot().label_sets()))
+        metrics.gauge("ocifit_node_shapes", lambda: float(source.snapshot().shape_count()))
     return source
 
 

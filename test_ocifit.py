@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 import ocifit
 
@@ -465,6 +466,34 @@ def test_the_spec_is_evaluated_once_per_kind_of_node_not_per_node() -> None:
 def test_per_node_labels_do_not_make_a_homogeneous_cluster_disagree() -> None:
     decision = decide(pod_obj(), example_snapshot("nodes-homogeneous.json"))
     assert decision.allowed and decision.image == "debian:11" and decision.candidates == 3
+
+
+def _groups(snapshot: ocifit.NodeSnapshot, keys: frozenset) -> List[Any]:
+    return sorted((sorted(g.labels.items()), g.control_plane, g.taints, sorted(g.names))
+                  for g in snapshot.partition(keys))
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from(["n1", "n2", "n3", "n4"]),
+                                st.none() | st.fixed_dictionaries({"flavor": st.sampled_from(["a", "b"]),
+                                                                   "zone": st.sampled_from(["z1", "z2"])}),
+                                st.booleans()), max_size=12))
+def test_watch_changes_keep_the_shape_index_equal_to_a_fresh_one(steps: List[Any]) -> None:
+    snapshot = snapshot_of(node_obj("n1", {"flavor": "a", "zone": "z1"}), node_obj("n2", {"flavor": "b", "zone": "z1"}))
+    snapshot.shapes()
+    for name, labels, cordoned in steps:
+        node = None if labels is None else ocifit.node_from_object(node_obj(name, labels, unschedulable=cordoned))
+        snapshot = snapshot.changed(name, node)
+    fresh = ocifit.NodeSnapshot(snapshot.nodes.values())
+    for keys in (frozenset({"flavor"}), frozenset({"flavor", "zone"}), frozenset({"kubernetes.io/hostname"})):
+        assert _groups(snapshot, keys) == _groups(fresh, keys)
+
+
+def test_nodes_of_one_shape_share_one_label_dict() -> None:
+    a, b = (ocifit.node_from_object(node_obj(n, {"pool": "a", "cpu": "x"})) for n in ("w1", "w2"))
+    assert a.labels.base is b.labels.base and a.labels.own == {"kubernetes.io/hostname": "w1"}
+    assert dict(a.labels) == {"kubernetes.io/hostname": "w1", "kubernetes.io/os": "linux", "pool": "a", "cpu": "x"}
+    assert a.shape == b.shape and a != b
 
 
 def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
@@ -2339,7 +2368,6 @@ def test_e2e_on_kind() -> None:
 # Hostile input and faults while serving
 # --------------------------------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st  # noqa: E402
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
