@@ -18,7 +18,7 @@ RENDER = $(PYTHON) -c 'import sys; cert_manager, image, base = sys.argv[1:]; \
   "$(CERT_MANAGER)" "$(IMAGE):$(TAG)" "$(PYTHON_IMAGE)"
 SAN = DNS:ocifit.$(NAMESPACE).svc,DNS:ocifit.$(NAMESPACE).svc.cluster.local,DNS:ocifit.$(NAMESPACE)
 
-.PHONY: help demo test build push kind-load install install-configmap uninstall certs e2e
+.PHONY: help demo test bench build push kind-load install install-configmap uninstall certs e2e
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -34,6 +34,9 @@ $(VENV)/.installed: requirements-dev.txt
 
 test: $(VENV)/.installed ## install the test needs (in .venv) and run the tests
 	$(VENV)/bin/python -m pytest -q test_ocifit.py
+
+bench: $(VENV)/.installed ## print the performance figures (needs wrk and docker-registry; see README)
+	cd bench && ../$(VENV)/bin/python admission.py && ../$(VENV)/bin/python storm.py && ../$(VENV)/bin/python nodes.py
 
 build: ## build the image $(IMAGE):$(TAG)
 	docker build -t $(IMAGE):$(TAG) .

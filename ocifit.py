@@ -374,7 +374,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     global _log_writer
     # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every admission's line.
     logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logProcesses = logging.logMultiprocessing = False
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter())
     if _log_writer is not None:
@@ -2179,6 +2179,7 @@ class RegistryArtifacts:
         self._tags: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
         self._flights: Dict[str, _Flight] = {}
         self._failures: Dict[str, _Flight] = {}
+        self._hits: Dict[str, Artifact] = {}  # the cache-hit Artifact per image-ref text, made once
         self._lock = threading.Lock()
 
     def get(self, text: str, deadline: float) -> Artifact:
@@ -2195,7 +2196,13 @@ class RegistryArtifacts:
                     flight = self._flights.get(key) or self._start(key, ref)
         if hit is not None:
             self.metrics.count("ocifit_artifact_cache_total", result="hit")
-            return Artifact(text, hit[1], hit[0], "cache")
+            artifact = self._hits.get(text)
+            if artifact is None or artifact.digest != hit[0]:
+                artifact = Artifact(text, hit[1], hit[0], "cache")
+                if len(self._hits) >= 4 * self.settings.cache_size:
+                    self._hits.clear()
+                self._hits[text] = artifact
+            return artifact
         self.metrics.count("ocifit_artifact_cache_total", result="miss")
         finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
         if finished and flight.error is None and flight.spec is not None:
