@@ -256,7 +256,7 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
                 kwargs.update(action="append", type=option.kind, metavar="VALUE")
             else:
                 kwargs.update(type=option.kind, metavar=option.dest.split("_")[-1].upper())
-            parser.add_argument(option.flag, **kwargs)
+            group.add_argument(option.flag, **kwargs)
 
 
 class TextLogFormatter(logging.Formatter):

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import ocifit  # noqa: E402
+import ocifit  # noqa: E402,F401  (re-exported for the benchmarks)
 import test_ocifit as t  # noqa: E402  (the test suite's real-peer helpers: registry, API double, pods)
 
 EXAMPLE = ROOT / "example"

@@ -22,11 +22,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict
 
-from _support import EXAMPLE, ROOT, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready, \
+from _support import EXAMPLE, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready, \
     workdir
 
 

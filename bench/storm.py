@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from _support import EXAMPLE, free_port, ocifit, pki, python, registry_with_flavor, stop, t, wait_ready, workdir
+from _support import EXAMPLE, free_port, pki, python, registry_with_flavor, stop, t, wait_ready, workdir
 
 
 def main() -> int:
