@@ -51,7 +51,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 
@@ -266,15 +266,18 @@ class TextLogFormatter(logging.Formatter):
         super().__init__()
         self._second, self._stamp = -1, ""
 
-    def stamp(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def stamp(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         return self._stamp
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.stamp(record)} {record.levelname} {record.getMessage()}"
+        line = f"{self.stamp(record.created)} {record.levelname} {record.getMessage()}"
         return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
+
+    def format_admission(self, line: "AdmissionLine") -> str:
+        return f"{self.stamp(line.created)} {logging.getLevelName(line.level)} admission {line}"
 
 
 class JsonLogFormatter(TextLogFormatter):
@@ -283,13 +286,17 @@ class JsonLogFormatter(TextLogFormatter):
     STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.stamp(record), "level": record.levelname.lower(), "msg": record.getMessage()}
+        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
         if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], AdmissionLine):
-            entry["admission"] = {k: v for k, v in record.args[0].fields.items() if k != "message"}
+            entry["admission"] = record.args[0].public_fields()
         entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+    def format_admission(self, line: "AdmissionLine") -> str:
+        return json.dumps({"time": self.stamp(line.created), "level": logging.getLevelName(line.level).lower(),
+                           "msg": f"admission {line}", "admission": line.public_fields()}, default=str)
 
 
 MAX_NUMBER_DIGITS = 64
@@ -325,15 +332,20 @@ class _EnqueueHandler(logging.handlers.QueueHandler):
 
 
 class LogWriter(threading.Thread):
-    """Writes queued log records in batches: at most one wake-up and one write() per interval, however many
-    admissions were logged meanwhile, so logging costs request threads a queue put and nothing else."""
+    """Writes queued log records and admission lines in batches: at most one wake-up and one write() per
+    interval, however many admissions were logged meanwhile, so logging costs request threads a queue put."""
 
     STOP = logging.makeLogRecord({"msg": "stop"})
 
     def __init__(self, handler: logging.StreamHandler, interval: float = 0.05):
         super().__init__(name="log-writer", daemon=True)
         self.handler, self.interval = handler, interval
-        self.records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+        self.records: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # LogRecords and AdmissionLines
+        self.enqueue = _EnqueueHandler(self.records)
+
+    def sole_handler(self) -> bool:
+        """Whether this writer's handler is the only one a record of the ocifit logger would reach."""
+        return not log.handlers and logging.root.handlers == [self.enqueue]
 
     def run(self) -> None:
         stopping = False
@@ -348,13 +360,17 @@ class LogWriter(threading.Thread):
             stopping = any(r is self.STOP for r in batch)
             self._write([r for r in batch if r is not self.STOP])
 
-    def _write(self, batch: List[logging.LogRecord]) -> None:
+    def _write(self, batch: List[Any]) -> None:
+        formatter: TextLogFormatter = self.handler.formatter  # type: ignore[assignment]
         lines = []
-        for record in batch:
+        for item in batch:
+            if isinstance(item, AdmissionLine):
+                lines.append(formatter.format_admission(item) + "\n")
+                continue
             try:
-                lines.append(self.handler.format(record) + "\n")
+                lines.append(formatter.format(item) + "\n")
             except Exception:
-                self.handler.handleError(record)
+                self.handler.handleError(item)
         try:
             self.handler.stream.write("".join(lines))
             self.handler.stream.flush()
@@ -382,8 +398,19 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     _log_writer = LogWriter(handler)
     _log_writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [_EnqueueHandler(_log_writer.records)]
+    root.handlers[:] = [_log_writer.enqueue]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def log_admission(line: "AdmissionLine") -> None:
+    """Log one admission's line. When setup_logging's writer is the only handler, the line goes to it as it
+    is: no LogRecord, no logger walk, no handler lock, which at thousands of admissions a second cost more
+    than the decision itself. Otherwise (ocifit as a library, pytest's caplog) it goes through logging."""
+    writer = _log_writer
+    if writer is not None and writer.sole_handler():
+        writer.records.put(line)
+    else:
+        log.log(line.level, "admission %s", line)
 
 
 def flush_logging() -> None:
@@ -1040,8 +1067,10 @@ class Term:
         return tuple(n for n in group.names if all(r.holds({"metadata.name": n}) for r in self.names))
 
 
-@dataclass(frozen=True)
-class Toleration:
+class Toleration(NamedTuple):
+    """A pod toleration. A tuple, not a dataclass: every pod carries a few (the API server adds two), and
+    placements holding them are memo keys, so building, hashing and comparing them stays in C."""
+
     key: str = ""
     operator: str = "Equal"
     value: str = ""
@@ -2618,17 +2647,25 @@ def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, 
 
 
 class AdmissionLine:
-    """The fields of one admission's log line, rendered as `key=value ...` only when the writer formats it
-    (off the request path); the JSON formatter takes the fields as they are."""
+    """One admission's log line: its fields, its level and when. The request thread only gathers them; the log
+    writer renders `key=value ...` text or a JSON object, off the request path."""
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "level", "created")
 
-    def __init__(self, fields: Dict[str, Any]):
-        self.fields = fields
+    def __init__(self, fields: Dict[str, Any], level: int = logging.INFO):
+        self.fields, self.level, self.created = fields, level, time.time()
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={json.dumps(v) if ' ' in str(v) or k == 'message' else v}"
-                        for k, v in self.fields.items() if v or k == "pod")
+        parts = []
+        for key, value in self.fields.items():
+            if value or key == "pod":
+                text = value if isinstance(value, str) else str(value)
+                parts.append(f"{key}={json.dumps(text)}" if key == "message" or " " in text else f"{key}={text}")
+        return " ".join(parts)
+
+    def public_fields(self) -> Dict[str, Any]:
+        """The fields for a structured log entry (the message is in the entry's own text)."""
+        return {k: v for k, v in self.fields.items() if k != "message"}
 
 
 class Webhook:
@@ -2666,17 +2703,17 @@ class Webhook:
         if decision.reason in ("not-pod-create", "not-enabled"):
             log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
             return
-        if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
+        level = logging.INFO if decision.allowed else logging.WARNING
+        if not log.isEnabledFor(level):
             return
         pod = request.get("object") if isinstance(request.get("object"), dict) else {}
         meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-        line = AdmissionLine({
+        log_admission(AdmissionLine({
             "namespace": request.get("namespace") or meta.get("namespace") or "",
             "pod": meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*"),
             "outcome": decision.outcome, "reason": decision.reason, "image": decision.image,
             "matched": decision.matched, "candidates": decision.candidates, "artifact": decision.artifact_origin,
-            "ms": round(elapsed * 1000, 1), "message": decision.message})
-        log.log(logging.INFO if decision.allowed else logging.WARNING, "admission %s", line)
+            "ms": round(elapsed * 1000, 1), "message": decision.message}, level))
 
 
 # ============================================================================================

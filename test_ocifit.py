@@ -2589,6 +2589,23 @@ def test_sigterm_drains_in_flight_admissions_then_exits(tmp_path: Path, pki: Dic
     assert "letting in-flight admissions finish" in server.stderr.read()
 
 
+def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -> None:
+    answers = {}
+    for name, ref in (("mutated", FLAVOR_REF), ("denied", None)):
+        review = tmp_path / f"{name}.json"
+        review.write_text(json.dumps(review_of(pod_obj(name=None, ref=ref))))
+        answers[name] = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"),
+                                "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"
+    (mutated,) = [l for l in answers["mutated"].stderr.splitlines() if " admission " in l]
+    assert re.fullmatch(stamp + r' INFO admission namespace=team-a pod=demo-7d9c8b6f5-\* outcome=mutated '
+                        r'reason=selected image=debian:11 matched="compatibilities\[0\] \(debian:11\)" '
+                        r'candidates=3 artifact=file ms=[\d.]+', mutated), mutated
+    (denied,) = [l for l in answers["denied"].stderr.splitlines() if " admission " in l]
+    assert re.fullmatch(stamp + r' WARNING admission namespace=team-a pod=demo-7d9c8b6f5-\* outcome=denied '
+                        r'reason=missing-annotation ms=[\d.]+ message=".*image-ref annotation.*"', denied), denied
+
+
 def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki: Dict[str, Path]) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"auths": {"registry.example": {"auth": base64.b64encode(b"u:topsecret").decode()}}}))
