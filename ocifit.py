@@ -286,9 +286,9 @@ class JsonLogFormatter(TextLogFormatter):
     STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
         if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], AdmissionLine):
-            entry["admission"] = record.args[0].public_fields()
+            return self.format_admission(record.args[0])
+        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
         entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

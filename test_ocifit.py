@@ -15,6 +15,7 @@ import http.client
 import http.server
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -2604,6 +2605,19 @@ def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -
     (denied,) = [l for l in answers["denied"].stderr.splitlines() if " admission " in l]
     assert re.fullmatch(stamp + r' WARNING admission namespace=team-a pod=demo-7d9c8b6f5-\* outcome=denied '
                         r'reason=missing-annotation ms=[\d.]+ message=".*image-ref annotation.*"', denied), denied
+
+
+def test_an_admission_line_reads_the_same_through_logging_and_through_the_writer() -> None:
+    line = ocifit.AdmissionLine({"namespace": "ns", "pod": "p-*", "outcome": "denied", "reason": "no-match",
+                                 "ms": 1.5, "message": "no compatibility matches"}, logging.WARNING)
+    record = logging.LogRecord("ocifit", logging.WARNING, "", 0, "admission %s", (line,), None)
+    record.created = line.created
+    for formatter in (ocifit.TextLogFormatter(), ocifit.JsonLogFormatter()):
+        assert formatter.format(record) == formatter.format_admission(line)
+    entry = json.loads(ocifit.JsonLogFormatter().format_admission(line))
+    assert entry["level"] == "warning" and entry["admission"] == {"namespace": "ns", "pod": "p-*",
+                                                                  "outcome": "denied", "reason": "no-match", "ms": 1.5}
+    assert entry["msg"].endswith('ms=1.5 message="no compatibility matches"')
 
 
 def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki: Dict[str, Path]) -> None:
