@@ -327,21 +327,38 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
 class _EnqueueHandler(logging.handlers.QueueHandler):
     """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
 
+    def __init__(self, writer: "LogWriter"):
+        super().__init__(writer.records)
+        self.writer = writer
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.writer.put(record)
 
 
 class LogWriter(threading.Thread):
     """Writes queued log records and admission lines in batches: at most one wake-up and one write() per
-    interval, however many admissions were logged meanwhile, so logging costs request threads a queue put."""
+    interval, however many admissions were logged meanwhile, so logging costs request threads a queue put.
+    If stderr stalls, at most `limit` entries wait; newer ones are dropped and counted, and the writer says
+    how many once it can write again, so a blocked log pipe costs log lines, never memory or admissions."""
 
     STOP = logging.makeLogRecord({"msg": "stop"})
 
-    def __init__(self, handler: logging.StreamHandler, interval: float = 0.05):
+    def __init__(self, handler: logging.StreamHandler, interval: float = 0.05, limit: int = 10000):
         super().__init__(name="log-writer", daemon=True)
-        self.handler, self.interval = handler, interval
+        self.handler, self.interval, self.limit = handler, interval, limit
         self.records: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # LogRecords and AdmissionLines
-        self.enqueue = _EnqueueHandler(self.records)
+        self.enqueue = _EnqueueHandler(self)
+        self.dropped = self._dropped_reported = 0
+
+    def put(self, item: Any) -> None:
+        """Queue a log record or admission line, or count it dropped when `limit` entries are waiting."""
+        if self.records.qsize() >= self.limit:
+            self.dropped += 1  # a count for the operator; an increment lost to a thread race costs nothing
+        else:
+            self.records.put(item)
 
     def sole_handler(self) -> bool:
         """Whether this writer's handler is the only one a record of the ocifit logger would reach."""
@@ -363,6 +380,12 @@ class LogWriter(threading.Thread):
     def _write(self, batch: List[Any]) -> None:
         formatter: TextLogFormatter = self.handler.formatter  # type: ignore[assignment]
         lines = []
+        dropped = self.dropped - self._dropped_reported
+        if dropped:
+            self._dropped_reported += dropped
+            lines.append(formatter.format(logging.makeLogRecord({
+                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"dropped {dropped} log lines: stderr was not taking them as fast as they came"})) + "\n")
         for item in batch:
             if isinstance(item, AdmissionLine):
                 lines.append(formatter.format_admission(item) + "\n")
@@ -408,7 +431,7 @@ def log_admission(line: "AdmissionLine") -> None:
     than the decision itself. Otherwise (ocifit as a library, pytest's caplog) it goes through logging."""
     writer = _log_writer
     if writer is not None and writer.sole_handler():
-        writer.records.put(line)
+        writer.put(line)
     else:
         log.log(line.level, "admission %s", line)
 

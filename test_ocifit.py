@@ -13,6 +13,7 @@ import base64
 import copy
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -2618,6 +2619,41 @@ def test_an_admission_line_reads_the_same_through_logging_and_through_the_writer
     assert entry["level"] == "warning" and entry["admission"] == {"namespace": "ns", "pod": "p-*",
                                                                   "outcome": "denied", "reason": "no-match", "ms": 1.5}
     assert entry["msg"].endswith('ms=1.5 message="no compatibility matches"')
+
+
+class StalledStream(io.StringIO):
+    """stderr as a full log pipe: write() blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked, self.release = threading.Event(), threading.Event()
+
+    def write(self, text: str) -> int:
+        self.blocked.set()
+        assert self.release.wait(20)
+        return super().write(text)
+
+
+def test_a_stalled_log_pipe_costs_log_lines_not_memory() -> None:
+    stream = StalledStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ocifit.TextLogFormatter())
+    writer = ocifit.LogWriter(handler, interval=0.01, limit=50)
+    writer.start()
+
+    def line(i: int) -> ocifit.AdmissionLine:
+        return ocifit.AdmissionLine({"namespace": "ns", "pod": f"pod-{i}", "outcome": "mutated"})
+    writer.put(line(0))
+    assert stream.blocked.wait(10)  # the writer is stuck writing pod-0
+    for i in range(1, 201):
+        writer.put(line(i))
+    assert writer.records.qsize() == 50
+    stream.release.set()
+    writer.stop()
+    text = stream.getvalue()
+    assert "pod=pod-0 " in text and "pod=pod-50 " in text and "pod=pod-51 " not in text
+    assert "WARNING dropped 150 log lines: stderr was not taking them" in text
+    assert text.index("pod=pod-0 ") < text.index("dropped 150") < text.index("pod=pod-1 ")
 
 
 def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki: Dict[str, Path]) -> None:
