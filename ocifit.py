@@ -1107,9 +1107,9 @@ class Toleration(NamedTuple):
         return self.key == taint.key and self.value == taint.value
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a pod may run: its nodeSelector, required node affinity and tolerations."""
+class Placement(NamedTuple):
+    """Where a pod may run: its nodeSelector, required node affinity and tolerations. A tuple, like Toleration:
+    one is made for every admission and is the key of the decision memo."""
 
     node_selector: Tuple[Tuple[str, str], ...] = ()
     terms: Optional[Tuple[Term, ...]] = None  # None: no required node affinity
@@ -2406,9 +2406,8 @@ class Decision:
     warnings: Tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class PodFacts:
-    """What the decision needs of a pod."""
+class PodFacts(NamedTuple):
+    """What the decision needs of a pod (a tuple: one is made for every admission)."""
 
     namespace: str
     name: str
@@ -2584,19 +2583,18 @@ def escape_pointer(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
-def build_patch(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact
-                ) -> Tuple[Tuple[Dict[str, Any], ...], str]:
-    """JSONPatch ops that swap the target images and record the decision in annotations, and their base64 JSON."""
+def mutation(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact) -> Decision:
+    """The decision that swaps the target images for the chosen one and records why in the pod's annotations."""
     artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
-    return _patch_ops(tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
-                      artifact_note)
+    return _mutation(tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
+                     artifact_note, choice.candidates, artifact.origin, artifact.warnings)
 
 
 @functools.lru_cache(maxsize=512)
-def _patch_ops(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str
-               ) -> Tuple[Tuple[Dict[str, Any], ...], str]:
-    """The patch ops and their base64 JSON, made once per distinct decision (pods of a Deployment share one).
-    The ops are shared: treat them as read-only."""
+def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str,
+              candidates: int, origin: str, warnings: Tuple[str, ...]) -> Decision:
+    """Made once per distinct outcome, with its patch encoded: every pod of a Deployment shares one. Decisions
+    are immutable; the patch ops they carry are shared too, so treat them as read-only."""
     ops: List[Dict[str, Any]] = [{"op": "replace", "path": path, "value": image} for path in targets]
     record = {SELECTED_IMAGE_ANNOTATION: image, MATCHED_ANNOTATION: matched, ARTIFACT_ANNOTATION: artifact_note}
     if no_annotations:
@@ -2604,7 +2602,9 @@ def _patch_ops(targets: Tuple[str, ...], no_annotations: bool, image: str, match
     else:
         ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
                    for k, v in record.items())
-    return tuple(ops), base64.b64encode(json.dumps(ops).encode()).decode()
+    return Decision(True, "mutated", "selected", patch=tuple(ops),
+                    encoded_patch=base64.b64encode(json.dumps(ops).encode()).decode(), image=image, matched=matched,
+                    candidates=candidates, artifact_origin=origin, warnings=warnings)
 
 
 ArtifactGetter = Callable[[str], Artifact]
@@ -2647,9 +2647,7 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         choice = choose_for(snapshot, artifact.spec, pod.placement)
     except Denial as denial:
         raise type(denial)(f"artifact {ref}: {denial}") from None
-    patch, encoded = build_patch(pod, targets, choice, artifact)
-    return Decision(True, "mutated", "selected", patch=patch, encoded_patch=encoded, image=choice.compatibility.tag, matched=choice.compatibility.name,
-                    candidates=choice.candidates, artifact_origin=artifact.origin, warnings=artifact.warnings)
+    return mutation(pod, targets, choice, artifact)
 
 
 def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, Any]:

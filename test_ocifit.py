@@ -1635,9 +1635,9 @@ def test_the_patch_creates_the_annotations_object_when_the_pod_has_none(tmp_path
     facts = ocifit.pod_facts(review_of(pod)["request"])
     artifact = FileArtifacts()(FLAVOR_REF)
     choice = ocifit.Choice(artifact.spec.compatibilities[1], 1)
-    patch, encoded = ocifit.build_patch(facts, ["/spec/containers/0/image"], choice, artifact)
-    assert json.loads(base64.b64decode(encoded)) == list(patch)
-    patched = kubectl_patch(pod, list(patch), tmp_path)
+    decision = ocifit.mutation(facts, ["/spec/containers/0/image"], choice, artifact)
+    assert json.loads(base64.b64decode(decision.encoded_patch)) == list(decision.patch)
+    patched = kubectl_patch(pod, list(decision.patch), tmp_path)
     assert patched["metadata"]["annotations"][ocifit.SELECTED_IMAGE_ANNOTATION] == "ubuntu:24.04"
     assert patched["spec"]["containers"][0]["image"] == "ubuntu:24.04"
 
