@@ -2405,6 +2405,42 @@ class Decision:
     artifact_origin: str = ""
     warnings: Tuple[str, ...] = ()
 
+    def response_fields(self) -> Dict[str, Any]:
+        """The AdmissionResponse fields after its uid."""
+        response: Dict[str, Any] = {"allowed": self.allowed}
+        if not self.allowed:
+            response["status"] = {"code": self.code, "message": self.message}
+        if self.patch:
+            response["patchType"] = "JSONPatch"
+            response["patch"] = self.encoded_patch or base64.b64encode(json.dumps(self.patch).encode()).decode()
+        if self.warnings:
+            response["warnings"] = list(self.warnings)
+        return response
+
+    @functools.cached_property
+    def response_json(self) -> str:
+        """response_fields() as the inside of a JSON object, made once per decision."""
+        return json.dumps(self.response_fields())[1:-1]
+
+    @functools.cached_property
+    def log_text(self) -> Tuple[str, str]:
+        """The decision's part of its log line, before and after the time taken; made once per decision, and
+        mutations are shared by every pod of a Deployment."""
+        return (logfmt((("outcome", self.outcome), ("reason", self.reason), ("image", self.image),
+                        ("matched", self.matched), ("candidates", self.candidates),
+                        ("artifact", self.artifact_origin))),
+                logfmt((("message", self.message),)))
+
+
+def logfmt(pairs: Iterable[Tuple[str, Any]]) -> str:
+    """`key=value ...`, leaving out empty values; a value with a space, and any message, is JSON-quoted."""
+    parts = []
+    for key, value in pairs:
+        if value or key == "pod":
+            text = value if isinstance(value, str) else str(value)
+            parts.append(f"{key}={json.dumps(text)}" if key == "message" or " " in text else f"{key}={text}")
+    return " ".join(parts)
+
 
 class PodFacts(NamedTuple):
     """What the decision needs of a pod (a tuple: one is made for every admission)."""
@@ -2652,41 +2688,44 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
 
 def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, Any]:
     """The AdmissionReview that answers `review` with `decision`."""
-    request = review["request"]
-    response: Dict[str, Any] = {"uid": request["uid"], "allowed": decision.allowed}
-    if not decision.allowed:
-        response["status"] = {"code": decision.code, "message": decision.message}
-    if decision.patch:
-        response["patchType"] = "JSONPatch"
-        response["patch"] = decision.encoded_patch or base64.b64encode(json.dumps(decision.patch).encode()).decode()
-    if decision.warnings:
-        response["warnings"] = list(decision.warnings)
+    return {"apiVersion": _answer_version(review), "kind": "AdmissionReview",
+            "response": {"uid": review["request"]["uid"], **decision.response_fields()}}
+
+
+def encode_review_response(review: Mapping[str, Any], decision: Decision) -> bytes:
+    """review_response() as JSON bytes, reusing the decision's own encoding: a mutation's patch is encoded
+    once for every pod that shares it, not once per admission."""
+    return (f'{{"apiVersion": {json.dumps(_answer_version(review))}, "kind": "AdmissionReview", '
+            f'"response": {{"uid": {json.dumps(review["request"]["uid"])}, {decision.response_json}}}}}').encode()
+
+
+def _answer_version(review: Mapping[str, Any]) -> str:
     api_version = review.get("apiVersion")
-    if api_version not in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1"):
-        api_version = "admission.k8s.io/v1"
-    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+    return api_version if api_version in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1") else "admission.k8s.io/v1"
 
 
 class AdmissionLine:
-    """One admission's log line: its fields, its level and when. The request thread only gathers them; the log
-    writer renders `key=value ...` text or a JSON object, off the request path."""
+    """One admission's log line: the pod, the decision, the time taken, the level and when. The request thread
+    only gathers them; the log writer renders `key=value ...` text or a JSON object, off the request path."""
 
-    __slots__ = ("fields", "level", "created")
+    __slots__ = ("namespace", "pod", "decision", "ms", "level", "created")
 
-    def __init__(self, fields: Dict[str, Any], level: int = logging.INFO):
-        self.fields, self.level, self.created = fields, level, time.time()
+    def __init__(self, namespace: str, pod: str, decision: Decision, ms: float):
+        self.namespace, self.pod, self.decision, self.ms = namespace, pod, decision, ms
+        self.level = logging.INFO if decision.allowed else logging.WARNING
+        self.created = time.time()
 
     def __str__(self) -> str:
-        parts = []
-        for key, value in self.fields.items():
-            if value or key == "pod":
-                text = value if isinstance(value, str) else str(value)
-                parts.append(f"{key}={json.dumps(text)}" if key == "message" or " " in text else f"{key}={text}")
-        return " ".join(parts)
+        before, after = self.decision.log_text
+        parts = (logfmt((("namespace", self.namespace), ("pod", self.pod))), before, logfmt((("ms", self.ms),)), after)
+        return " ".join(part for part in parts if part)
 
     def public_fields(self) -> Dict[str, Any]:
         """The fields for a structured log entry (the message is in the entry's own text)."""
-        return {k: v for k, v in self.fields.items() if k != "message"}
+        d = self.decision
+        return {"namespace": self.namespace, "pod": self.pod, "outcome": d.outcome, "reason": d.reason,
+                "image": d.image, "matched": d.matched, "candidates": d.candidates, "artifact": d.artifact_origin,
+                "ms": self.ms}
 
 
 class Webhook:
@@ -2700,13 +2739,29 @@ class Webhook:
 
     def handle(self, body: bytes) -> Tuple[int, Dict[str, Any]]:
         """(HTTP status, JSON reply) for one POST /mutate body."""
+        try:
+            review, decision = self.review(body)
+        except BadReview as exc:
+            return 400, {"error": str(exc)}
+        return 200, review_response(review, decision)
+
+    def handle_encoded(self, body: bytes) -> Tuple[int, bytes]:
+        """handle() with the reply as JSON bytes, as the server sends it."""
+        try:
+            review, decision = self.review(body)
+        except BadReview as exc:
+            return 400, json.dumps({"error": str(exc)}).encode()
+        return 200, encode_review_response(review, decision)
+
+    def review(self, body: bytes) -> Tuple[Dict[str, Any], Decision]:
+        """The AdmissionReview in a body and its decision, counted and logged; BadReview if it is not one."""
         started = time.monotonic()
         try:
             review = parse_review(body)
         except BadReview as exc:
             self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review")
             log.warning("rejected a request body: %s", exc)
-            return 400, {"error": str(exc)}
+            raise
         request = review["request"]
         deadline = started + self.settings.fetch_budget
         try:
@@ -2714,9 +2769,8 @@ class Webhook:
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
             decision = Decision(False, "denied", "internal-error", f"ocifit internal error: {exc!r}", 500)
-        elapsed = time.monotonic() - started
-        self._record(request, decision, elapsed)
-        return 200, review_response(review, decision)
+        self._record(request, decision, time.monotonic() - started)
+        return review, decision
 
     def _record(self, request: Mapping[str, Any], decision: Decision, elapsed: float) -> None:
         self.metrics.count("ocifit_admissions_total", outcome=decision.outcome, reason=decision.reason)
@@ -2724,17 +2778,14 @@ class Webhook:
         if decision.reason in ("not-pod-create", "not-enabled"):
             log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
             return
-        level = logging.INFO if decision.allowed else logging.WARNING
-        if not log.isEnabledFor(level):
+        if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
             return
         pod = request.get("object") if isinstance(request.get("object"), dict) else {}
         meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-        log_admission(AdmissionLine({
-            "namespace": request.get("namespace") or meta.get("namespace") or "",
-            "pod": meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*"),
-            "outcome": decision.outcome, "reason": decision.reason, "image": decision.image,
-            "matched": decision.matched, "candidates": decision.candidates, "artifact": decision.artifact_origin,
-            "ms": round(elapsed * 1000, 1), "message": decision.message}, level))
+        log_admission(AdmissionLine(
+            str(request.get("namespace") or meta.get("namespace") or ""),
+            str(meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*")),
+            decision, round(elapsed * 1000, 1)))
 
 
 # ============================================================================================
@@ -3042,10 +3093,10 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             return
         self.server.enter()
         try:
-            status, payload = self.server.webhook.handle(body)
+            status, reply = self.server.webhook.handle_encoded(body)
         finally:
             self.server.leave()
-        self.reply_json(status, payload)
+        self.reply(status, reply)
 
     def read_body(self) -> Optional[bytes]:
         """The request body, or None after answering 400 for a missing, oversized or short one."""

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 from _support import EXAMPLE, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready, \
     workdir
@@ -32,10 +32,10 @@ from _support import EXAMPLE, free_port, ocifit, pki, post, python, registry_wit
 class FloorWebhook(ocifit.Webhook):
     """The least any admission webhook does: parse the review, answer allowed with its uid."""
 
-    def handle(self, body: bytes) -> "tuple[int, Dict[str, Any]]":
+    def handle_encoded(self, body: bytes) -> "tuple[int, bytes]":
         review = json.loads(body)
-        return 200, {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                     "response": {"uid": review["request"]["uid"], "allowed": True}}
+        return 200, json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                "response": {"uid": review["request"]["uid"], "allowed": True}}).encode()
 
 
 class FetchEveryTime:
