@@ -114,6 +114,13 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return read
 
 
+def _seconds_or_zero(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"must be zero or a positive number of seconds: {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -164,6 +171,8 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--fetch-budget", ("OCIFIT_FETCH_BUDGET",), _seconds, 8.0,
                "seconds an admission may spend fetching its artifact (below the webhook's timeoutSeconds)"),
         Option("--tag-ttl", ("OCIFIT_TAG_TTL",), _seconds, 60.0, "seconds a tag's digest is trusted before asking again"),
+        Option("--max-stale", ("OCIFIT_MAX_STALE",), _seconds_or_zero, 3600.0,
+               "while the registry is down, serve a tag's last good spec up to this many seconds old (0: never)"),
         Option("--cache-size", ("OCIFIT_CACHE_SIZE",), _count, 256, "parsed specs kept, by manifest digest"),
         Option("--registry-config", ("OCIFIT_REGISTRY_CONFIG", "DOCKER_CONFIG"), str, "",
                "Docker config.json with registry credentials (a file, or the directory holding it)"),
@@ -204,6 +213,7 @@ class Settings:
     artifact: Tuple[str, ...] = ()
     fetch_budget: float = 8.0
     tag_ttl: float = 60.0
+    max_stale: float = 3600.0
     cache_size: int = 256
     registry_config: str = ""
     registry_ca: str = ""
@@ -2283,10 +2293,18 @@ class RegistryArtifacts:
         return entry[0], spec
 
     def _stale(self, key: str) -> Optional[Tuple[str, Spec]]:
+        """(digest, spec) last resolved for the reference, if it is no older than --max-stale."""
         with self._lock:
             entry = self._tags.get(key)
             spec = self._specs.get(entry[0]) if entry else None
-            return (entry[0], spec) if entry and spec else None
+        if not entry or not spec:
+            return None
+        age = time.monotonic() - entry[1]
+        if age > self.settings.max_stale:
+            log.warning("artifact %s: the last good spec is %.0fs old, past --max-stale (%gs); not serving it",
+                        key, age, self.settings.max_stale)
+            return None
+        return entry[0], spec
 
     def _start(self, key: str, ref: Reference) -> _Flight:
         flight = _Flight()

@@ -1588,6 +1588,23 @@ def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_pa
     assert other["allowed"] is False and f"registry {own.host} unreachable" in other["status"]["message"]
 
 
+def test_a_stale_spec_older_than_max_stale_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    own = DockerRegistry(tmp_path / "registry")
+    spec = tmp_path / "compatibility-test.json"
+    shutil.copy(EXAMPLE / "compatibility-test.json", spec)
+    own.push("flavor:v1", spec)
+    settings = registry_settings(own.host, tag_ttl=0.1, max_stale=0.5, fetch_budget=2.0,
+                                 nodes=str(EXAMPLE / "nodes-homogeneous.json"))
+    webhook = ocifit.Webhook(settings, ocifit.StaticNodes(settings.nodes), ocifit.build_artifacts(settings))
+    pod = pod_obj(ref=f"{own.host}/flavor:v1")
+    assert webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]["allowed"]
+    own.stop()
+    time.sleep(0.6)
+    answer = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    assert answer["allowed"] is False and f"registry {own.host} unreachable" in answer["status"]["message"]
+    assert "past --max-stale (0.5s); not serving it" in caplog.text
+
+
 def test_serve_with_a_real_registry_answers_with_the_right_patch(registry: DockerRegistry, tmp_path: Path,
                                                                  pki: Dict[str, Path]) -> None:
     running = start_server(tmp_path, pki, artifacts=None, insecure_registry=(registry.host,))
