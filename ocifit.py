@@ -2549,6 +2549,16 @@ def parse_placement(spec: Mapping[str, Any]) -> Placement:
     return Placement(tuple(sorted(selector.items())), terms, tuple(tolerations))
 
 
+def pod_identity(request: Mapping[str, Any]) -> Tuple[str, str]:
+    """(namespace, name) of the pod under review, for messages and log lines, whatever the request's shape.
+    A pod without a name yet (a Deployment's) is named by its generateName and `*`."""
+    pod = request.get("object")
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*")
+    return str(request.get("namespace") or meta.get("namespace") or ""), str(name)
+
+
 def pod_facts(request: Mapping[str, Any]) -> PodFacts:
     """The facts of the pod in an admission request; MalformedPod if its shape is wrong."""
     pod = request.get("object")
@@ -2564,10 +2574,10 @@ def pod_facts(request: Mapping[str, Any]) -> PodFacts:
         for i, container in enumerate(_list(spec.get(field_name), f"spec.{field_name}")):
             if isinstance(container, dict) and isinstance(container.get("image"), str):
                 images.append((f"/spec/{field_name}/{i}/image", container["image"]))
-    name = meta.get("name") or request.get("name") or ((meta.get("generateName") or "") + "*")
+    namespace, name = pod_identity(request)
     return PodFacts(
-        namespace=str(request.get("namespace") or meta.get("namespace") or ""),
-        name=str(name),
+        namespace=namespace,
+        name=name,
         labels=_mapping(meta.get("labels"), "metadata.labels"),
         annotations=None if annotations is None else _mapping(annotations, "metadata.annotations"),
         placement=parse_placement(spec),
@@ -2798,12 +2808,8 @@ class Webhook:
             return
         if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
             return
-        pod = request.get("object") if isinstance(request.get("object"), dict) else {}
-        meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-        log_admission(AdmissionLine(
-            str(request.get("namespace") or meta.get("namespace") or ""),
-            str(meta.get("name") or request.get("name") or (str(meta.get("generateName") or "") + "*")),
-            decision, round(elapsed * 1000, 1)))
+        namespace, name = pod_identity(request)
+        log_admission(AdmissionLine(namespace, name, decision, round(elapsed * 1000, 1)))
 
 
 # ============================================================================================
