@@ -2450,11 +2450,12 @@ class Decision:
                 logfmt((("message", self.message),)))
 
 
-def logfmt(pairs: Iterable[Tuple[str, Any]]) -> str:
-    """`key=value ...`, leaving out empty values; a value with a space, and any message, is JSON-quoted."""
+def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
+    """`key=value ...`, leaving out empty values unless asked; a value with a space, and any message, is
+    JSON-quoted."""
     parts = []
     for key, value in pairs:
-        if value or key == "pod":
+        if value or keep_empty:
             text = value if isinstance(value, str) else str(value)
             parts.append(f"{key}={json.dumps(text)}" if key == "message" or " " in text else f"{key}={text}")
     return " ".join(parts)
@@ -2745,7 +2746,8 @@ class AdmissionLine:
 
     def __str__(self) -> str:
         before, after = self.decision.log_text
-        parts = (logfmt((("namespace", self.namespace), ("pod", self.pod))), before, logfmt((("ms", self.ms),)), after)
+        parts = (logfmt((("namespace", self.namespace),)), logfmt((("pod", self.pod),), keep_empty=True), before,
+                 logfmt((("ms", self.ms),)), after)
         return " ".join(part for part in parts if part)
 
     def public_fields(self) -> Dict[str, Any]:
