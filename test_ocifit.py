@@ -1567,15 +1567,20 @@ def test_concurrent_admissions_for_one_reference_make_one_fetch(registry: Docker
     assert len(registry.requests("/v2/storm/")) - before == 2  # one manifest, one blob
 
 
-def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_path: Path) -> None:
+def webhook_on_own_registry(tmp_path: Path, **settings: Any) -> "tuple[DockerRegistry, ocifit.Webhook, str]":
+    """A registry of the test's own (so it can stop it) holding flavor:v1, and a webhook reading from it."""
     own = DockerRegistry(tmp_path / "registry")
     spec = tmp_path / "compatibility-test.json"
     shutil.copy(EXAMPLE / "compatibility-test.json", spec)
     own.push("flavor:v1", spec)
-    ref = f"{own.host}/flavor:v1"
-    settings = registry_settings(own.host, tag_ttl=0.1, fetch_budget=2.0,
-                                 nodes=str(EXAMPLE / "nodes-homogeneous.json"))
-    webhook = ocifit.Webhook(settings, ocifit.StaticNodes(settings.nodes), ocifit.build_artifacts(settings))
+    config = registry_settings(own.host, tag_ttl=0.1, fetch_budget=2.0, nodes=str(EXAMPLE / "nodes-homogeneous.json"),
+                               **settings)
+    return own, ocifit.Webhook(config, ocifit.StaticNodes(config.nodes), ocifit.build_artifacts(config)), \
+        f"{own.host}/flavor:v1"
+
+
+def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_path: Path) -> None:
+    own, webhook, ref = webhook_on_own_registry(tmp_path)
     pod = pod_obj(ref=ref)
     fresh = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
     assert patch_of(fresh)[0]["value"] == "debian:11" and "warnings" not in fresh
@@ -1589,14 +1594,8 @@ def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_pa
 
 
 def test_a_stale_spec_older_than_max_stale_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    own = DockerRegistry(tmp_path / "registry")
-    spec = tmp_path / "compatibility-test.json"
-    shutil.copy(EXAMPLE / "compatibility-test.json", spec)
-    own.push("flavor:v1", spec)
-    settings = registry_settings(own.host, tag_ttl=0.1, max_stale=0.5, fetch_budget=2.0,
-                                 nodes=str(EXAMPLE / "nodes-homogeneous.json"))
-    webhook = ocifit.Webhook(settings, ocifit.StaticNodes(settings.nodes), ocifit.build_artifacts(settings))
-    pod = pod_obj(ref=f"{own.host}/flavor:v1")
+    own, webhook, ref = webhook_on_own_registry(tmp_path, max_stale=0.5)
+    pod = pod_obj(ref=ref)
     assert webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]["allowed"]
     own.stop()
     time.sleep(0.6)
