@@ -933,7 +933,8 @@ def slim_node(obj: Dict[str, Any]) -> Dict[str, Any]:
     """A json object_hook that keeps of a Node object only what node_from_object reads, as it is parsed,
     so a large node list never holds every node's status, images and managed fields at once."""
     meta, spec = obj.get("metadata"), obj.get("spec")
-    if not isinstance(meta, dict) or not ("spec" in obj or "status" in obj) or "items" in obj:
+    if not isinstance(meta, dict) or not ("spec" in obj or "status" in obj) or "items" in obj \
+            or obj.get("kind", "Node") != "Node":  # a Status (watch ERROR) also has metadata and status
         return obj
     slim: Dict[str, Any] = {"metadata": {k: meta[k] for k in ("name", "labels", "resourceVersion") if k in meta}}
     if isinstance(spec, dict):
@@ -1255,6 +1256,23 @@ class KubeAPIError(Exception):
         self.status, self.retry_after = status, retry_after
 
 
+class _WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone, reason Expired or Gone): list again at once."""
+
+
+def watch_error(status: Any) -> Exception:
+    """The exception for a watch ERROR event, whose object is a metav1.Status: _WatchExpired when history was
+    compacted past the watch's resourceVersion, else a KubeAPIError with the status's code and message."""
+    if not isinstance(status, dict):
+        return KubeAPIError(f"node watch error: {str(status)[:200]}")
+    code, reason = status.get("code"), status.get("reason")
+    message = str(status.get("message") or reason or "no message")[:1000]
+    if code == 410 or reason in ("Expired", "Gone"):
+        return _WatchExpired(f"{code} {reason}: {message}")
+    return KubeAPIError(f"node watch error {code} {reason or ''}: {message}".replace("  ", " "),
+                        code if isinstance(code, int) else 0)
+
+
 class KubeClient:
     """Kubernetes REST over urllib, with a bearer token re-read every minute and after a 401."""
 
@@ -1350,7 +1368,13 @@ class KubeClient:
         """Watch events after resource_version until the server ends the stream; bookmarks asked for."""
         query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(timeout_seconds)}
-        with self.open("/api/v1/nodes", query, timeout_seconds + 30.0) as response:
+        try:
+            response = self.open("/api/v1/nodes", query, timeout_seconds + 30.0)
+        except KubeAPIError as exc:
+            if exc.status == 410:
+                raise _WatchExpired(str(exc)) from None
+            raise
+        with response:
             on_open()
             while True:
                 line = response.readline(MAX_EVENT_BYTES + 1)
@@ -1369,10 +1393,6 @@ def _read_capped_plain(response: Any, cap: int) -> bytes:
     if len(body) > cap:
         raise KubeAPIError(f"API response larger than {cap} bytes")
     return body
-
-
-class _WatchExpired(Exception):
-    """The watch's resourceVersion is too old (410 Gone): list again."""
 
 
 def _describe_change(old: Optional[Node], new: Optional[Node]) -> str:
@@ -1446,8 +1466,8 @@ class KubeNodes:
                     resource_version, listed_at = self._relist(), time.monotonic()
                 resource_version = self._watch(resource_version, listed_at + self.settings.resync)
                 backoff = 0.5
-            except _WatchExpired:
-                log.info("node watch expired (410 Gone); listing again")
+            except _WatchExpired as expired:
+                log.info("node watch expired (%s); listing again", expired)
                 resource_version = ""
             except Exception as exc:  # the watcher must outlive any error; it reports through readiness
                 self._failed(exc)
@@ -1500,11 +1520,7 @@ class KubeNodes:
                 break
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                code = obj.get("code") if isinstance(obj, dict) else None
-                if code == 410:
-                    raise _WatchExpired()
-                raise KubeAPIError(f"node watch error {code}: {obj.get('message', '') if isinstance(obj, dict) else obj}",
-                                   code or 0)
+                raise watch_error(obj)
             self._healthy()
             meta = obj.get("metadata") or {} if isinstance(obj, dict) else {}
             resource_version = str(meta.get("resourceVersion") or resource_version)

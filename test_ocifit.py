@@ -518,6 +518,13 @@ def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
 
 # ---- the live cluster view, against a Kubernetes API double that kubectl accepts ----
 
+def status_object(code: int, reason: str, message: str) -> Dict[str, Any]:
+    """A metav1.Status as kube-apiserver sends it, in an error reply or a watch ERROR event: always with
+    `metadata: {}` and `status: "Failure"` (k8s.io/apimachinery/pkg/api/errors)."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
 class FakeKubeAPI:
     """A Kubernetes API double on loopback HTTPS with its own CA and a bearer token. It speaks the real wire
     format for nodes: discovery, NodeList pages with `continue`, chunked watch streams with BOOKMARK events,
@@ -585,8 +592,7 @@ class FakeKubeAPI:
                 self.wfile.write(body)
 
             def status(self, code: int, message: str, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
-                self.json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                           "message": message, "reason": reason, "code": code}, code, headers)
+                self.json(status_object(code, reason, message), code, headers)
 
             def list(self, query: Dict[str, str]) -> None:
                 limit = int(query.get("limit") or 0) or 10 ** 9
@@ -621,9 +627,8 @@ class FakeKubeAPI:
                     with api.cond:
                         generation = api.generation
                     if since < api.oldest_rv:
-                        self.chunk({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "code": 410,
-                                    "reason": "Expired", "status": "Failure",
-                                    "message": f"too old resource version: {since} ({api.oldest_rv})"}})
+                        self.chunk({"type": "ERROR", "object": status_object(
+                            410, "Expired", f"too old resource version: {since} ({api.oldest_rv})")})
                     else:
                         self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true")
                     self.wfile.write(b"0\r\n\r\n")
@@ -713,9 +718,11 @@ class FakeKubeAPI:
             self.cond.notify_all()
 
     def compact(self) -> None:
-        """Forget history: watches and page tokens from before now get 410 Gone."""
+        """Forget history, as etcd compaction does after other writes (leases, events) moved the revision on:
+        watches and page tokens from before now get 410 Gone; a list now, and a watch from it, are fine."""
         with self.cond:
-            self.oldest_rv = self.rv + 1
+            self.rv += 1
+            self.oldest_rv = self.rv
             self.events.clear()
 
     def lists(self) -> List[Dict[str, str]]:
@@ -757,15 +764,21 @@ def live_nodes(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> A
     kube_api.end_streams(wait=False)
 
 
-def eventually(check: Any, seconds: float = 5.0) -> Any:
-    """Poll check() until it returns something truthy (the watch is asynchronous); fail after seconds."""
+def eventually(check: Any, seconds: float = 30.0) -> Any:
+    """Poll check() until it returns something truthy (the watch is asynchronous). An exception counts as
+    not yet (a review denied in between has no patch); after `seconds`, a generous bound on a loaded machine
+    and not a time window, fail with the last value or exception."""
     deadline = time.monotonic() + seconds
     while True:
-        value = check()
-        if value:
-            return value
+        try:
+            value: Any = check()
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline, then reported
+            value = exc
+        else:
+            if value:
+                return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {seconds}s: {check()!r}")
+            raise AssertionError(f"condition not met within {seconds}s: {value!r}")
         time.sleep(0.02)
 
 
@@ -848,17 +861,83 @@ def test_a_status_heartbeat_does_not_replace_the_snapshot(live_nodes: Any, kube_
     assert live_nodes.snapshot().nodes["kind-worker"] is before.nodes["kind-worker"]
 
 
-def test_a_410_in_the_stream_or_on_reconnect_leads_to_a_relist(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+class ReadinessWatcher:
+    """Samples a node source's health in the background, so a test can say it never went unready."""
+
+    def __init__(self, source: Any):
+        self.source, self.unready, self._stop = source, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            ready, why = self.source.health()
+            if not ready:
+                self.unready.append(why)
+
+    def stop(self) -> List[str]:
+        self._stop.set()
+        self._thread.join()
+        return self.unready
+
+
+@pytest.fixture
+def strict_live_nodes(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> Any:
+    """live_nodes that turn unready after 0.2 s of watch failure, so a mishandled 410 shows."""
+    flavor_cluster(kube_api)
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path, watch_failure_threshold=0.2))
+    assert source.wait_synced(10), source.health()
+    yield source
+    source.stop()
+    kube_api.end_streams(wait=False)
+
+
+def test_an_expired_watch_in_the_stream_relists_at_once_and_stays_ready(
+        strict_live_nodes: Any, kube_api: FakeKubeAPI, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
     lists = len(kube_api.lists())
-    kube_api.end_streams(error={"kind": "Status", "apiVersion": "v1", "code": 410, "reason": "Expired",
-                                "message": "too old resource version"})
-    eventually(lambda: len(kube_api.lists()) > lists)
+    watcher = ReadinessWatcher(strict_live_nodes)
+    kube_api.compact()  # etcd compaction: history before now is gone
+    kube_api.modify("kind-worker2", labels={FLAVOR_KEY: "strawberry"})  # a relabel while the watch is expired
+    # kube-apiserver's own words for it, inside the open stream
+    kube_api.end_streams(error=status_object(410, "Expired", "too old resource version: 12 (40)"))
+    assert eventually(lambda: live_decision(strict_live_nodes).reason == "disagreement", 30)
+    assert len(kube_api.lists()) == lists + 1
+    time.sleep(0.3)  # past the failure threshold: a watch still failing would show now
+    assert watcher.stop() == [] and strict_live_nodes.health()[0]
+    assert "node watch expired (410 Expired: too old resource version: 12 (40)); listing again" in caplog.text
+    assert "node view:" not in caplog.text
+
+
+def test_an_expired_resource_version_on_reconnect_relists(strict_live_nodes: Any, kube_api: FakeKubeAPI) -> None:
     lists = len(kube_api.lists())
+    watcher = ReadinessWatcher(strict_live_nodes)
     kube_api.compact()
-    kube_api.end_streams()  # the reconnecting watch asks for a compacted version and gets ERROR 410
-    eventually(lambda: len(kube_api.lists()) > lists)
+    kube_api.end_streams()  # the reconnecting watch asks for a compacted version and gets an ERROR 410 event
+    eventually(lambda: len(kube_api.lists()) > lists, 30)
     kube_api.modify("kind-worker2", labels={FLAVOR_KEY: "strawberry"})
-    assert eventually(lambda: live_decision(live_nodes).reason == "disagreement")
+    assert eventually(lambda: live_decision(strict_live_nodes).reason == "disagreement", 30)
+    assert watcher.stop() == []
+
+
+def test_an_http_410_to_the_watch_request_relists(strict_live_nodes: Any, kube_api: FakeKubeAPI) -> None:
+    lists = len(kube_api.lists())
+    watcher = ReadinessWatcher(strict_live_nodes)
+    kube_api.faults.append(("watch", 410, {}))
+    kube_api.end_streams()
+    eventually(lambda: len(kube_api.lists()) > lists, 30)
+    kube_api.add(node_obj("after-gone", {FLAVOR_KEY: "vanilla"}))
+    eventually(lambda: "after-gone" in strict_live_nodes.snapshot().nodes, 30)
+    assert watcher.stop() == []
+
+
+def test_another_error_event_is_logged_with_its_code_and_message(live_nodes: Any, kube_api: FakeKubeAPI,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
+    kube_api.end_streams(error=status_object(500, "InternalError", "etcdserver: leader changed"))
+    eventually(lambda: "node watch error 500 InternalError: etcdserver: leader changed" in caplog.text, 30)
+    kube_api.add(node_obj("after-error", {FLAVOR_KEY: "vanilla"}))
+    eventually(lambda: "after-error" in live_nodes.snapshot().nodes, 30)
 
 
 def test_a_stream_the_server_closes_is_resumed_without_a_relist(live_nodes: Any, kube_api: FakeKubeAPI) -> None:
