@@ -65,9 +65,11 @@ SELECTED_IMAGE_ANNOTATION = PREFIX + "selected-image"
 MATCHED_ANNOTATION = PREFIX + "matched-compatibility"
 ARTIFACT_ANNOTATION = PREFIX + "artifact"
 DEFAULT_TARGET_IMAGE = "placeholder:latest"
+ADMISSION_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")  # answered in the version asked
 COMPAT_MEDIA_TYPE = "application/vnd.oci.image.compatibilities.v1+json"
 CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
 MiB = 1024 * 1024
+USER_AGENT = f"ocifit/{__version__}"
 
 
 # ============================================================================================
@@ -144,13 +146,19 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--cert-reload-interval", ("OCIFIT_CERT_RELOAD_INTERVAL",), _seconds, 10.0,
                "how often to look for renewed certificate files"),
         Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _count, 1024,
-               "concurrent connections; more are closed at once"),
+               "concurrent connections; when full, the longest idle one is closed for a new one, else it is refused"),
+        Option("--max-connections-per-client", ("OCIFIT_MAX_CONNECTIONS_PER_CLIENT",), _count, 256,
+               "concurrent connections from one client address"),
         Option("--handshake-timeout", ("OCIFIT_HANDSHAKE_TIMEOUT",), _seconds, 5.0,
                "seconds a client has to complete the TLS handshake"),
+        Option("--request-timeout", ("OCIFIT_REQUEST_TIMEOUT",), _seconds, 10.0,
+               "seconds a client has to send a whole request, headers and body (the first: from connecting)"),
         Option("--idle-timeout", ("OCIFIT_IDLE_TIMEOUT",), _seconds, 120.0,
                "seconds an idle keep-alive connection is kept open"),
         Option("--max-body", ("OCIFIT_MAX_BODY",), _count, 3 * MiB + 64 * 1024,
                "largest request body accepted, in bytes (the API server sends at most 3 MiB)"),
+        Option("--max-inflight-bytes", ("OCIFIT_MAX_INFLIGHT_BYTES",), _count, 8 * MiB,
+               "request body bytes being handled at once; past it, 429 (one body is always taken)"),
         Option("--shutdown-grace", ("OCIFIT_SHUTDOWN_GRACE",), _seconds, 20.0,
                "on SIGTERM, seconds to let in-flight admissions finish"),
     ),
@@ -182,7 +190,12 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--registry-mirror", ("OCIFIT_REGISTRY_MIRRORS",), str, (),
                "HOST=MIRROR: fetch HOST's artifacts from MIRROR", many=True),
         Option("--allowed-registries", ("OCIFIT_ALLOWED_REGISTRIES",), str, (),
-               "registries image-refs may name (host[:port], *.suffix); default any", many=True),
+               "registries image-refs may name (host[:port], *.suffix); default any on a public address. Naming a "
+               "registry also allows its loopback or private address", many=True),
+        Option("--registry-proxy", ("OCIFIT_REGISTRY_PROXY",), str, "",
+               "HTTP proxy for registry fetches (http://host:port); HTTPS_PROXY and the like are not used"),
+        Option("--no-proxy", ("OCIFIT_NO_PROXY", "NO_PROXY", "no_proxy"), str, (),
+               "hosts (and their subdomains) fetched directly, not through --registry-proxy", many=True),
     ),
 }
 
@@ -200,9 +213,12 @@ class Settings:
     plain_http: bool = False
     cert_reload_interval: float = 10.0
     max_connections: int = 1024
+    max_connections_per_client: int = 256
     handshake_timeout: float = 5.0
+    request_timeout: float = 10.0
     idle_timeout: float = 120.0
     max_body: int = 3 * MiB + 64 * 1024
+    max_inflight_bytes: int = 8 * MiB
     shutdown_grace: float = 20.0
     nodes: str = ""
     kube_api: str = ""
@@ -220,6 +236,8 @@ class Settings:
     insecure_registry: Tuple[str, ...] = ()
     registry_mirror: Tuple[str, ...] = ()
     allowed_registries: Tuple[str, ...] = ()
+    registry_proxy: str = ""
+    no_proxy: Tuple[str, ...] = ()
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
@@ -332,6 +350,77 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
         return decoder.decode(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class CacheBound:
+    """How much one cache may hold: entries, bytes in all (as its owner reckons them), and the largest entry
+    it keeps at all (a larger one is computed for its request and let go)."""
+
+    entries: int
+    bytes: int
+    largest: int
+
+
+# Every cache the process keeps, in one place, so an operator can see what memory it may hold beyond the node
+# view itself. Per-snapshot caches live as long as their node snapshot (until the next node change).
+CACHE_BOUNDS: Dict[str, CacheBound] = {
+    "mutations": CacheBound(512, 8 * MiB, 256 * 1024),  # patch + reply per distinct outcome, shared by pods alike
+    "decisions": CacheBound(256, 4 * MiB, 64 * 1024),  # per snapshot: (spec, placement) -> choice or denial
+    "partitions": CacheBound(64, 4 * MiB, 512 * 1024),  # per snapshot: label keys -> groups of nodes alike
+    "specs": CacheBound(256, 64 * MiB, 16 * MiB),  # parsed specs by manifest digest (--cache-size entries)
+    "tags": CacheBound(1024, MiB, 4096),  # image-ref -> (digest, when resolved), for --tag-ttl and --max-stale
+    "hits": CacheBound(1024, MiB, 4096),  # image-ref text -> its cache-hit Artifact, made once
+    "failures": CacheBound(1024, 4 * MiB, 8192),  # image-ref -> its last failure's text, for a few seconds
+}
+# Also bounded, by entries, where they are made: parsed references (1,024, at most 1 KiB each), interned label
+# strings (200,000; from nodes, not pods) and shared label dicts (10,000 kinds of node).
+
+
+class BoundedCache:
+    """A least-recently-used map bounded by a CacheBound. Thread-safe; `size` is the caller's estimate of what
+    an entry holds, in bytes."""
+
+    def __init__(self, bound: CacheBound):
+        self.bound = bound
+        self._data: "collections.OrderedDict[Any, Tuple[Any, int]]" = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return default
+            self._data.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: Any, value: Any, size: int = 64) -> None:
+        """Keep value under key, evicting the least recently used past the bounds; too large: not kept."""
+        if size > self.bound.largest:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._data[key] = (value, size)
+            self._bytes += size
+            while len(self._data) > self.bound.entries or self._bytes > self.bound.bytes:
+                self._bytes -= self._data.popitem(last=False)[1][1]
+
+    def pop(self, key: Any) -> Any:
+        with self._lock:
+            entry = self._data.pop(key, None)
+            if entry is None:
+                return None
+            self._bytes -= entry[1]
+            return entry[0]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 class _EnqueueHandler(logging.handlers.QueueHandler):
@@ -974,9 +1063,9 @@ class NodeSnapshot:
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
         self.synced_at = time.time() if synced_at is None else synced_at
         self._shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
-        self._partitions: Dict[frozenset, Tuple[NodeGroup, ...]] = {}
+        self._partitions = BoundedCache(CACHE_BOUNDS["partitions"])
         self._label_sets: Optional[int] = None
-        self.memo: Dict[Any, Any] = {}  # decisions on this snapshot, by whoever makes them (see choose_for)
+        self.memo = BoundedCache(CACHE_BOUNDS["decisions"])  # decisions on this snapshot (see choose_for)
 
     @classmethod
     def from_dict(cls, nodes: Mapping[str, Node], shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
@@ -1039,9 +1128,7 @@ class NodeSnapshot:
         groups = tuple(
             NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints, tuple(names))
             for (values, control_plane, taints), names in buckets.items())
-        if len(self._partitions) >= 64:
-            self._partitions.clear()
-        self._partitions[keys] = groups
+        self._partitions.put(keys, groups, 64 * (len(keys) + 1) * len(groups) + 8 * len(self.nodes))
         return groups
 
     def label_sets(self) -> int:
@@ -1131,6 +1218,13 @@ class Placement(NamedTuple):
         return bool(self.node_selector) or self.terms is not None
 
     @property
+    def size(self) -> int:
+        """Roughly the bytes it holds: a memo keyed by it must not keep a huge one."""
+        items = len(self.node_selector) + len(self.tolerations) + sum(len(t.labels) + len(t.names)
+                                                                      for t in self.terms or ())
+        return 200 * items + 100
+
+    @property
     def keys(self) -> frozenset:
         keys = {k for k, _ in self.node_selector}
         for term in self.terms or ():
@@ -1177,9 +1271,8 @@ def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> An
             outcome = choose(spec, candidate_groups(snapshot, placement, spec.keys), placement)
         except Denial as denial:
             outcome = denial
-        if len(snapshot.memo) >= 256:
-            snapshot.memo.clear()
-        snapshot.memo[key] = (spec, outcome)
+        snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
+                                                                  else 256))
     if isinstance(outcome, Denial):
         raise type(outcome)(str(outcome))
     return outcome
@@ -1315,7 +1408,7 @@ class KubeClient:
         url = f"{self.base_url}{path}?{urllib.parse.urlencode(query)}"
         for attempt in (1, 2):
             request = urllib.request.Request(url, headers={"Accept": "application/json",
-                                                           "User-Agent": f"ocifit/{__version__}"})
+                                                           "User-Agent": USER_AGENT})
             token = self.token(reread=attempt == 2)
             if token:
                 request.add_unredirected_header("Authorization", f"Bearer {token}")
@@ -1693,41 +1786,102 @@ def check_allowed(ref: Reference, allowed: Sequence[str]) -> None:
                             f"({', '.join(allowed)})")
 
 
-# ---- transport: no fetch from link-local or metadata addresses ---------------------------
+# ---- transport: only the addresses the operator allows, and a deadline on every socket ----
 
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192"))
+    "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192", "168.63.129.16"))
+# Not public unicast (IANA's special-purpose registries), by what they are; checked in this order.
+SPECIAL_NETWORKS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("a link-local address", ("169.254.0.0/16", "fe80::/10")),
+    ("a loopback address", ("127.0.0.0/8", "::1/128")),
+    ("an unspecified address", ("0.0.0.0/8", "::/128")),
+    ("a private address", ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fec0::/10")),
+    ("a shared (carrier-grade NAT) address", ("100.64.0.0/10",)),
+    ("a multicast or broadcast address", ("224.0.0.0/4", "255.255.255.255/32", "ff00::/8")),
+    ("a documentation or benchmarking address", ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
+                                                "198.18.0.0/15", "2001:db8::/32", "3fff::/20")),
+    ("a reserved address", ("192.0.0.0/24", "240.0.0.0/4", "100::/64", "64:ff9b:1::/48", "2001::/23",
+                            "5f00::/16")),
+)
+_SPECIAL = tuple((what, tuple(ipaddress.ip_network(n) for n in nets)) for what, nets in SPECIAL_NETWORKS)
+_NAT64, _SIX_TO_FOUR = ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("2002::/16")
 
 
-def forbidden_address(address: str) -> Optional[str]:
-    """Why a peer address is never fetched from (cloud metadata, link-local), or None."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+def embedded_ipv4(ip: Any) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one carries: IPv4-mapped, IPv4-compatible, NAT64 (64:ff9b::/96) or 6to4."""
+    if not isinstance(ip, ipaddress.IPv6Address):
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    if ip in METADATA_ADDRESSES:
-        return "a cloud metadata address"
-    if ip.is_link_local:
-        return "a link-local address"
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _NAT64 or (int(ip) >> 32 == 0 and int(ip) > 1):  # NAT64, or IPv4-compatible ::a.b.c.d
+        return low
     return None
 
 
+def address_refusal(address: str) -> Tuple[Optional[str], bool]:
+    """(why an address is not public unicast, whether it stays refused even for a registry the operator named),
+    or (None, False) for an address anyone may fetch from. IPv6 forms that embed an IPv4 address are judged by it."""
+    try:
+        ip: Any = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "not an IP address", True
+    inner = embedded_ipv4(ip)
+    if inner is not None:
+        why, always = address_refusal(str(inner))
+        return (f"{why} ({inner}, inside {ip})" if why else None), always
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address", True
+    for what, networks in _SPECIAL:
+        if any(ip in network for network in networks):
+            return what, what == "a link-local address"
+    return None, False
+
+
 class ForbiddenAddress(OSError):
-    """A connection that reached an address ocifit never fetches from."""
+    """A connection refused before it was made: the address is not one ocifit may fetch from."""
 
 
-def _guarded_connection(address: Tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore
-                        source_address: Any = None) -> socket.socket:
-    """socket.create_connection that resolves first and refuses metadata and link-local addresses before
-    sending a packet; it connects to the addresses it checked, so DNS cannot swap them in between."""
-    host, port = address
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    for *_, sockaddr in infos:
-        reason = forbidden_address(sockaddr[0])
-        if reason:
-            raise ForbiddenAddress(f"refusing to fetch from {host}: it resolves to {reason}")
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Who may be fetched from. Public unicast addresses, always; other addresses (loopback, private, ...) only
+    for the registries the operator named, in --allowed-registries, --insecure-registry, --registry-mirror or
+    --registry-proxy; link-local and cloud metadata addresses never. Checked after DNS and before connecting,
+    so the answer is the same whatever the port's state."""
+
+    named: Tuple[str, ...] = ()  # host[:port] or *.suffix entries
+
+    def names(self, host: str, port: Optional[int], default_port: int) -> bool:
+        host = host.lower()
+        host = f"[{host}]" if ":" in host else host
+        candidates = {f"{host}:{port}" if port else host} | ({host} if port in (None, default_port) else set())
+        return any(registry_matches(c, pattern) for c in candidates for pattern in self.named)
+
+    def check(self, host: str, port: Optional[int], default_port: int, addresses: Iterable[str]) -> None:
+        """Raise ForbiddenAddress if any address `host` resolved to may not be fetched from."""
+        named = self.names(host, port, default_port)
+        for address in addresses:
+            why, always = address_refusal(address)
+            if why is None or (named and not always):
+                continue
+            where = f"{host}:{port}" if port else host
+            if always:
+                raise ForbiddenAddress(f"refusing to fetch from {where}: it resolves to {why}, which ocifit never "
+                                       "fetches from")
+            raise ForbiddenAddress(f"refusing to fetch from {where}: it resolves to {why}; name it in "
+                                   "--allowed-registries (or --insecure-registry, --registry-mirror) to allow it")
+
+    def resolve(self, host: str, port: int, default_port: int) -> List[Any]:
+        """getaddrinfo for host:port, every answer checked."""
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        self.check(host, port, default_port, (info[4][0] for info in infos))
+        return infos
+
+
+def _connect(infos: List[Any], timeout: Any, source_address: Any) -> socket.socket:
+    """Connect to the first of the checked addresses that answers, as socket.create_connection would."""
     error: Optional[OSError] = None
     for family, kind, proto, _, sockaddr in infos:
         sock = socket.socket(family, kind, proto)
@@ -1741,29 +1895,92 @@ def _guarded_connection(address: Tuple[str, int], timeout: Any = socket._GLOBAL_
         except OSError as exc:
             error = exc
             sock.close()
-    raise error or OSError(f"cannot resolve {host}")
+    raise error or OSError("no address to connect to")
 
 
 class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, **kwargs: Any):
+    """An HTTP connection that connects only to addresses its policy allows (resolving first, and connecting to
+    the very addresses it checked, so DNS cannot swap them in between), and whose socket is shut down at the
+    fetch's deadline, however slowly the peer drips its answer."""
+
+    default_port = http.client.HTTP_PORT
+
+    def __init__(self, *args: Any, policy: AddressPolicy, deadline: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._create_connection = _guarded_connection
+        self.policy, self.deadline = policy, deadline
+        self._create_connection = self._guarded_connection
+
+    def _guarded_connection(self, address: Tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+                            source_address: Any = None) -> socket.socket:
+        host, port = address
+        sock = _connect(self.policy.resolve(host, port, self.default_port), timeout, source_address)
+        REAPER.watch(self, sock, self.deadline)
+        return sock
+
+    def close(self) -> None:
+        REAPER.forget(self)
+        super().close()
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._create_connection = _guarded_connection
+class _GuardedHTTPSConnection(_GuardedHTTPConnection, http.client.HTTPSConnection):
+    default_port = http.client.HTTPS_PORT
+
+    def connect(self) -> None:
+        """http.client's own HTTPS connect, with the TLS socket handed to the reaper before its handshake."""
+        http.client.HTTPConnection.connect(self)
+        tls = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,  # type: ignore[attr-defined]
+                                        do_handshake_on_connect=False)
+        self.sock = tls
+        REAPER.watch(self, tls, self.deadline)
+        tls.do_handshake()
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: AddressPolicy):
+        super().__init__()
+        self.policy = policy
+
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_GuardedHTTPConnection, req)
+        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy,  # type: ignore[arg-type]
+                                              deadline=_deadline_of(req)), req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: AddressPolicy, context: ssl.SSLContext):
+        super().__init__(context=context)
+        self.policy = policy
+
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_GuardedHTTPSConnection, req, context=self._context)  # type: ignore[attr-defined]
+        return self.do_open(functools.partial(_GuardedHTTPSConnection, policy=self.policy,  # type: ignore[arg-type]
+                                              deadline=_deadline_of(req)),
+                            req, context=self._context)  # type: ignore[attr-defined]
+
+
+def _deadline_of(req: urllib.request.Request) -> float:
+    """The monotonic deadline a registry request carries (set where it is made, copied to its redirects)."""
+    return getattr(req, "deadline", None) or time.monotonic() + IO_TIMEOUT
+
+
+class _ProxyHandler(urllib.request.ProxyHandler):
+    """The operator's proxy (--registry-proxy) and nothing from the environment but NO_PROXY; the target is
+    checked against the policy before the proxy is asked to connect to it."""
+
+    def __init__(self, proxy: str, no_proxy: Sequence[str], policy: AddressPolicy):
+        super().__init__({"http": proxy, "https": proxy} if proxy else {})
+        self.no_proxy = tuple(n.strip().lower().lstrip(".") for n in no_proxy if n.strip())
+        self.policy = policy
+
+    def proxy_open(self, req: urllib.request.Request, proxy: str, type: str) -> Any:  # noqa: A002 - stdlib name
+        target = urllib.parse.urlsplit(req.full_url)
+        host = (target.hostname or "").lower()
+        if any(n == "*" or host == n or host.endswith("." + n) for n in self.no_proxy):
+            return None  # NO_PROXY: connect directly, through the guarded handlers
+        default_port = 443 if target.scheme == "https" else 80
+        try:
+            self.policy.resolve(host, target.port or default_port, default_port)
+        except socket.gaierror:
+            pass  # a name only the proxy can resolve: the proxy decides
+        return super().proxy_open(req, proxy, type)
 
 
 def _safe_url(url: str) -> str:
@@ -1780,17 +1997,33 @@ class RegistryError(ArtifactError):
         self.status, self.code, self.retry_after = status, code, retry_after
 
 
+def allowed_scheme(url: str, insecure: Iterable[str]) -> bool:
+    """Whether a redirect or token realm may go to url: https, or http to a host listed in --insecure-registry."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and parts.netloc.lower().rsplit("@", 1)[-1] in insecure
+
+
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follow a few redirects; Authorization only to the same host; never https -> http."""
+    """Follow a few redirects, only to https (or http for an --insecure-registry host); Authorization only to
+    the same host; the fetch's deadline carried along."""
 
     max_redirections = 5
+
+    def __init__(self, insecure: Iterable[str]):
+        super().__init__()
+        self.insecure = frozenset(insecure)
 
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
                          newurl: str) -> Optional[urllib.request.Request]:
         old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
-        if old.scheme == "https" and new.scheme != "https":
-            raise RegistryError(f"refusing a redirect from https to {new.scheme}: {_safe_url(newurl)}")
+        if not allowed_scheme(newurl, self.insecure):
+            raise RegistryError(f"refusing a redirect to {new.scheme}: {_safe_url(newurl)} (only https, or http to "
+                                "an --insecure-registry host)")
         new_req = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new_req is not None:
+            new_req.deadline = _deadline_of(req)  # type: ignore[attr-defined]
         auth = req.unredirected_hdrs.get("Authorization")
         if new_req is not None and auth and (old.hostname, old.port) == (new.hostname, new.port):
             new_req.add_unredirected_header("Authorization", auth)
@@ -1958,8 +2191,17 @@ class RegistryClient:
         if settings.registry_ca:
             context.load_verify_locations(cafile=settings.registry_ca)
         context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)  # 3.13's strict checks refuse many private CAs
-        self.opener = urllib.request.build_opener(_GuardedHTTPHandler(), _GuardedHTTPSHandler(context=context),
-                                                  _RedirectHandler())
+        proxy_host = urllib.parse.urlsplit(settings.registry_proxy).netloc.rsplit("@", 1)[-1]
+        self.policy = AddressPolicy(tuple(p.strip().lower() for p in settings.allowed_registries if p.strip())
+                                    + tuple(self.insecure) + tuple(self.mirrors.values())
+                                    + ((proxy_host.lower(),) if proxy_host else ()))
+        # Only what a registry client needs: no FTP, file or data handlers, no proxy from the environment.
+        self.opener = urllib.request.OpenerDirector()
+        for handler in (_ProxyHandler(settings.registry_proxy, settings.no_proxy, self.policy),
+                        _GuardedHTTPHandler(self.policy), _GuardedHTTPSHandler(self.policy, context),
+                        _RedirectHandler(self.insecure), urllib.request.HTTPDefaultErrorHandler(),
+                        urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+            self.opener.add_handler(handler)
         self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
         self._auth_lock = threading.Lock()
 
@@ -1978,25 +2220,23 @@ class RegistryClient:
     # -- pulling --
     def pull(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False) -> Pulled:
         """Resolve the reference and fetch its compatibility spec, unless known(digest) says we have it."""
-        started, counter = time.monotonic(), [0]
-        host = self.host_for(ref)
-        scope = f"repository:{ref.repository}:pull"
-        body, headers = self._get(host, f"/v2/{ref.repository}/manifests/{ref.reference}", scope,
-                                  ", ".join(MANIFEST_TYPES), MANIFEST_CAP, deadline, f"manifest of {ref}", counter)
+        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
+        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
+                                  MANIFEST_CAP, f"manifest of {ref}")
         digest = self._manifest_digest(ref, body, headers)
         if known(digest):
-            return Pulled(digest, None, counter[0], time.monotonic() - started)
+            return fetch.pulled(digest, None)
         manifest = self._manifest_json(body, f"manifest of {ref}")
-        layer = self._compat_layer(ref, host, scope, manifest, deadline, counter)
+        layer = self._compat_layer(fetch, manifest)
         size = layer.get("size")
         if isinstance(size, int) and size > SPEC_CAP:
             raise RegistryError(f"artifact {ref}: compatibility layer is {size} bytes, over the {SPEC_CAP} byte limit")
-        blob, _ = self._get(host, f"/v2/{ref.repository}/blobs/{layer['digest']}", scope, "*/*", SPEC_CAP, deadline,
-                            f"compatibility layer of {ref}", counter)
+        blob, _ = self._get(fetch, f"/v2/{ref.repository}/blobs/{layer['digest']}", "*/*", SPEC_CAP,
+                            f"compatibility layer of {ref}")
         verify_digest(blob, layer["digest"], f"artifact {ref}: compatibility layer")
         if isinstance(size, int) and size != len(blob):
             raise RegistryError(f"artifact {ref}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
-        return Pulled(digest, blob, counter[0], time.monotonic() - started)
+        return fetch.pulled(digest, blob)
 
     def _manifest_digest(self, ref: Reference, body: bytes, headers: Any) -> str:
         header = headers.get("Docker-Content-Digest", "")
@@ -2016,17 +2256,17 @@ class RegistryClient:
             raise RegistryError(f"{what} is not a JSON object")
         return doc
 
-    def _compat_layer(self, ref: Reference, host: str, scope: str, manifest: Dict[str, Any], deadline: float,
-                      counter: List[int]) -> Dict[str, Any]:
+    def _compat_layer(self, fetch: "Fetch", manifest: Dict[str, Any]) -> Dict[str, Any]:
         """The compatibility layer's descriptor, following an index to the manifest that carries it."""
+        ref = fetch.ref
         if isinstance(manifest.get("manifests"), list):
             children = [m for m in manifest["manifests"] if isinstance(m, dict) and isinstance(m.get("digest"), str)
                         and _DIGEST.match(m["digest"])]
             children.sort(key=lambda m: m.get("artifactType") != COMPAT_MEDIA_TYPE)  # likely ones first
             for child in children[:MAX_INDEX_CHILDREN]:
                 what = f"manifest {child['digest']} in index {ref}"
-                body, _ = self._get(host, f"/v2/{ref.repository}/manifests/{child['digest']}", scope,
-                                    ", ".join(MANIFEST_TYPES), MANIFEST_CAP, deadline, what, counter)
+                body, _ = self._get(fetch, f"/v2/{ref.repository}/manifests/{child['digest']}",
+                                    ", ".join(MANIFEST_TYPES), MANIFEST_CAP, what)
                 verify_digest(body, child["digest"], what)
                 if isinstance(child.get("size"), int) and child["size"] != len(body):
                     raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {child['size']}")
@@ -2057,57 +2297,42 @@ class RegistryClient:
         return layers[0]
 
     # -- one request, with auth, retries, caps and the deadline --
-    def _get(self, host: str, path: str, scope: str, accept: str, cap: int, deadline: float, what: str,
-             counter: List[int]) -> Tuple[bytes, Any]:
-        url = self.base_url(host) + path
+    def _get(self, fetch: "Fetch", path: str, accept: str, cap: int, what: str) -> Tuple[bytes, Any]:
+        """GET path from the fetch's host: authenticating on a 401, retrying 429, 5xx and connection errors with
+        backoff while the budget lasts; the body capped. RegistryError on anything else."""
+        url = self.base_url(fetch.host) + path
         authenticated, attempt = False, 0
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s "
-                                    f"({what})")
-            request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": f"ocifit/{__version__}"})
-            auth = self._cached_auth(host, scope)
-            if auth:
-                request.add_unredirected_header("Authorization", auth)
-            counter[0] += 1
+            request = fetch.request(url, {"Accept": accept}, self._cached_auth(fetch.host, fetch.scope))
             try:
-                with self.opener.open(request, timeout=min(IO_TIMEOUT, remaining)) as response:
-                    body = _read_capped(response, cap, deadline, what, host, self.settings.fetch_budget)
+                with self.opener.open(request, timeout=fetch.io_timeout(what)) as response:
+                    body = _read_capped(response, cap, fetch, what)
                     self.metrics.count("ocifit_registry_requests_total", result=str(response.status))
                     return body, response.headers
             except urllib.error.HTTPError as err:
                 self.metrics.count("ocifit_registry_requests_total", result=str(err.code))
-                error = self._http_error(err, host, what)
                 if err.code == 401 and not authenticated:
                     authenticated = True
-                    self._authenticate(host, scope, err.headers.get_all("WWW-Authenticate") or [], deadline, counter)
+                    self._authenticate(fetch, err.headers.get_all("WWW-Authenticate") or [])
                     continue
                 if err.code == 401:
-                    self._forget_auth(host, scope)
+                    self._forget_auth(fetch.host, fetch.scope)
+                last = self._http_error(err, fetch.host, what)
                 if err.code not in (429, 500, 502, 503, 504):
-                    raise error from None
-                last: Exception = error
+                    raise last from None
             except RegistryError:
                 raise
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                reason = getattr(exc, "reason", exc)
                 self.metrics.count("ocifit_registry_requests_total", result="error")
-                if isinstance(reason, (ForbiddenAddress, ssl.SSLCertVerificationError)):
-                    raise RegistryError(f"registry {host}: {reason}") from None
-                if isinstance(reason, ssl.SSLError) and not isinstance(reason, (socket.timeout, TimeoutError)):
-                    raise RegistryError(f"registry {host}: TLS failed: {reason}") from None
-                if isinstance(reason, (socket.timeout, TimeoutError)):
-                    last = RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s "
-                                         f"({what})")
-                else:
-                    last = RegistryError(f"registry {host} unreachable ({what}): {reason}")
+                last = _transport_error(fetch, exc, what)
+                if last.status == -1:  # not worth a retry
+                    raise last from None
             attempt += 1
-            delay = getattr(last, "retry_after", None)
+            delay = last.retry_after
             delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0) if delay is None else delay
-            if time.monotonic() + delay >= deadline:
+            if time.monotonic() + delay >= fetch.deadline:
                 raise last
-            log.info("registry %s: %s; retrying in %.2fs", host, last, delay)
+            log.info("registry %s: %s; retrying in %.2fs", fetch.host, last, delay)
             time.sleep(delay)
 
     def _http_error(self, err: urllib.error.HTTPError, host: str, what: str) -> RegistryError:
@@ -2141,13 +2366,14 @@ class RegistryClient:
             self._auth.pop((host, scope), None)
             self._auth.pop((host, ""), None)
 
-    def _authenticate(self, host: str, scope: str, headers: List[str], deadline: float, counter: List[int]) -> None:
+    def _authenticate(self, fetch: "Fetch", headers: List[str]) -> None:
         """Answer a 401 challenge: fetch a Bearer token, or use Basic credentials; cache either."""
+        host, scope = fetch.host, fetch.scope
         challenges = parse_challenges(headers)
         credential = self.credentials.lookup(host)
         for scheme, params in challenges:
             if scheme == "bearer" and params.get("realm"):
-                token, lifetime = self._fetch_token(host, params, scope, credential, deadline, counter)
+                token, lifetime = self._fetch_token(fetch, params, credential)
                 with self._auth_lock:
                     self._auth[(host, scope)] = ("Bearer " + token, time.monotonic() + lifetime)
                 return
@@ -2161,15 +2387,16 @@ class RegistryClient:
                 return
         raise RegistryError(f"registry {host} answered 401 without a Bearer or Basic challenge", 401)
 
-    def _fetch_token(self, host: str, params: Mapping[str, str], scope: str, credential: Optional[Credential],
-                     deadline: float, counter: List[int]) -> Tuple[str, float]:
-        realm = params["realm"]
+    def _fetch_token(self, fetch: "Fetch", params: Mapping[str, str], credential: Optional[Credential]
+                     ) -> Tuple[str, float]:
+        host, realm = fetch.host, params["realm"]
         parts = urllib.parse.urlsplit(realm)
-        if parts.scheme not in ("http", "https") or (parts.scheme == "http" and host not in self.insecure):
-            raise RegistryError(f"registry {host}: refusing token realm {_safe_url(realm)} (needs https)")
-        query = {k: v for k, v in (("service", params.get("service", "")), ("scope", params.get("scope") or scope))
-                 if v}
-        headers = {"User-Agent": f"ocifit/{__version__}"}
+        if not allowed_scheme(realm, self.insecure):
+            raise RegistryError(f"registry {host}: refusing token realm {_safe_url(realm)} (needs https, or http to "
+                                "an --insecure-registry host)")
+        query = {k: v for k, v in (("service", params.get("service", "")),
+                                   ("scope", params.get("scope") or fetch.scope)) if v}
+        headers: Dict[str, str] = {}
         data = None
         if credential and credential.identity_token:
             data = urllib.parse.urlencode(dict(query, grant_type="refresh_token", client_id="ocifit",
@@ -2178,23 +2405,19 @@ class RegistryClient:
             url = realm
         else:
             url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
-        request = urllib.request.Request(url, data=data, headers=headers)
-        if credential and credential.username and not credential.identity_token:
-            request.add_unredirected_header("Authorization", credential.basic())
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RegistryError(f"registry {host} did not answer within {self.settings.fetch_budget:g}s (token)")
-        counter[0] += 1
+        basic = credential.basic() if credential and credential.username and not credential.identity_token else None
+        request = fetch.request(url, headers, basic, data)
         try:
-            with self.opener.open(request, timeout=min(IO_TIMEOUT, remaining)) as response:
-                body = _read_capped(response, 64 * 1024, deadline, "token", host, self.settings.fetch_budget)
+            with self.opener.open(request, timeout=fetch.io_timeout("token")) as response:
+                body = _read_capped(response, 64 * 1024, fetch, "token")
         except urllib.error.HTTPError as err:
             raise RegistryError(f"registry {host}: token service {_safe_url(realm)} answered HTTP {err.code}"
                                 + ("; check --registry-config credentials" if err.code in (401, 403) else ""),
                                 err.code) from None
+        except RegistryError:
+            raise
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise RegistryError(f"registry {host}: token service {_safe_url(realm)} unreachable: "
-                                f"{getattr(exc, 'reason', exc)}") from None
+            raise _transport_error(fetch, exc, f"token from {_safe_url(realm)}") from None
         try:
             answer = load_json(body)
             token = answer.get("token") or answer.get("access_token")
@@ -2206,40 +2429,102 @@ class RegistryClient:
         return token, max(60.0, lifetime) - 5  # the distribution spec's floor is 60 s; renew a little early
 
 
-def _read_capped(response: Any, cap: int, deadline: float, what: str, host: str, budget: float) -> bytes:
-    """At most cap+1 bytes of a body, each read bounded by the deadline; RegistryError past either."""
+def _read_capped(response: Any, cap: int, fetch: "Fetch", what: str) -> bytes:
+    """At most cap+1 bytes of a body, read by the fetch's deadline; RegistryError past either. The reaper shuts
+    the socket down at the deadline, however slowly the body drips, and the read then ends early."""
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > cap:
-        raise RegistryError(f"{what} from {host} is {declared} bytes, over the {cap} byte limit")
+        raise RegistryError(f"{what} from {fetch.host} is {declared} bytes, over the {cap} byte limit")
     chunks, total = [], 0
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RegistryError(f"registry {host} did not answer within {budget:g}s ({what} still arriving)")
         try:
-            response.fp.raw._sock.settimeout(min(IO_TIMEOUT, remaining))  # a slow drip must not outlive the budget
-        except AttributeError:
-            pass
-        chunk = response.read1(min(65536, cap + 1 - total))
+            chunk = response.read1(min(65536, cap + 1 - total))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise _transport_error(fetch, exc, what) from None
         if not chunk:
+            if time.monotonic() >= fetch.deadline:
+                raise fetch.timed_out(f"{what} still arriving")
+            if response.length:  # fewer bytes than Content-Length said
+                raise RegistryError(f"registry {fetch.host}: {what} broke off after {total} bytes")
             return b"".join(chunks)
         chunks.append(chunk)
         total += len(chunk)
         if total > cap:
-            raise RegistryError(f"{what} from {host} is over the {cap} byte limit")
+            raise RegistryError(f"{what} from {fetch.host} is over the {cap} byte limit")
+
+
+def _transport_error(fetch: "Fetch", exc: BaseException, what: str) -> RegistryError:
+    """The RegistryError for a failed connection or read; status -1 when a retry cannot help."""
+    reason = getattr(exc, "reason", exc)
+    if time.monotonic() >= fetch.deadline or isinstance(reason, (socket.timeout, TimeoutError)):
+        return fetch.timed_out(what)
+    if isinstance(reason, (ForbiddenAddress, ssl.SSLCertVerificationError)):
+        return RegistryError(f"registry {fetch.host}: {reason}", -1)
+    if isinstance(reason, ssl.SSLError):
+        return RegistryError(f"registry {fetch.host}: TLS failed: {reason}", -1)
+    return RegistryError(f"registry {fetch.host} unreachable ({what}): {reason}")
+
+
+@dataclass
+class Fetch:
+    """One pull's state: the reference, the host asked, the deadline every request and socket shares, and how
+    many requests it has made."""
+
+    ref: Reference
+    host: str
+    deadline: float
+    budget: float
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+
+    @property
+    def scope(self) -> str:
+        return f"repository:{self.ref.repository}:pull"
+
+    def request(self, url: str, headers: Dict[str, str], authorization: Optional[str] = None,
+                data: Optional[bytes] = None) -> urllib.request.Request:
+        """A request that carries the deadline (to its socket and redirects), counted; fails if it has passed."""
+        if time.monotonic() >= self.deadline:
+            raise self.timed_out(urllib.parse.urlsplit(url).path)
+        request = urllib.request.Request(url, data=data, headers=dict(headers, **{"User-Agent": USER_AGENT}))
+        request.deadline = self.deadline  # type: ignore[attr-defined]
+        if authorization:
+            request.add_unredirected_header("Authorization", authorization)
+        self.requests += 1
+        return request
+
+    def io_timeout(self, what: str) -> float:
+        """The timeout for each socket operation: what remains of the budget, at most IO_TIMEOUT."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.timed_out(what)
+        return min(IO_TIMEOUT, remaining)
+
+    def timed_out(self, what: str) -> RegistryError:
+        return RegistryError(f"registry {self.host} did not answer within {self.budget:g}s ({what})")
+
+    def pulled(self, digest: str, spec_bytes: Optional[bytes]) -> "Pulled":
+        return Pulled(digest, spec_bytes, self.requests, time.monotonic() - self.started)
 
 
 # ---- the cache ---------------------------------------------------------------------------
 
 @dataclass
 class _Flight:
-    """One fetch in progress; admissions for the same reference wait on it instead of fetching again."""
+    """One fetch in progress; admissions for the same reference wait on it instead of fetching again. A failed
+    one keeps only its error's kind and text: an exception would keep its traceback, and with it the buffers
+    of the fetch that failed."""
 
     done: threading.Event = field(default_factory=threading.Event)
     digest: str = ""
     spec: Optional[Spec] = None
-    error: Optional[Exception] = None
+    error: Optional[Tuple[type, str]] = None  # (ArtifactError or SpecError, message)
     finished_at: float = 0.0
+
+    def raise_error(self) -> None:
+        assert self.error is not None
+        kind, text = self.error
+        raise kind(text)
 
 
 class RegistryArtifacts:
@@ -2253,66 +2538,64 @@ class RegistryArtifacts:
         self.metrics = metrics or Metrics()
         self.client = client or RegistryClient(settings, self.metrics)
         self.allowed = tuple(p for p in settings.allowed_registries if p.strip())
-        self._specs: "collections.OrderedDict[str, Spec]" = collections.OrderedDict()
-        self._tags: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
+        self._specs = BoundedCache(dataclasses.replace(CACHE_BOUNDS["specs"], entries=settings.cache_size))
+        self._tags = BoundedCache(CACHE_BOUNDS["tags"])  # str(ref) -> (digest, when it was resolved)
+        self._hits = BoundedCache(CACHE_BOUNDS["hits"])
+        self._failures = BoundedCache(CACHE_BOUNDS["failures"])  # str(ref) -> its failed _Flight
         self._flights: Dict[str, _Flight] = {}
-        self._failures: Dict[str, _Flight] = {}
-        self._hits: Dict[str, Artifact] = {}  # the cache-hit Artifact per image-ref text, made once
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # for _flights: one fetch per reference
 
     def get(self, text: str, deadline: float) -> Artifact:
         ref = parse_reference(text)
         check_allowed(ref, self.allowed)
         key = str(ref)
-        with self._lock:
-            hit = self._fresh(key, ref)
-            if hit is None:
-                failed = self._failures.get(key)
-                if failed and time.monotonic() - failed.finished_at < self.ERROR_TTL:
-                    flight = failed
-                else:
-                    flight = self._flights.get(key) or self._start(key, ref)
+        hit = self._fresh(key, ref)
         if hit is not None:
             self.metrics.count("ocifit_artifact_cache_total", result="hit")
             artifact = self._hits.get(text)
             if artifact is None or artifact.digest != hit[0]:
                 artifact = Artifact(text, hit[1], hit[0], "cache")
-                if len(self._hits) >= 4 * self.settings.cache_size:
-                    self._hits.clear()
-                self._hits[text] = artifact
+                self._hits.put(text, artifact, 256 + len(text))
             return artifact
+        with self._lock:
+            failed = self._failures.get(key)
+            if failed and time.monotonic() - failed.finished_at < self.ERROR_TTL:
+                flight = failed
+            else:
+                flight = self._flights.get(key)
+                if flight is None:
+                    hit = self._fresh(key, ref)  # a flight that just landed has left its result
+                    flight = self._start(key, ref) if hit is None else None
+        if flight is None:
+            return self.get(text, deadline)
         self.metrics.count("ocifit_artifact_cache_total", result="miss")
         finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
         if finished and flight.error is None and flight.spec is not None:
             return Artifact(text, flight.spec, flight.digest, "registry")
-        error = flight.error if finished else ArtifactError(
-            f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s (artifact {text})")
-        if isinstance(error, SpecError):
-            raise error
+        if finished and flight.error is not None and flight.error[0] is SpecError:
+            flight.raise_error()
         stale = self._stale(key)
+        why = flight.error[1] if finished and flight.error is not None else (
+            f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s (artifact {text})")
         if stale is not None:
             self.metrics.count("ocifit_artifact_cache_total", result="stale")
-            log.warning("artifact %s: %s; serving the last good spec (%s)", text, error, stale[0])
+            log.warning("artifact %s: %s; serving the last good spec (%s)", text, why, stale[0])
             return Artifact(text, stale[1], stale[0], "stale",
                             (f"ocifit: artifact {text} served from cache, registry unavailable",))
-        raise error  # type: ignore[misc]
+        raise ArtifactError(why)
 
     def _fresh(self, key: str, ref: Reference) -> Optional[Tuple[str, Spec]]:
-        """(digest, spec) from the cache when the tag is still trusted (digests always are). Holds the lock."""
+        """(digest, spec) from the cache when the tag is still trusted (digests always are)."""
         entry = self._tags.get(key)
         if entry is None or (not ref.digest and time.monotonic() - entry[1] > self.settings.tag_ttl):
             return None
         spec = self._specs.get(entry[0])
-        if spec is None:
-            return None
-        self._specs.move_to_end(entry[0])
-        return entry[0], spec
+        return None if spec is None else (entry[0], spec)
 
     def _stale(self, key: str) -> Optional[Tuple[str, Spec]]:
         """(digest, spec) last resolved for the reference, if it is no older than --max-stale."""
-        with self._lock:
-            entry = self._tags.get(key)
-            spec = self._specs.get(entry[0]) if entry else None
+        entry = self._tags.get(key)
+        spec = self._specs.get(entry[0]) if entry else None
         if not entry or not spec:
             return None
         age = time.monotonic() - entry[1]
@@ -2323,6 +2606,7 @@ class RegistryArtifacts:
         return entry[0], spec
 
     def _start(self, key: str, ref: Reference) -> _Flight:
+        """A new flight for the reference, fetched in a thread of its own. Holds the lock."""
         flight = _Flight()
         self._flights[key] = flight
         threading.Thread(target=self._fetch, args=(key, ref, flight), name=f"fetch {key}", daemon=True).start()
@@ -2331,48 +2615,32 @@ class RegistryArtifacts:
     def _fetch(self, key: str, ref: Reference, flight: _Flight) -> None:
         deadline = time.monotonic() + self.settings.fetch_budget
         try:
-            with self._lock:
-                known = set(self._specs)
-            pulled = self.client.pull(ref, deadline, known=known.__contains__)
-            if pulled.spec_bytes is None:
-                with self._lock:
-                    spec = self._specs.get(pulled.digest)
-                if spec is None:  # evicted meanwhile: fetch the blob after all
-                    pulled = self.client.pull(ref, deadline)
+            pulled = self.client.pull(ref, deadline, known=self._specs.__contains__)
+            spec = self._specs.get(pulled.digest) if pulled.spec_bytes is None else None
+            if pulled.spec_bytes is None and spec is None:  # evicted meanwhile: fetch the blob after all
+                pulled = self.client.pull(ref, deadline)
             if pulled.spec_bytes is not None:
                 spec = parse_spec(pulled.spec_bytes)
+                self._specs.put(pulled.digest, spec, 8 * len(pulled.spec_bytes) + 1024)
+            assert spec is not None
             flight.digest, flight.spec = pulled.digest, spec
-            with self._lock:
-                self._remember(key, pulled.digest, spec)
+            self._tags.put(key, (pulled.digest, time.monotonic()), 200 + len(key))
             log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
                      pulled.requests, pulled.seconds * 1000)
         except (ArtifactError, SpecError) as exc:
-            flight.error = exc
+            flight.error = (SpecError if isinstance(exc, SpecError) else ArtifactError, str(exc))
         except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
             log.exception("unexpected error fetching %s", ref)
-            flight.error = ArtifactError(f"artifact {ref}: unexpected error: {exc!r}")
+            flight.error = (ArtifactError, f"artifact {ref}: unexpected error: {exc!r}")
         finally:
             flight.finished_at = time.monotonic()
             with self._lock:
                 self._flights.pop(key, None)
                 if flight.error is not None:
-                    self._failures[key] = flight
-                    if len(self._failures) > 1024:
-                        self._failures.clear()
+                    self._failures.put(key, flight, 256 + len(flight.error[1]))
                 else:
-                    self._failures.pop(key, None)
+                    self._failures.pop(key)
             flight.done.set()
-
-    def _remember(self, key: str, digest: str, spec: Spec) -> None:
-        """Store a result; both maps are LRU-bounded. Holds the lock."""
-        self._specs[digest] = spec
-        self._specs.move_to_end(digest)
-        while len(self._specs) > self.settings.cache_size:
-            self._specs.popitem(last=False)
-        self._tags[key] = (digest, time.monotonic())
-        self._tags.move_to_end(key)
-        while len(self._tags) > 4 * self.settings.cache_size:
-            self._tags.popitem(last=False)
 
 
 # ============================================================================================
@@ -2496,6 +2764,10 @@ def parse_review(body: bytes) -> Dict[str, Any]:
         raise BadReview(f"request body is not valid JSON: {exc}") from None
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
         raise BadReview("request body is not an AdmissionReview (kind must be AdmissionReview)")
+    if review.get("apiVersion") not in ADMISSION_VERSIONS:
+        raise BadReview(f"AdmissionReview apiVersion {str(review.get('apiVersion'))[:100]} is not one ocifit answers "
+                        f"({' or '.join(ADMISSION_VERSIONS)}); set admissionReviewVersions to [v1] in the webhook "
+                        "configuration")
     request = review.get("request")
     if not isinstance(request, dict):
         raise BadReview("AdmissionReview has no request object")
@@ -2667,11 +2939,18 @@ def escape_pointer(token: str) -> str:
 def mutation(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact) -> Decision:
     """The decision that swaps the target images for the chosen one and records why in the pod's annotations."""
     artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
-    return _mutation(tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
-                     artifact_note, choice.candidates, artifact.origin, artifact.warnings)
+    key = (tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
+           artifact_note, choice.candidates, artifact.origin, artifact.warnings)
+    decision = _MUTATIONS.get(key)
+    if decision is None:
+        decision = _mutation(*key)
+        _MUTATIONS.put(key, decision, 400 * len(targets) + 2048)
+    return decision
 
 
-@functools.lru_cache(maxsize=512)
+_MUTATIONS = BoundedCache(CACHE_BOUNDS["mutations"])
+
+
 def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str,
               candidates: int, origin: str, warnings: Tuple[str, ...]) -> Decision:
     """Made once per distinct outcome, with its patch encoded: every pod of a Deployment shares one. Decisions
@@ -2746,7 +3025,7 @@ def encode_review_response(review: Mapping[str, Any], decision: Decision) -> byt
 
 def _answer_version(review: Mapping[str, Any]) -> str:
     api_version = review.get("apiVersion")
-    return api_version if api_version in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1") else "admission.k8s.io/v1"
+    return api_version if api_version in ADMISSION_VERSIONS else ADMISSION_VERSIONS[0]
 
 
 class AdmissionLine:
@@ -2984,8 +3263,184 @@ class TLSFiles:
         return True
 
 
+class SocketReaper:
+    """Shuts down sockets whose deadline has passed, so that a thread blocked on one wakes at once.
+
+    This gives a deadline to a whole exchange (a TLS handshake with a request's headers and body, a registry
+    fetch), which per-read timeouts cannot: a peer sending a byte just before each timeout would hold a thread
+    for ever. Deadlines are checked every `interval` seconds. The reaper shuts a socket down rather than closing
+    it, and under the same lock that forget() takes, so the owner closes its own socket and a descriptor is
+    never reused under it."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self._entries: Dict[Any, Tuple[float, socket.socket]] = {}
+        self._lock = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, key: Any, sock: socket.socket, deadline: float) -> None:
+        """Shut `sock` down at `deadline` (monotonic) unless forget(key) comes first; a later call moves it."""
+        with self._lock:
+            self._entries[key] = (deadline, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="socket-reaper", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def forget(self, key: Any) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._entries:
+                    self._lock.wait()
+                now = time.monotonic()
+                for key in [k for k, (deadline, _) in self._entries.items() if deadline <= now]:
+                    _, sock = self._entries.pop(key)
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the socket's own, not SSLSocket's
+                    except OSError:
+                        pass
+            time.sleep(self.interval)
+
+
+REAPER = SocketReaper()
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection: its socket (the TLS one once wrapped), its client address and what it is doing.
+    `waiting` connections (no request under way: fresh, or kept alive between requests) are the ones closed
+    first when slots run short."""
+
+    sock: socket.socket
+    client: str
+    accepted: float = field(default_factory=time.monotonic)
+    waiting: bool = False
+    since: float = 0.0  # when it began waiting
+    evicted: bool = False
+
+
+class ConnectionTable:
+    """The open connections, with a cap in all and a cap per client address. When a new connection finds the
+    slots full, the longest-waiting idle connection is closed to make room (of the same client, when that
+    client is at its own cap); only when none waits is the new one refused. Refusals are counted and logged at
+    most once every LOG_EVERY seconds, with how many there were."""
+
+    LOG_EVERY = 5.0
+
+    def __init__(self, most: int, most_per_client: int, metrics: "Metrics"):
+        self.most, self.most_per_client, self.metrics = most, most_per_client, metrics
+        self._lock = threading.Lock()
+        self._open: Dict[int, Connection] = {}
+        self._per_client: Dict[str, int] = collections.Counter()
+        self._refused_unlogged = 0
+        self._refusal_logged_at = -1e9
+        for reason in ("capacity", "per-client"):
+            metrics.count("ocifit_connections_refused_total", 0, reason=reason)
+        metrics.count("ocifit_connections_evicted_total", 0)
+        metrics.gauge("ocifit_connections_open", lambda: len(self._open))
+
+    def admit(self, sock: socket.socket, client: str) -> Optional[Connection]:
+        """A Connection for a new socket, or None when it must be refused."""
+        with self._lock:
+            if self._per_client[client] >= self.most_per_client and not self._evict_one(client):
+                refused = "per-client"
+            elif len(self._open) >= self.most and not self._evict_one(None):
+                refused = "capacity"
+            else:
+                connection = Connection(sock, client)
+                self._open[id(connection)] = connection
+                self._per_client[client] += 1
+                return connection
+        self._refused(refused, client)
+        return None
+
+    def _evict_one(self, client: Optional[str]) -> bool:
+        """Close the longest-waiting idle connection (of `client`, if given). Holds the lock."""
+        idle = [c for c in self._open.values() if c.waiting and (client is None or c.client == client)]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.since)
+        self._drop(victim)
+        victim.evicted = True
+        REAPER.forget(victim)
+        try:
+            socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)  # its thread wakes, sees EOF and closes it
+        except OSError:
+            pass
+        self.metrics.count("ocifit_connections_evicted_total")
+        return True
+
+    def _drop(self, connection: Connection) -> None:
+        if self._open.pop(id(connection), None) is not None:
+            self._per_client[connection.client] -= 1
+            if not self._per_client[connection.client]:
+                del self._per_client[connection.client]
+
+    def wait(self, connection: Connection) -> None:
+        """The connection has no request under way: it may be closed to make room."""
+        with self._lock:
+            connection.waiting, connection.since = True, time.monotonic()
+
+    def busy(self, connection: Connection) -> bool:
+        """A request has begun on the connection; False if it was closed to make room meanwhile."""
+        with self._lock:
+            connection.waiting = False
+            return not connection.evicted
+
+    def release(self, connection: Connection) -> None:
+        REAPER.forget(connection)
+        with self._lock:
+            self._drop(connection)
+
+    def _refused(self, reason: str, client: str) -> None:
+        self.metrics.count("ocifit_connections_refused_total", reason=reason)
+        now = time.monotonic()
+        with self._lock:
+            self._refused_unlogged += 1
+            if now - self._refusal_logged_at < self.LOG_EVERY:
+                return
+            count, self._refused_unlogged, self._refusal_logged_at = self._refused_unlogged, 0, now
+        cap = (f"{self.most_per_client} connections per client (--max-connections-per-client)"
+               if reason == "per-client" else f"{self.most} connections (--max-connections)")
+        log.warning("refused %d connection%s: %s open already; the latest from %s",
+                    count, "" if count == 1 else "s", cap, client)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class InFlight:
+    """The admission requests in flight and the bytes of their bodies. A body that would take the total past the
+    budget is turned away (the server answers 429 with Retry-After), unless nothing else is in flight: memory
+    for bodies stays bounded, and one body of the largest size is always taken."""
+
+    def __init__(self, budget: int):
+        self.budget, self.requests, self.bytes = budget, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.requests and self.bytes + size > self.budget:
+                return False
+            self.requests, self.bytes = self.requests + 1, self.bytes + size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.requests, self.bytes = self.requests - 1, self.bytes - size
+
+
 class WebhookServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with TLS handshakes in the connection's thread and a connection cap."""
+    """ThreadingHTTPServer with TLS handshakes in each connection's own thread, a deadline for each request
+    (handshake, headers and body together), caps on connections in all and per client, idle connections
+    closed first when slots run short, and a budget for request bodies in flight."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -2994,9 +3449,10 @@ class WebhookServer(http.server.ThreadingHTTPServer):
     def __init__(self, settings: Settings, webhook: Webhook, tls: Optional[TLSFiles]):
         self.settings, self.webhook, self.tls = settings, webhook, tls
         self.draining = False
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
-        self._active = 0
-        self._active_lock = threading.Lock()
+        self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client,
+                                           webhook.metrics)
+        self.bodies = InFlight(settings.max_inflight_bytes)
+        webhook.metrics.gauge("ocifit_admissions_in_flight", lambda: self.bodies.requests)
         address = settings.bind or "::"
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
@@ -3022,38 +3478,59 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("closing connection from %s: %d connections open already",
-                        client_address[0], self.settings.max_connections)
+        """Admit the connection or close it at once; admitted ones get a thread of their own."""
+        client = str(client_address[0])
+        if client.startswith("::ffff:"):
+            client = client[7:]  # an IPv4 client on the dual-stack socket
+        connection = self.connections.admit(request, client)
+        if connection is None:
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        REAPER.watch(connection, request, connection.accepted + self._first_deadline(handshake=self.tls is not None))
+        threading.Thread(target=self.process_request_thread, args=(request, client_address, connection),
+                         daemon=True).start()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def process_request_thread(self, request: Any, client_address: Any,  # type: ignore[override]
+                               connection: Optional[Connection] = None) -> None:
+        assert connection is not None
         try:
             if self.tls is not None:
-                request = self._handshake(request, client_address)
+                request = self._handshake(request, client_address, connection)
             if request is not None:
-                self.finish_request(request, client_address)
+                self.finish_request(request, client_address, connection)  # type: ignore[call-arg]
         except Exception:
             self.handle_error(request, client_address)
         finally:
+            self.connections.release(connection)
             if request is not None:
                 self.shutdown_request(request)
-            self._slots.release()
 
-    def _handshake(self, sock: socket.socket, client_address: Any) -> Optional[ssl.SSLSocket]:
-        """TLS in this connection's own thread, bounded by the handshake timeout."""
+    def finish_request(self, request: Any, client_address: Any,  # type: ignore[override]
+                       connection: Optional[Connection] = None) -> None:
+        WebhookHandler(request, client_address, self, connection)
+
+    def _handshake(self, sock: socket.socket, client_address: Any, connection: Connection
+                   ) -> Optional[ssl.SSLSocket]:
+        """TLS in this connection's own thread, done by the handshake deadline."""
         assert self.tls is not None
         sock.settimeout(self.settings.handshake_timeout)
         try:
             tls_sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            connection.sock = tls_sock  # wrapping took over the descriptor: the reaper must hold the new socket
+            REAPER.watch(connection, tls_sock, connection.accepted + self._first_deadline(handshake=True))
             tls_sock.do_handshake()
+            REAPER.watch(connection, tls_sock, connection.accepted + self._first_deadline(handshake=False))
             return tls_sock
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.debug("TLS handshake with %s failed: %s", client_address[0], exc)
             sock.close()
             return None
+
+    def _first_deadline(self, handshake: bool) -> float:
+        """Seconds from accept() by which the handshake (if `handshake`), or the first request's headers and
+        body, must have arrived."""
+        settings = self.settings
+        return min(settings.handshake_timeout, settings.request_timeout) if handshake else settings.request_timeout
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -3061,18 +3538,6 @@ class WebhookServer(http.server.ThreadingHTTPServer):
             log.debug("connection from %s ended: %s", client_address[0], exc)
         else:
             log.exception("unexpected error serving %s", client_address[0])
-
-    def enter(self) -> None:
-        with self._active_lock:
-            self._active += 1
-
-    def leave(self) -> None:
-        with self._active_lock:
-            self._active -= 1
-
-    @property
-    def active(self) -> int:
-        return self._active
 
     def readiness(self) -> Tuple[bool, str]:
         if self.draining:
@@ -3091,22 +3556,54 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
     server: WebhookServer
 
+    def __init__(self, request: Any, client_address: Any, server: WebhookServer,
+                 tracked: Optional[Connection] = None):
+        self.tracked = tracked  # the server's record of this connection (None when built by hand)
+        self.served = 0
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
-        self.timeout = self.server.settings.idle_timeout
+        self.timeout = self.server.settings.request_timeout
         super().setup()
 
-    def reply(self, status: int, body: bytes, content_type: str = "application/json", close: bool = False) -> None:
+    def handle_one_request(self) -> None:
+        """One request, after waiting for its first byte: between requests the connection is idle (closed after
+        --idle-timeout, or sooner when slots run short); from the first byte on, headers and body must arrive
+        within --request-timeout in all (the first request's count from accept(), handshake included)."""
+        settings, tracked = self.server.settings, self.tracked
+        if tracked is not None:
+            self.server.connections.wait(tracked)
+            if self.served:
+                REAPER.watch(tracked, tracked.sock, tracked.since + settings.idle_timeout)
+                self.connection.settimeout(settings.idle_timeout)
+        try:
+            started = self.rfile.peek(1)
+        except (OSError, ValueError):  # idle timeout, evicted, reset
+            started = b""
+        if not started or (tracked is not None and not self.server.connections.busy(tracked)):
+            self.close_connection = True
+            return
+        if self.served and tracked is not None:
+            REAPER.watch(tracked, tracked.sock, time.monotonic() + settings.request_timeout)
+            self.connection.settimeout(settings.request_timeout)
+        self.served += 1
+        super().handle_one_request()
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json", close: bool = False,
+              headers: Optional[Mapping[str, str]] = None) -> None:
         """Status line, headers and body in one write, so no response waits on Nagle's algorithm."""
         phrase = http.HTTPStatus(status).phrase
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n")
+                f"Content-Length: {len(body)}\r\n{extra}" + ("Connection: close\r\n" if close else "") + "\r\n")
         self.wfile.write(head.encode("latin-1") + body)
         if close:
             self.close_connection = True
         self.log_request(status, len(body))
 
-    def reply_json(self, status: int, payload: Any, close: bool = False) -> None:
-        self.reply(status, json.dumps(payload).encode(), close=close)
+    def reply_json(self, status: int, payload: Any, close: bool = False,
+                   headers: Optional[Mapping[str, str]] = None) -> None:
+        self.reply(status, json.dumps(payload).encode(), close=close, headers=headers)
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Errors the stdlib detects (bad request line, unsupported method) as one JSON reply, then close."""
@@ -3127,43 +3624,52 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
-        body = self.read_body()
-        if body is None:
-            return
         if path != "/mutate":
-            self.reply_json(404, {"error": f"no such path {path}; admission reviews go to POST /mutate"})
+            self.reply_json(404, {"error": f"no such path {path}; admission reviews go to POST /mutate"}, close=True)
             return
-        self.server.enter()
-        try:
+        length = self.body_length()
+        if length is None:
+            return
+        if not self.server.bodies.take(length):
+            self.server.webhook.metrics.count("ocifit_requests_shed_total", reason="body-budget")
+            self.reply_json(429, {"error": "too many large request bodies in flight; retry shortly"}, close=True,
+                            headers={"Retry-After": "1"})
+            return
+        try:  # in flight (for the drain on SIGTERM) from here, the body's upload included
+            body = self.rfile.read(length)
+            if len(body) < length:
+                self.close_connection = True
+                return
+            if self.tracked is not None:  # deciding may take the fetch budget; then the reply must go out
+                REAPER.watch(self.tracked, self.tracked.sock, time.monotonic() + self.server.settings.fetch_budget
+                             + self.server.settings.request_timeout)
             status, reply = self.server.webhook.handle_encoded(body)
+            del body
+            self.reply(status, reply)
         finally:
-            self.server.leave()
-        self.reply(status, reply)
+            self.server.bodies.give_back(length)
 
-    def read_body(self) -> Optional[bytes]:
-        """The request body, or None after answering 400 for a missing, oversized or short one."""
+    def body_length(self) -> Optional[int]:
+        """The request's Content-Length, or None after answering 400 (or 415) for a request ocifit won't read:
+        chunked, no length, two lengths, a length that is not plain digits, too long, or not JSON."""
+        lengths = self.headers.get_all("Content-Length") or []
+        error = ""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.reply_json(400, {"error": "chunked request bodies are not supported; send Content-Length"},
+            error = "chunked request bodies are not supported; send Content-Length"
+        elif len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,19}", lengths[0].strip()):
+            error = "request needs exactly one Content-Length header of plain digits"
+        elif int(lengths[0]) > self.server.settings.max_body:
+            error = (f"request body of {int(lengths[0])} bytes exceeds the limit of {self.server.settings.max_body} "
+                     "bytes")
+        if error:
+            self.reply_json(400, {"error": error}, close=True)
+            return None
+        media_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            self.reply_json(415, {"error": f"Content-Type {media_type or '(none)'} is not application/json"},
                             close=True)
             return None
-        raw = self.headers.get("Content-Length")
-        try:
-            length = int(raw) if raw is not None else -1
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.reply_json(400, {"error": "request needs a valid Content-Length header"}, close=True)
-            return None
-        limit = self.server.settings.max_body
-        if length > limit:
-            self.reply_json(400, {"error": f"request body of {length} bytes exceeds the limit of {limit} bytes"},
-                            close=True)
-            return None
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            return None
-        return body
+        return int(lengths[0])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         if log.isEnabledFor(logging.DEBUG):  # the access log: formatted only when someone reads it
@@ -3234,7 +3740,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
                  settings.shutdown_grace)
         deadline = time.monotonic() + settings.shutdown_grace
         time.sleep(min(1.0, settings.shutdown_grace))  # let endpoints notice readiness before we go
-        while server.active and time.monotonic() < deadline:
+        while server.bodies.requests and time.monotonic() < deadline:
             time.sleep(0.05)
         server.shutdown()
 

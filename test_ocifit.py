@@ -176,10 +176,16 @@ def run_cli(*args: str, stdin: Optional[str] = None, env: Optional[Dict[str, str
 
 
 def _loopback(host: str) -> bool:
+    """Whether a host stays on this machine: loopback, or the unspecified address, in any numeric form
+    (127.1 and 2130706433 included, as inet_aton reads them)."""
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0].strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.split("%", 1)[0].strip("[]"))
     except ValueError:
-        return host == "localhost"
+        try:
+            ip = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return host == "localhost"
+    return ip.is_loopback or ip.is_unspecified
 
 
 @pytest.fixture(autouse=True)
@@ -1103,13 +1109,52 @@ def test_allow_list_entries_and_wildcards() -> None:
     assert not ocifit.registry_matches("ghcr.io:443", "ghcr.io")
 
 
-@pytest.mark.parametrize("address,why", [("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"),
-                                         ("169.254.10.1", "link-local"), ("fe80::1%eth0", "link-local"),
-                                         ("::ffff:169.254.169.254", "metadata"), ("127.0.0.1", None),
-                                         ("10.0.0.5", None)])
-def test_metadata_and_link_local_addresses_are_never_fetched_from(address: str, why: Optional[str]) -> None:
-    reason = ocifit.forbidden_address(address)
-    assert (reason is None) if why is None else (why in reason)
+@pytest.mark.parametrize("address,why,always", [
+    ("169.254.169.254", "a cloud metadata address", True), ("fd00:ec2::254", "a cloud metadata address", True),
+    ("168.63.129.16", "a cloud metadata address", True),  # Azure WireServer
+    ("169.254.10.1", "a link-local address", True), ("fe80::1%eth0", "a link-local address", True),
+    ("::ffff:169.254.169.254", "a cloud metadata address (169.254.169.254, inside ::ffff:a9fe:a9fe)", True),
+    ("127.0.0.1", "a loopback address", False), ("::1", "a loopback address", False),
+    ("0.0.0.0", "an unspecified address", False), ("::", "an unspecified address", False),
+    ("10.0.0.5", "a private address", False), ("172.20.1.1", "a private address", False),
+    ("192.168.1.1", "a private address", False), ("fd12:3456::1", "a private address", False),
+    ("100.64.0.10", "a shared (carrier-grade NAT) address", False),
+    ("224.0.0.1", "a multicast or broadcast address", False), ("ff02::1", "a multicast or broadcast address", False),
+    ("192.0.2.1", "a documentation or benchmarking address", False),
+    ("2001:db8::1", "a documentation or benchmarking address", False),
+    ("64:ff9b::7f00:1", "a loopback address (127.0.0.1, inside 64:ff9b::7f00:1)", False),  # NAT64
+    ("2002:a00:1::", "a private address (10.0.0.1, inside 2002:a00:1::)", False),  # 6to4
+    ("::127.0.0.1", "a loopback address (127.0.0.1, inside ::7f00:1)", False),  # IPv4-compatible
+    ("::ffff:10.1.2.3", "a private address (10.1.2.3, inside ::ffff:a01:203)", False),
+    ("64:ff9b::a9fe:a9fe", "a cloud metadata address (169.254.169.254, inside 64:ff9b::a9fe:a9fe)", True),
+    ("8.8.8.8", None, False), ("2606:4700:4700::1111", None, False), ("64:ff9b::808:808", None, False),
+])
+def test_only_public_unicast_addresses_are_fetched_from_by_default(address: str, why: Optional[str],
+                                                                   always: bool) -> None:
+    assert ocifit.address_refusal(address) == (why, always)
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0.0.0.0", "[::1]", "localhost"])
+def test_a_pod_author_cannot_make_ocifit_fetch_from_loopback(stubs: Any, host: str) -> None:
+    routes, _ = artifact_routes()
+    stub = stubs(routes)  # a registry really listens there
+    closed = _free_port()
+    messages = []
+    for port in (stub.port, closed):  # the same answer whether or not the port is open: no port-scan oracle
+        with pytest.raises(ocifit.RegistryError) as refused:
+            pull_spec(f"{host}:{port}/app:v1", ocifit.Settings())
+        messages.append(str(refused.value).replace(str(port), "PORT"))
+    assert messages[0] == messages[1] and "--allowed-registries" in messages[0], messages
+    assert stub.seen == []
+    assert pull_spec(f"127.0.0.1:{stub.port}/app:v1", ocifit.Settings(allowed_registries=(f"127.0.0.1:{stub.port}",),
+                     insecure_registry=(f"127.0.0.1:{stub.port}",)))[0].compatibilities
+
+
+def test_naming_a_registry_never_allows_metadata_or_link_local() -> None:
+    policy = ocifit.AddressPolicy(("metadata.internal",))
+    with pytest.raises(ocifit.ForbiddenAddress, match="never fetches from"):
+        policy.check("metadata.internal", None, 443, ["169.254.169.254"])
+    policy.check("metadata.internal", None, 443, ["10.0.0.1"])  # named: its private address is fine
 
 
 def test_www_authenticate_challenges_parse_quoted_commas() -> None:
@@ -1282,7 +1327,7 @@ def test_fetch_prints_the_spec_and_with_v_the_digest(registry: DockerRegistry) -
 
 def test_https_is_the_default_and_plain_http_needs_listing(registry: DockerRegistry) -> None:
     with pytest.raises(ocifit.RegistryError, match="TLS failed|unreachable"):
-        pull_spec(f"{registry.host}/flavor:v1", ocifit.Settings(), budget=2)
+        pull_spec(f"{registry.host}/flavor:v1", ocifit.Settings(allowed_registries=(registry.host,)), budget=2)
 
 
 def test_the_allow_list_refuses_other_registries(registry: DockerRegistry) -> None:
@@ -1371,7 +1416,8 @@ class Stub:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(str(tls["crt"]), str(tls["key"]))
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
         self.url = ("https://" if tls else "http://") + self.host
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -1508,11 +1554,20 @@ def test_a_redirect_from_https_to_http_is_refused(stubs: Any, pki: Dict[str, Pat
     plain = stubs({"/blob": routes[f"/v2/app/blobs/{layer_digest}"]})
     routes[f"/v2/app/blobs/{layer_digest}"] = lambda h: send(h, 302, b"", {"Location": f"{plain.url}/blob"})
     secure = stubs(routes, tls=pki)
-    with pytest.raises(ocifit.RegistryError, match="refusing a redirect from https to http"):
-        pull_spec(f"{secure.host}/app:v1", ocifit.Settings(registry_ca=str(pki["ca"]), insecure_registry=(plain.host,)))
+    with pytest.raises(ocifit.RegistryError, match="refusing a redirect to http"):  # plain is not insecure-listed
+        pull_spec(f"{secure.host}/app:v1", ocifit.Settings(registry_ca=str(pki["ca"]),
+                                                           allowed_registries=(secure.host, plain.host)))
     assert plain.seen == []
     with pytest.raises(ocifit.RegistryError, match="certificate verify failed"):  # without the CA: verified TLS fails
-        pull_spec(f"{secure.host}/app:v1", ocifit.Settings())
+        pull_spec(f"{secure.host}/app:v1", ocifit.Settings(allowed_registries=(secure.host,)))
+
+
+def test_a_redirect_to_another_scheme_is_refused(stubs: Any) -> None:
+    routes, layer_digest = artifact_routes()
+    routes[f"/v2/app/blobs/{layer_digest}"] = lambda h: send(h, 302, b"", {"Location": "ftp://127.0.0.1/blob"})
+    stub = stubs(routes)
+    with pytest.raises(ocifit.RegistryError, match="refusing a redirect to ftp: ftp://127.0.0.1/blob"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
 
 
 def test_429_with_retry_after_is_retried_within_the_budget(stubs: Any) -> None:
@@ -1625,6 +1680,65 @@ def test_a_slow_drip_body_is_cut_at_the_deadline(stubs: Any) -> None:
     with pytest.raises(ocifit.RegistryError, match="did not answer within 1s"):
         pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host, fetch_budget=1.0), budget=1.0)
     assert time.monotonic() - started < 2.5
+
+
+def test_dripped_response_headers_end_the_fetch_and_its_thread_at_the_budget(stubs: Any) -> None:
+    def drip_headers(h: Any) -> None:  # a status line, then one header byte every 0.1 s, for ever
+        try:
+            h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(10000):
+                h.wfile.write(b"X-Drip: a\r\n"[_ % 11:_ % 11 + 1])
+                h.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+    stub = stubs({f"/v2/app{i}/manifests/v1": drip_headers for i in range(5)})
+    settings = registry_settings(stub.host, fetch_budget=1.5)
+    artifacts = ocifit.RegistryArtifacts(settings)
+    errors: List[str] = []
+
+    def admit(i: int) -> None:
+        try:
+            artifacts.get(f"{stub.host}/app{i}:v1", time.monotonic() + settings.fetch_budget)
+        except ocifit.ArtifactError as exc:
+            errors.append(str(exc))
+    admissions = [threading.Thread(target=admit, args=(i,)) for i in range(5)]
+    started = time.monotonic()
+    for thread in admissions:
+        thread.start()
+    for thread in admissions:
+        thread.join()
+    assert len(errors) == 5 and all(f"registry {stub.host} did not answer within 1.5s" in e for e in errors), errors
+    eventually(lambda: not [t for t in threading.enumerate() if t.name.startswith(f"fetch {stub.host}")])
+    assert time.monotonic() - started < settings.fetch_budget + 1.0  # no fetch thread outlived budget + 1 s
+
+
+def test_failed_fetches_keep_their_message_not_their_buffers(stubs: Any) -> None:
+    def endless(h: Any) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", ocifit.MANIFEST_TYPES[0])
+        h.end_headers()
+        try:
+            for _ in range(200):
+                h.wfile.write(b" " * 65536)
+        except OSError:
+            pass
+    stub = stubs({f"/v2/app{i}/manifests/v1": endless for i in range(12)})
+    artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host))
+    import gc
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        for i in range(12):  # each read 4 MiB before it was cut at the cap
+            with pytest.raises(ocifit.ArtifactError, match="over the 4194304 byte limit"):
+                artifacts.get(f"{stub.host}/app{i}:v1", time.monotonic() + 8)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 8 * 1024 * 1024, f"{held} bytes still held after 12 failed fetches"
+    with pytest.raises(ocifit.ArtifactError, match="over the 4194304 byte limit"):  # the failure is remembered
+        artifacts.get(f"{stub.host}/app0:v1", time.monotonic() + 8)
 
 
 def test_concurrent_admissions_for_one_reference_make_one_fetch(registry: DockerRegistry, tmp_path: Path) -> None:
@@ -1864,8 +1978,10 @@ def test_a_v1beta1_review_is_answered_in_its_own_version() -> None:
 
 @pytest.mark.parametrize("body,message", [
     (b"{", "not valid JSON"), (b'{"kind": "Pod"}', "not an AdmissionReview"),
-    (b'{"kind": "AdmissionReview"}', "no request object"),
-    (b'{"kind": "AdmissionReview", "request": {"operation": "CREATE"}}', "no uid"),
+    (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}', "no request object"),
+    (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {"operation": "CREATE"}}',
+     "no uid"),
+    (b'{"kind": "AdmissionReview", "request": {"uid": "u"}}', "apiVersion None is not one ocifit answers"),
 ])
 def test_a_body_that_is_no_review_is_a_bad_request(body: bytes, message: str) -> None:
     webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
@@ -1876,7 +1992,7 @@ def test_a_body_that_is_no_review_is_a_bad_request(body: bytes, message: str) ->
 
 @pytest.mark.parametrize("pod,api_version", [
     (pod_obj(), "admission.k8s.io/v1"), (pod_obj(ref=None), "admission.k8s.io/v1beta1"),
-    (pod_obj(enabled=False), "admission.k8s.io/v1"), (pod_obj(), "not/a-version"),
+    (pod_obj(enabled=False), "admission.k8s.io/v1"),
 ])
 def test_the_encoded_reply_is_the_reply(pod: Dict[str, Any], api_version: str) -> None:
     webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
@@ -1951,10 +2067,19 @@ class RunningServer:
         self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
-    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+    def connect(self, timeout: float = 10, source: str = "") -> http.client.HTTPConnection:
+        """A client connection, from another loopback address than 127.0.0.1 if `source` names one."""
+        where = {"timeout": timeout, "source_address": (source, 0) if source else None}
         if self.context is None:
-            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        return http.client.HTTPSConnection("localhost", self.port, context=self.context, timeout=timeout)
+            return http.client.HTTPConnection("127.0.0.1", self.port, **where)
+        return http.client.HTTPSConnection("localhost", self.port, context=self.context, **where)
+
+    def tls_socket(self, source: str = "") -> ssl.SSLSocket:
+        """A TLS connection with its handshake done and nothing sent yet."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                       source_address=(source, 0) if source else None)
+        assert self.context is not None
+        return self.context.wrap_socket(raw, server_hostname="localhost")
 
     def request(self, method: str, path: str, body: Optional[bytes] = None,
                 headers: Optional[Dict[str, str]] = None) -> "tuple[int, bytes]":
@@ -2019,20 +2144,34 @@ def test_health_readiness_and_unknown_paths(https_server: RunningServer) -> None
     assert status == 404 and b"POST /mutate" in body
 
 
-@pytest.mark.parametrize("body,headers,message", [
-    (b"{broken", {}, "not valid JSON"),
-    (b"x" * 100, {"Content-Length": str(4 * 1024 * 1024)}, "exceeds the limit"),
-    (b'{"kind":"AdmissionReview"}', {"Content-Length": "abc"}, "valid Content-Length"),
+JSON_TYPE = ("Content-Type", "application/json")
+
+
+@pytest.mark.parametrize("body,headers,status,message", [
+    (b"{broken", [JSON_TYPE], 400, "not valid JSON"),
+    (b"x" * 100, [JSON_TYPE, ("Content-Length", str(4 * 1024 * 1024))], 400, "exceeds the limit"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "abc")], 400, "exactly one Content-Length"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "+26")], 400, "exactly one Content-Length"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "2_6")], 400, "exactly one Content-Length"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "26"), ("Content-Length", "26")], 400,
+     "exactly one Content-Length"),
+    (b'{"kind":"AdmissionReview"}', [("Content-Type", "text/plain")], 415, "text/plain is not application/json"),
+    (b'{"kind":"AdmissionReview"}', [], 415, "(none) is not application/json"),
+    (json.dumps(dict(review_of(pod_obj()), apiVersion="admission.k8s.io/v2")).encode(), [JSON_TYPE], 400,
+     "apiVersion admission.k8s.io/v2"),
 ])
 def test_malformed_and_oversized_bodies_get_400_and_the_server_goes_on(
-        https_server: RunningServer, body: bytes, headers: Dict[str, str], message: str) -> None:
+        https_server: RunningServer, body: bytes, headers: List["tuple[str, str]"], status: int, message: str
+) -> None:
     conn = https_server.connect()
     conn.putrequest("POST", "/mutate")
-    for name, value in dict({"Content-Length": str(len(body))}, **headers).items():
+    if not any(name == "Content-Length" for name, _ in headers):
+        headers = headers + [("Content-Length", str(len(body)))]
+    for name, value in headers:
         conn.putheader(name, value)
     conn.endheaders(body)
     response = conn.getresponse()
-    assert response.status == 400 and message in json.loads(response.read())["error"]
+    assert (response.status, message in json.loads(response.read())["error"]) == (status, True)
     conn.close()
     assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
 
@@ -2049,6 +2188,8 @@ def test_a_silent_client_does_not_stall_others_and_is_dropped(https_server: Runn
         silent.close()
 
 
+# The client offers TLS 1.0 and 1.1 on purpose; Python warns that they are deprecated, which is the point.
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 def test_tls_below_1_2_is_refused(https_server: RunningServer) -> None:
     assert https_server.server.tls.context().minimum_version == ssl.TLSVersion.TLSv1_2
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -2256,8 +2397,8 @@ def test_deploy_yaml_core_objects_validate_against_the_kubernetes_schemas(versio
         kubernetes_validate.validate(doc, version, strict=True)
         kinds.append(doc["kind"])
     assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment",
-                             "MutatingWebhookConfiguration", "Namespace", "PodDisruptionBudget", "Service",
-                             "ServiceAccount"]
+                             "MutatingWebhookConfiguration", "Namespace", "PodDisruptionBudget", "ResourceQuota",
+                             "Service", "ServiceAccount"]
 
 
 def test_the_webhook_only_sees_opted_in_pod_creates_and_fails_closed_in_time() -> None:
@@ -2306,6 +2447,84 @@ def test_the_deployment_is_restricted_replicated_and_probed_over_https() -> None
     assert registry_volume["optional"] is True and registry_volume["items"][0]["key"] == ".dockerconfigjson"
 
 
+def test_the_namespace_enforces_warns_about_and_audits_the_restricted_profile() -> None:
+    labels = deploy_object("Namespace")["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+        assert labels[f"pod-security.kubernetes.io/{mode}-version"] == "latest"
+
+
+def test_the_pods_are_cluster_critical_with_the_quota_that_admits_them_outside_kube_system() -> None:
+    spec = deploy_object("Deployment")["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    quota = deploy_object("ResourceQuota")
+    assert quota["metadata"]["namespace"] == deploy_object("Deployment")["metadata"]["namespace"] == "ocifit-system"
+    assert quota["spec"]["scopeSelector"] == {"matchExpressions": [
+        {"operator": "In", "scopeName": "PriorityClass", "values": ["system-cluster-critical"]}]}
+    # Room for every replica and a rolling update's surge, as the quota counts the old and new pods alike.
+    deployment = deploy_object("Deployment")["spec"]
+    assert int(quota["spec"]["hard"]["pods"]) >= deployment["replicas"] + deployment["strategy"]["rollingUpdate"][
+        "maxSurge"]
+
+
+def test_the_pods_spread_over_nodes_and_zones_and_still_schedule_without_zone_labels() -> None:
+    spec = deploy_object("Deployment")["spec"]["template"]["spec"]
+    selector = {"matchLabels": {"app.kubernetes.io/name": "ocifit"}}
+    assert spec["topologySpreadConstraints"] == [
+        {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": selector}
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
+    assert deploy_object("Deployment")["spec"]["template"]["metadata"]["labels"] == selector["matchLabels"]
+
+
+def test_cert_manager_makes_a_ca_and_signs_the_serving_certificate_with_it() -> None:
+    docs = deploy_docs()
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["apiVersion"] == "cert-manager.io/v1"}
+    assert set(by_name) == {("Issuer", "ocifit-selfsigned"), ("Certificate", "ocifit-ca"), ("Issuer", "ocifit-ca"),
+                            ("Certificate", "ocifit-tls")}
+    assert all(d["metadata"]["namespace"] == "ocifit-system" for d in by_name.values())
+    assert by_name["Issuer", "ocifit-selfsigned"]["spec"] == {"selfSigned": {}}
+    ca = by_name["Certificate", "ocifit-ca"]["spec"]
+    assert ca["isCA"] is True and ca["issuerRef"] == {"kind": "Issuer", "name": "ocifit-selfsigned"}
+    assert by_name["Issuer", "ocifit-ca"]["spec"] == {"ca": {"secretName": ca["secretName"]}}
+    serving = by_name["Certificate", "ocifit-tls"]["spec"]
+    assert serving["issuerRef"] == {"kind": "Issuer", "name": "ocifit-ca"} and not serving.get("isCA")
+    assert serving["secretName"] == "ocifit-tls"
+    assert set(serving["dnsNames"]) == {"ocifit.ocifit-system.svc", "ocifit.ocifit-system.svc.cluster.local"}
+    assert "server auth" in serving["usages"]
+
+    def hours(duration: str) -> int:
+        assert re.fullmatch(r"\d+h", duration), duration
+        return int(duration[:-1])
+    # The CA outlives many serving renewals, and renews while the serving certificates it signed still run.
+    assert hours(ca["duration"]) >= 10 * hours(serving["duration"])
+    assert hours(ca["renewBefore"]) > hours(serving["duration"]) > hours(serving["renewBefore"])
+    assert ca["privateKey"]["rotationPolicy"] == "Never"
+    # The caBundle comes from the serving certificate's Secret (its ca.crt: the CA), the Secret ocifit mounts.
+    config = deploy_object("MutatingWebhookConfiguration")
+    assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ocifit-system/ocifit-tls"
+    volumes = deploy_object("Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tls", "secret": {"secretName": "ocifit-tls"}} in volumes
+
+
+def test_deploy_yaml_runs_the_image_of_ocifits_own_version() -> None:
+    (container,) = deploy_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"ghcr.io/compspec/ocifit:{ocifit.__version__}"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert ":latest" not in (HERE / "deploy.yaml").read_text()
+
+
+def test_the_readme_says_to_build_and_push_first_and_to_restart_after_a_settings_change() -> None:
+    readme = (HERE / "README.md").read_text()
+    install = readme[readme.index("## Install\n"):readme.index("\n## ", readme.index("## Install\n") + 1)]
+    commands = [line.split("#")[0].strip() for line in install.splitlines() if line.startswith(("make ", "kubectl "))]
+    assert commands[0].startswith("make build push IMAGE=")
+    assert commands[1].startswith("make install IMAGE=")
+    assert "kubectl -n ocifit-system rollout restart deployment/ocifit" in install
+    assert "BASE_IMAGE=" in install and "@sha256:" in install
+    assert f"`__version__` in `ocifit.py`, now {ocifit.__version__}" in install
+    assert "kubectl -n ocifit-system rollout restart deployment/ocifit" in (HERE / "deploy.yaml").read_text()
+
+
 def test_ocifit_starts_with_the_deployments_own_args_and_environment(tmp_path: Path, pki: Dict[str, Path]) -> None:
     """What the kubelet would run: the container's args and env (ConfigMap included), probed as its probes do."""
     deployment = deploy_object("Deployment")
@@ -2346,26 +2565,62 @@ def test_make_help_lists_every_target_and_each_dry_runs() -> None:
         done = subprocess.run(["make", "-n", target, "IMAGE=registry.local/ocifit", "TAG=v1"], cwd=HERE,
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, (target, done.stderr)
-    build = subprocess.run(["make", "-n", "build", "IMAGE=registry.local/ocifit", "TAG=v1"], cwd=HERE,
-                           capture_output=True, text=True)
-    assert "docker build -t registry.local/ocifit:v1 ." in build.stdout
 
 
-@pytest.fixture
-def kubectl_shim(tmp_path: Path) -> Path:
-    """A kubectl that records what it is asked to apply or patch; `create --dry-run` and `kustomize` are real."""
+def make_dry_run(*args: str) -> List[str]:
+    """The commands `make -n` would run (without make's directory lines when the suite itself runs in make)."""
+    need("make")
+    done = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_make_build_tags_the_image_with_ocifits_version_and_passes_the_base_image() -> None:
+    version = ocifit.__version__
+    assert make_dry_run("build", "IMAGE=registry.local/ocifit") == [
+        f'docker build --build-arg BASE_IMAGE="python:3.12-slim-bookworm" --build-arg VERSION="{version}" '
+        f'-t registry.local/ocifit:{version} .']
+    digest = "mirror.local/library/python@sha256:" + "0" * 64
+    assert make_dry_run("build", "push", "IMAGE=registry.local/ocifit", "TAG=v2", f"BASE_IMAGE={digest}") == [
+        f'docker build --build-arg BASE_IMAGE="{digest}" --build-arg VERSION="{version}" -t registry.local/ocifit:v2 .',
+        "docker push registry.local/ocifit:v2"]
+
+
+def test_make_test_shows_the_reason_of_each_skip() -> None:
+    (pytest_line,) = [line for line in make_dry_run("test") if "-m pytest" in line]
+    assert "-rs" in pytest_line.split()
+
+
+def test_the_suites_own_tls_tests_raise_no_deprecation_warning() -> None:
+    """Old protocol versions are offered on purpose there; that must not show up as a warning of the suite."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                           "error::DeprecationWarning", str(HERE / "test_ocifit.py"), "-k", "tls_below"],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout and "warning" not in done.stdout, done.stdout
+
+
+def _kubectl_shim(tmp_path: Path, fail: str = "") -> Path:
+    """A kubectl that records what it is asked to apply, delete or patch; `create --dry-run` and `patch --local`
+    are the real kubectl's. `fail`: a subcommand that fails (exit 1) instead."""
     real = need("kubectl")
     calls = tmp_path / "calls"
-    calls.mkdir()
+    calls.mkdir(parents=True)
     shim = tmp_path / "kubectl"
     shim.write_text(f"""#!/bin/sh
-case "$1 $2 $3" in *kustomize*|*create*) KUBECONFIG={tmp_path}/none exec {real} "$@";; esac
+case " $* " in *" {fail or '-no-failure-'} "*) echo "kubectl: failing on purpose" >&2; exit 1;; esac
+case " $* " in *" create "*|*" --local "*) KUBECONFIG={tmp_path}/none exec {real} "$@";; esac
 n=$(ls {calls} | grep -c args)
 printf '%s\\n' "$@" > {calls}/$n.args
 case "$*" in *"-f -"*) cat > {calls}/$n.stdin;; esac
 """)
     shim.chmod(0o755)
     return shim
+
+
+@pytest.fixture
+def kubectl_shim(tmp_path: Path) -> Path:
+    return _kubectl_shim(tmp_path)
 
 
 def shim_calls(shim: Path) -> List["tuple[List[str], str]"]:
@@ -2383,7 +2638,17 @@ def run_make(*args: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-def test_make_certs_makes_a_verifiable_certificate_for_the_service(kubectl_shim: Path, tmp_path: Path) -> None:
+def _openssl_text(openssl: str, cert: Path, *args: str) -> str:
+    return subprocess.run([openssl, "x509", "-in", str(cert), "-noout", *args], capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+def _expires_within(openssl: str, cert: Path, days: int) -> bool:
+    return subprocess.run([openssl, "x509", "-in", str(cert), "-noout", "-checkend", str(days * 86400)],
+                          capture_output=True, timeout=30).returncode != 0
+
+
+def test_make_certs_makes_a_ca_and_a_serving_certificate_for_the_service(kubectl_shim: Path, tmp_path: Path) -> None:
     openssl = need("openssl")
     certs = tmp_path / "certs"
     done = run_make("certs", f"CERT_DIR={certs}", f"KUBECTL={kubectl_shim}")
@@ -2391,57 +2656,224 @@ def test_make_certs_makes_a_verifiable_certificate_for_the_service(kubectl_shim:
     verified = subprocess.run([openssl, "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "tls.crt")],
                               capture_output=True, text=True)
     assert verified.stdout.strip() == f"{certs / 'tls.crt'}: OK"
-    sans = subprocess.run([openssl, "x509", "-in", str(certs / "tls.crt"), "-noout", "-ext", "subjectAltName"],
-                          capture_output=True, text=True).stdout
+    ca = _openssl_text(openssl, certs / "ca.crt", "-ext", "basicConstraints,keyUsage")
+    assert "CA:TRUE" in ca and "Certificate Sign" in ca
+    serving = _openssl_text(openssl, certs / "tls.crt", "-ext", "basicConstraints,extendedKeyUsage,subjectAltName")
+    assert "CA:FALSE" in serving and "TLS Web Server Authentication" in serving
     for name in ("ocifit.ocifit-system.svc", "ocifit.ocifit-system.svc.cluster.local"):
-        assert f"DNS:{name}" in sans
+        assert f"DNS:{name}" in serving
+    assert not _expires_within(openssl, certs / "ca.crt", 9 * 365) and _expires_within(openssl, certs / "tls.crt", 366)
     (apply_args, secret), (patch_args, _) = shim_calls(kubectl_shim)
-    assert apply_args == ["apply", "-f", "-"] and "kind: Secret" in secret and "type: kubernetes.io/tls" in secret
+    assert apply_args == ["-n", "ocifit-system", "apply", "-f", "-"] or apply_args == ["apply", "-f", "-"]
+    assert "kind: Secret" in secret and "type: kubernetes.io/tls" in secret and "namespace: ocifit-system" in secret
     assert patch_args[:3] == ["patch", "mutatingwebhookconfiguration", "ocifit"]
     ca_bundle = json.loads(patch_args[-1])[0]
     assert ca_bundle["path"] == "/webhooks/0/clientConfig/caBundle"
     assert base64.b64decode(ca_bundle["value"]) == (certs / "ca.crt").read_bytes()
 
 
-def test_make_install_without_cert_manager_leaves_its_objects_out(kubectl_shim: Path) -> None:
-    done = run_make("install", "CERT_MANAGER=false", "IMAGE=registry.local/ocifit", "TAG=v7",
+def test_make_certs_again_renews_the_serving_certificate_under_the_same_ca(tmp_path: Path) -> None:
+    openssl = need("openssl")
+    certs = tmp_path / "certs"
+    bundles, serving = [], []
+    for run in range(2):
+        shim = _kubectl_shim(tmp_path / f"run{run}")
+        done = run_make("certs", f"CERT_DIR={certs}", f"KUBECTL={shim}")
+        assert done.returncode == 0, done.stderr
+        bundles.append(json.loads(shim_calls(shim)[-1][0][-1])[0]["value"])
+        serving.append((certs / "tls.crt").read_bytes())
+    assert bundles[0] == bundles[1] and serving[0] != serving[1]
+    assert base64.b64decode(bundles[1]) == (certs / "ca.crt").read_bytes()
+    # A CA within a year of its end is replaced (a serving certificate lasts a year), and the caBundle with it.
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "100", "-subj", "/CN=old",
+                    "-keyout", str(certs / "ca.key"), "-out", str(certs / "ca.crt")], capture_output=True, check=True)
+    old_ca = (certs / "ca.crt").read_bytes()
+    shim = _kubectl_shim(tmp_path / "run2")
+    assert run_make("certs", f"CERT_DIR={certs}", f"KUBECTL={shim}").returncode == 0
+    assert (certs / "ca.crt").read_bytes() != old_ca
+    assert base64.b64decode(json.loads(shim_calls(shim)[-1][0][-1])[0]["value"]) == (certs / "ca.crt").read_bytes()
+
+
+@pytest.mark.parametrize("cert_manager", ["true", "false"])
+def test_make_install_applies_deploy_yaml_with_the_image_and_tag_given(kubectl_shim: Path, cert_manager: str) -> None:
+    done = run_make("install", f"CERT_MANAGER={cert_manager}", "IMAGE=registry.local/ocifit", "TAG=v7",
                     f"KUBECTL={kubectl_shim}")
     assert done.returncode == 0, done.stderr
     ((args, applied),) = shim_calls(kubectl_shim)
+    assert args == ["apply", "-f", "-"]
     docs = deploy_docs(applied)
-    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
-    assert len(docs) == len(deploy_docs()) - 2
+    cert_manager_docs = [d for d in deploy_docs() if d["apiVersion"].startswith("cert-manager.io/")]
+    if cert_manager == "false":
+        assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+        assert len(docs) == len(deploy_docs()) - len(cert_manager_docs)
+    else:
+        assert len(docs) == len(deploy_docs())
     assert deploy_object("Deployment", docs)["spec"]["template"]["spec"]["containers"][0]["image"] == \
         "registry.local/ocifit:v7"
+    assert "ghcr.io/compspec/ocifit" not in applied
 
 
-def test_make_install_configmap_runs_ocifit_py_on_a_stock_python_image(kubectl_shim: Path) -> None:
-    import kubernetes_validate
-    done = run_make("install-configmap", "PYTHON_IMAGE=mirror.local/python:3.12-slim", f"KUBECTL={kubectl_shim}")
+def test_make_install_tags_the_image_with_ocifits_version_by_default(kubectl_shim: Path) -> None:
+    done = run_make("install", "IMAGE=registry.local/ocifit", f"KUBECTL={kubectl_shim}")
     assert done.returncode == 0, done.stderr
     ((args, applied),) = shim_calls(kubectl_shim)
-    docs = deploy_docs(applied)
-    code = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ocifit-code-")]
-    assert len(code) == 1 and code[0]["data"]["ocifit.py"] == (HERE / "ocifit.py").read_text()
-    deployment = deploy_object("Deployment", docs)
+    assert deploy_object("Deployment", deploy_docs(applied))["spec"]["template"]["spec"]["containers"][0][
+        "image"] == f"registry.local/ocifit:{ocifit.__version__}"
+
+
+def test_make_install_configmap_applies_the_code_server_side_and_runs_it_on_a_stock_image(
+        kubectl_shim: Path) -> None:
+    import hashlib
+    import kubernetes_validate
+    base = "mirror.local/library/python@sha256:" + "0" * 64
+    done = run_make("install-configmap", f"BASE_IMAGE={base}", f"KUBECTL={kubectl_shim}")
+    assert done.returncode == 0, done.stderr
+    (rest_args, rest), (code_args, code), (deployment_args, deployment_yaml) = shim_calls(kubectl_shim)
+    # First everything but the Deployment (the namespace among it), then the code, then the Deployment that
+    # mounts it: no pod waits for a ConfigMap that is not there yet.
+    assert rest_args == deployment_args == ["apply", "-f", "-"]
+    rest_docs = deploy_docs(rest)
+    assert rest_docs[0]["kind"] == "Namespace" and "Deployment" not in [d["kind"] for d in rest_docs]
+    # ocifit.py is far bigger than a last-applied annotation should be: server-side apply keeps none.
+    assert code_args == ["apply", "--server-side", "-f", "-"]
+    (config_map,) = deploy_docs(code)
+    assert (config_map["kind"], config_map["metadata"]["name"], config_map["metadata"]["namespace"]) == \
+        ("ConfigMap", "ocifit-code", "ocifit-system")
+    assert config_map["data"] == {"ocifit.py": (HERE / "ocifit.py").read_text()}
+    (deployment,) = deploy_docs(deployment_yaml)
+    names = sorted((d["kind"], d["metadata"]["name"]) for d in rest_docs + [deployment])
+    assert names == sorted((d["kind"], d["metadata"]["name"]) for d in deploy_docs())
     kubernetes_validate.validate(deployment, "1.32.0", strict=True)
-    pod = deployment["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    assert container["image"] == "mirror.local/python:3.12-slim"
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == base
     assert container["command"] == ["python3", "/opt/ocifit/ocifit.py", "serve"]
-    assert {"name": "code", "configMap": {"name": code[0]["metadata"]["name"]}} in pod["volumes"]
+    assert {"name": "code", "configMap": {"name": "ocifit-code"}} in pod["volumes"]
+    assert {"name": "code", "mountPath": "/opt/ocifit", "readOnly": True} in container["volumeMounts"]
+    # A new ocifit.py changes the pod template, so the Deployment rolls.
+    assert template["metadata"]["annotations"] == \
+        {"ocifit.compspec.io/code-sha256": hashlib.sha256((HERE / "ocifit.py").read_bytes()).hexdigest()}
+    original = deploy_object("Deployment")
+    assert pod["priorityClassName"] == original["spec"]["template"]["spec"]["priorityClassName"]
+    assert container["args"] == original["spec"]["template"]["spec"]["containers"][0]["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def test_no_kustomization_is_offered_that_fails_to_build_on_its_own() -> None:
+    """`kubectl apply -k DIR` must work for every DIR with a kustomization, with no --load-restrictor."""
+    kubectl = need("kubectl")
+    found = [p for p in HERE.rglob("*") if p.name.lower() in ("kustomization.yaml", "kustomization.yml")
+             and not any(part.startswith(".") for part in p.relative_to(HERE).parts)]
+    for kustomization in found:
+        done = subprocess.run([kubectl, "kustomize", str(kustomization.parent)], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, KUBECONFIG=str(HERE / "no-kubeconfig")))
+        assert done.returncode == 0, (kustomization, done.stderr)
+    for doc in ("Makefile", "README.md", "example/README.md", "deploy.yaml"):
+        assert "--load-restrictor" not in (HERE / doc).read_text()
+        assert "-k example/" not in (HERE / doc).read_text()
+
+
+@pytest.mark.parametrize("target, breaking", [
+    ("install", "PYTHON=false"),
+    ("uninstall", "PYTHON=false"),
+    ("install-configmap", "PYTHON=false"),
+    ("install-configmap", "fail=create"),
+    ("certs", "fail=create"),
+])
+def test_make_fails_when_a_command_early_in_a_pipe_fails(tmp_path: Path, target: str, breaking: str) -> None:
+    """Recipes run with bash -euo pipefail: a failing producer is not hidden by the kubectl reading from it."""
+    need("openssl")
+    shim = _kubectl_shim(tmp_path, fail=breaking.split("=")[1] if breaking.startswith("fail=") else "")
+    args = [target, f"KUBECTL={shim}", f"CERT_DIR={tmp_path / 'certs'}"]
+    if breaking.startswith("PYTHON="):
+        args.append(breaking)
+    done = run_make(*args)
+    assert done.returncode != 0, (done.stdout, done.stderr)
+    applied = "".join(stdin for _, stdin in shim_calls(shim))
+    assert "kind: Deployment" not in applied and "kind: Secret" not in applied
+    assert not [args for args, _ in shim_calls(shim) if args[0] == "patch"]
+
+
 def test_the_dockerfile_is_small_non_root_and_installs_nothing() -> None:
-    lines = [line.strip() for line in (HERE / "Dockerfile").read_text().splitlines()
+    lines = [line.strip() for line in (HERE / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
              if line.strip() and not line.startswith("#")]
-    assert lines[0].startswith("FROM python:3.") and lines[0].endswith("-slim")
+    assert lines[:2] == ["ARG BASE_IMAGE=python:3.12-slim-bookworm", "FROM ${BASE_IMAGE}"]
     assert "COPY ocifit.py /app/ocifit.py" in lines
     user = [line for line in lines if line.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in ("0", "root")
     assert not [line for line in lines if "pip" in line or line.startswith("RUN ")]
     assert json.loads(lines[-1].split(" ", 1)[1]) == ["python3", "/app/ocifit.py", "serve"]
+
+
+def test_the_image_is_labelled_with_its_source_and_version() -> None:
+    import shlex
+    lines = [line.strip() for line in (HERE / "Dockerfile").read_text().replace("\\\n", " ").splitlines()]
+    labels = dict(word.split("=", 1) for line in lines if line.startswith("LABEL ") for word in shlex.split(line)[1:])
+    assert labels["org.opencontainers.image.source"].startswith("https://github.com/")
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    # VERSION is declared after FROM (an ARG before FROM is not seen by LABEL), and `make build` passes it.
+    assert lines.index("ARG VERSION=unknown") > [i for i, line in enumerate(lines) if line.startswith("FROM ")][0]
+
+
+def test_dockerignore_keeps_everything_but_ocifit_py_out_of_the_build_context() -> None:
+    import fnmatch
+    patterns = [line.strip() for line in (HERE / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:  # Docker's rule: the last pattern that matches the path or a parent wins
+        verdict = False
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            pattern = pattern.lstrip("!").strip("/")
+            parts = path.split("/")
+            if any(fnmatch.fnmatchcase("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+                verdict = not negated
+        return verdict
+    for path in (".venv/bin/python", ".venv/lib/python3.11/site-packages/yaml/__init__.py", "certs/tls.key",
+                 ".git/config", "test_ocifit.py", "example/pod.yaml", ".hypothesis/examples/x"):
+        assert ignored(path), path
+    copied = [line.split()[1] for line in (HERE / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    assert copied == ["ocifit.py"] and not ignored("ocifit.py")
+
+
+def test_make_demo_shows_the_servers_log_after_the_answers_and_says_which_denials_are_expected() -> None:
+    need("openssl"), need("curl"), need("make")
+    done = subprocess.run(["make", "-s", "demo"], cwd=HERE, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ, DEMO_PORT=str(_free_port())))
+    assert done.returncode == 0, done.stderr
+    answers, log = done.stdout.split("\n=== the server's log\n")
+    assert "outcome=" not in answers and "outcome=" not in done.stderr  # no log line among the answers
+    assert "outcome=mutated" in log and "outcome=denied" in log
+    sections = answers.split("\n=== ")[1:]
+    assert len(sections) == len(list((EXAMPLE / "reviews").glob("*.json"))) + 2
+    for section in sections:
+        actual = "denied" if "allowed: False" in section or "ocifit: denied" in section else "allowed"
+        (expected,) = [line for line in section.splitlines() if line.startswith("expected: ")]
+        assert expected.split()[1].rstrip(",:") == actual, section
+    assert sum("expected: denied" in section for section in sections) == 2
+
+
+def test_example_readme_waits_for_the_pod_before_reading_its_logs() -> None:
+    lines = (EXAMPLE / "README.md").read_text().splitlines()
+    logs = [i for i, line in enumerate(lines) if line.startswith("kubectl logs flavor-test")]
+    assert logs
+    for i in logs:
+        since_apply = lines[max(j for j in range(i) if lines[j].startswith("kubectl apply -f example/pod.yaml")):i]
+        assert [line for line in since_apply if line.startswith("kubectl wait ") and "pod/flavor-test" in line]
+    e2e = (EXAMPLE / "e2e.sh").read_text()
+    assert "kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/flavor-test" in e2e
+
+
+def test_ci_installs_every_tool_the_suite_needs() -> None:
+    """.ci/run on a clean Debian 12: whatever `need()` asks for, and python3-venv for `make test`."""
+    ci = (HERE / ".ci" / "run").read_text()
+    tools = set(re.findall(r'need\("([\w-]+)"\)', (HERE / "test_ocifit.py").read_text()))
+    assert tools >= {"kubectl", "openssl", "docker-registry"}
+    for tool in tools:
+        assert f"{tool}:" in ci or f"command -v {tool} " in ci, tool
+    assert "kubernetes-client" in ci and "python3-venv" in ci
+    assert "OCIFIT_REQUIRE_TOOLS=1" in ci and ci.rstrip().endswith("make test")
 
 
 def _manifest(path: Path) -> Dict[str, Any]:
@@ -2622,7 +3054,13 @@ def test_connections_past_the_cap_are_closed_and_the_rest_served(tmp_path: Path,
         extra.settimeout(5)
         assert extra.recv(1) == b""  # closed at once
         extra.close()
-        assert "2 connections open already" in caplog.text
+        for _ in range(3):  # refused too, counted, but not logged again within a few seconds
+            socket.create_connection(("127.0.0.1", running.port)).close()
+        eventually(lambda: 'ocifit_connections_refused_total{reason="capacity"} 4'
+                   in running.server.webhook.metrics.render())
+        assert caplog.text.count("refused") == 1
+        assert "refused 1 connection: 2 connections (--max-connections) open already; the latest from 127.0.0.1" \
+            in caplog.text
     finally:
         for sock in holders:
             sock.close()
@@ -2634,6 +3072,66 @@ def test_connections_past_the_cap_are_closed_and_the_rest_served(tmp_path: Path,
             return False
     eventually(served)
     running.stop()
+
+
+def test_a_request_dripped_a_byte_at_a_time_is_cut_at_its_deadline(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, request_timeout=1.0, idle_timeout=30)
+    try:
+        slow = running.tls_socket()
+        started, cut = time.monotonic(), False
+        head = b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n" + b"X-Drip: " + b"a" * 200
+        for i in range(len(head)):  # a byte every 0.1 s: each read is quick, the whole request is not
+            try:
+                slow.sendall(head[i:i + 1])
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - started > 15:
+                break
+        if not cut:
+            slow.settimeout(5)
+            cut = slow.recv(1) == b""
+        assert cut and time.monotonic() - started < 15
+        slow.close()
+        assert running.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+    finally:
+        running.stop()
+
+
+def test_idle_connections_make_room_for_new_ones(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, max_connections=2)
+    try:
+        idle = []
+        for _ in range(2):  # two keep-alive connections, each idle after one request
+            conn = running.connect()
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b"ok\n"
+            idle.append(conn)
+        assert running.post_review(review_of(pod_obj()))["response"]["allowed"] is True  # a third is served
+        idle[0].sock.settimeout(5)
+        assert idle[0].sock.recv(1) == b""  # the one idle longest made room
+        assert 'ocifit_connections_evicted_total 1' in running.server.webhook.metrics.render()
+    finally:
+        running.stop()
+
+
+def test_one_client_address_cannot_take_every_slot(tmp_path: Path, pki: Dict[str, Path],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    running = start_server(tmp_path, pki, max_connections=8, max_connections_per_client=3, request_timeout=30)
+    hogs = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(10)]  # no ClientHello: busy
+    try:
+        eventually(lambda: 'ocifit_connections_refused_total{reason="per-client"} 7'
+                   in running.server.webhook.metrics.render())
+        conn = running.connect(source="127.0.0.2")  # the API server, from another address
+        conn.request("POST", "/mutate", json.dumps(review_of(pod_obj())).encode(), {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read())["response"]["allowed"] is True
+        conn.close()
+        assert "3 connections per client (--max-connections-per-client) open already" in caplog.text
+    finally:
+        for sock in hogs:
+            sock.close()
+        running.stop()
 
 
 def test_registry_faults_while_serving_are_denials_and_the_server_goes_on(tmp_path: Path, pki: Dict[str, Path],
