@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import calendar
 import collections
 import collections.abc
 import dataclasses
@@ -50,6 +51,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -194,7 +196,7 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "registry also allows its loopback or private address", many=True),
         Option("--registry-proxy", ("OCIFIT_REGISTRY_PROXY",), str, "",
                "HTTP proxy for registry fetches (http://host:port); HTTPS_PROXY and the like are not used"),
-        Option("--no-proxy", ("OCIFIT_NO_PROXY", "NO_PROXY", "no_proxy"), str, (),
+        Option("--no-proxy", ("OCIFIT_NO_PROXY", "NO_PROXY"), str, (),
                "hosts (and their subdomains) fetched directly, not through --registry-proxy", many=True),
     ),
 }
@@ -330,6 +332,17 @@ class JsonLogFormatter(TextLogFormatter):
 MAX_NUMBER_DIGITS = 64
 
 
+MAX_MESSAGE = 4096
+
+
+def cap_text(text: str, most: int = MAX_MESSAGE) -> str:
+    """text cut to at most `most` characters, saying how many more there were: denials and log lines stay
+    small whatever a pod or registry puts in them."""
+    if len(text) <= most:
+        return text
+    return text[:most - 40] + f" … {len(text) - (most - 40)} more characters"
+
+
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_NUMBER_DIGITS:  # CPython before 3.11 converts long digit strings in quadratic time
         raise ValueError(f"number with {len(text)} digits")
@@ -350,6 +363,109 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
         return decoder.decode(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_REQUIRED = object()
+
+
+class WatchedFile:
+    """What a file (or a few, read together) holds, read again when it changes: a ConfigMap or Secret update, a
+    renewed certificate. One background thread looks for changes, so no request thread ever reads a file.
+
+    `load(contents)` turns the bytes of each path into the value its users read as `.value`. A change that fails
+    to load keeps the last good value, sets `.error` and is logged once. Reading at construction must succeed
+    (ValueError otherwise) unless `missing` gives the value for files that are not there."""
+
+    def __init__(self, paths: Sequence[str], load: Callable[[List[bytes]], Any], what: str, interval: float = 2.0,
+                 cap: int = 64 * MiB, missing: Any = _REQUIRED):
+        self.paths, self.load, self.what, self.interval, self.cap = tuple(paths), load, what, interval, cap
+        self.missing = missing
+        self.value: Any = None
+        self.error = ""
+        self._stamp: Optional[tuple] = None
+        self._failed: Optional[tuple] = None
+        self._due = 0.0
+        self.check(initial=True)
+        _FILE_WATCHER.add(self)
+
+    def _stamps(self) -> tuple:
+        stamps = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _read(self, path: str) -> bytes:
+        with open(path, "rb") as fh:
+            data = fh.read(self.cap + 1)
+        if len(data) > self.cap:
+            raise ValueError(f"{path} is larger than {self.cap} bytes")
+        return data
+
+    def check(self, initial: bool = False) -> bool:
+        """Load the files if they changed since the last look; True when the value changed."""
+        stamp = self._stamps()
+        if not initial and stamp in (self._stamp, self._failed):
+            return False
+        try:
+            if None in stamp and self.missing is not _REQUIRED:
+                value = self.missing
+            else:
+                value = self.load([self._read(path) for path in self.paths])
+        except (OSError, ValueError) as exc:
+            self._failed = stamp
+            self.error = f"cannot read {self.what} from {', '.join(self.paths)}: {getattr(exc, 'strerror', None) or exc}"
+            if initial:
+                raise ValueError(self.error) from None
+            log.error("%s; keeping what was read before", self.error)
+            return False
+        self._stamp, self._failed, self.value, self.error = stamp, None, value, ""
+        if not initial:
+            log.info("read %s again from %s", self.what, ", ".join(self.paths))
+        return True
+
+    def stop(self) -> None:
+        _FILE_WATCHER.discard(self)
+
+
+class _FileWatcher:
+    """The one thread that looks for changed files, each at its own interval; it holds files weakly, so a
+    source that is dropped stops being watched."""
+
+    def __init__(self) -> None:
+        self._files: "weakref.WeakSet[WatchedFile]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, watched: WatchedFile) -> None:
+        with self._lock:
+            self._files.add(watched)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="file-watcher", daemon=True)
+                self._thread.start()
+
+    def discard(self, watched: WatchedFile) -> None:
+        with self._lock:
+            self._files.discard(watched)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                due = [f for f in self._files if f._due <= now]
+            for watched in due:
+                watched._due = now + watched.interval
+                try:
+                    watched.check()
+                except Exception:  # a loader's bug must not end the watching of every file
+                    log.exception("reading %s failed", watched.what)
+
+
+_FILE_WATCHER = _FileWatcher()
 
 
 @dataclass(frozen=True)
@@ -1000,21 +1116,29 @@ class Node:
         return id(labels), frozenset(), self.control_plane, self.blocking_taints
 
 
-def node_from_object(obj: Mapping[str, Any]) -> Node:
-    """A Node from a Kubernetes Node object; raises ValueError if it has no name."""
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
+def node_from_object(obj: Any) -> Node:
+    """A Node from a Kubernetes Node object; ValueError, naming the node and field, if its shape is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError("a node is not an object")
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("node metadata is not an object")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("node without metadata.name")
     raw_labels = meta.get("labels") or {}
-    if not isinstance(raw_labels, dict):
-        raise ValueError(f"node {name}: metadata.labels is not an object")
+    if not isinstance(raw_labels, dict) or not all(isinstance(v, str) for v in raw_labels.values()):
+        raise ValueError(f"node {name}: metadata.labels is not an object of strings")
+    if not isinstance(spec, dict):
+        raise ValueError(f"node {name}: spec is not an object")
+    raw_taints = spec.get("taints") or []
+    if not isinstance(raw_taints, list) or not all(isinstance(t, dict) for t in raw_taints):
+        raise ValueError(f"node {name}: spec.taints is not a list of objects")
     name = _intern(name)
-    labels = NodeLabels.of(name, {_intern(str(k)): _intern(str(v)) for k, v in raw_labels.items()})
+    labels = NodeLabels.of(name, {_intern(str(k)): _intern(v) for k, v in raw_labels.items()})
     taints = tuple(
         Taint(_intern(str(t.get("key", ""))), _intern(str(t.get("value", ""))), _intern(str(t.get("effect", ""))))
-        for t in (spec.get("taints") or []) if isinstance(t, dict) and t.get("effect") in ("NoSchedule", "NoExecute"))
+        for t in raw_taints if t.get("effect") in ("NoSchedule", "NoExecute"))
     return Node(name, labels, bool(spec.get("unschedulable")), taints)
 
 
@@ -1040,7 +1164,7 @@ def nodes_from_document(doc: Any) -> List[Node]:
         items = [doc]
     if not isinstance(items, list):
         raise ValueError("expected a NodeList with items")
-    return [node_from_object(item) for item in items if isinstance(item, dict)]
+    return [node_from_object(item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -1249,14 +1373,21 @@ class Placement(NamedTuple):
             chosen.update(term.select(group))
         return tuple(n for n in group.names if n in chosen)
 
-    def describe(self) -> str:
+    def describe(self, most: int = 20) -> str:
+        """The selector and affinity in words, at most `most` requirements of each (a pod may carry thousands)."""
         parts = []
         if self.node_selector:
-            parts.append("nodeSelector " + json.dumps(dict(self.node_selector), sort_keys=True))
+            shown = json.dumps(dict(self.node_selector[:most]), sort_keys=True)
+            parts.append("nodeSelector " + shown + _more(len(self.node_selector) - most))
         if self.terms is not None:
-            terms = " OR ".join("(" + " AND ".join(str(r) for r in t.labels + t.names) + ")" for t in self.terms)
-            parts.append("required node affinity " + (terms or "(no terms)"))
+            terms = " OR ".join("(" + " AND ".join(str(r) for r in (t.labels + t.names)[:most])
+                                + _more(len(t.labels + t.names) - most) + ")" for t in self.terms[:most])
+            parts.append("required node affinity " + (terms or "(no terms)") + _more(len(self.terms) - most))
         return " and ".join(parts) if parts else "schedulable worker nodes"
+
+
+def _more(hidden: int) -> str:
+    return f" …+{hidden} more" if hidden > 0 else ""
 
 
 def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> Any:
@@ -1292,46 +1423,25 @@ def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: fr
 class StaticNodes:
     """Nodes from a NodeList file, re-read when the file changes (a ConfigMap update, say)."""
 
-    CHECK_INTERVAL = 2.0
-
-    def __init__(self, path: str):
+    def __init__(self, path: str, interval: float = 2.0):
         self.path = path
-        self._stamp: Optional[tuple] = None
-        self._checked = 0.0
-        self._snapshot = NodeSnapshot()
-        self._error = ""
-        self._reload(initial=True)
+        self.file = WatchedFile([path], self._load, "nodes", interval)
 
-    def _reload(self, initial: bool = False) -> None:
-        try:
-            stat = os.stat(self.path)
-            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if stamp == self._stamp:
-                return
-            with open(self.path, "rb") as fh:
-                nodes = nodes_from_document(load_json(fh.read(), slim_node))
-        except (OSError, ValueError) as exc:
-            self._error = f"cannot read nodes from {self.path}: {exc}"
-            if initial:
-                raise ValueError(self._error) from None
-            log.error("%s; keeping the %d nodes read before", self._error, len(self._snapshot))
-            return
-        self._stamp, self._error = stamp, ""
-        self._snapshot = NodeSnapshot(nodes)
-        log.log(logging.DEBUG if initial else logging.INFO, "read %d nodes from %s", len(nodes), self.path)
+    @staticmethod
+    def _load(contents: List[bytes]) -> NodeSnapshot:
+        return NodeSnapshot(nodes_from_document(load_json(contents[0], slim_node)))
 
     def snapshot(self) -> NodeSnapshot:
-        now = time.monotonic()
-        if now - self._checked > self.CHECK_INTERVAL:
-            self._checked = now
-            self._reload()
-        return self._snapshot
+        return self.file.value
 
     def health(self) -> Tuple[bool, str]:
-        return True, self._error or f"{len(self._snapshot)} nodes from {self.path}"
+        count = len(self.file.value)
+        if not count:
+            return False, f"no nodes in {self.path}" + (f" ({self.file.error})" if self.file.error else "")
+        return True, self.file.error or f"{count} nodes from {self.path}"
 
     def stop(self) -> None:
-        pass
+        self.file.stop()
 
 
 # ---- the cluster: a Kubernetes REST client and a list+watch node cache --------------------
@@ -1660,42 +1770,27 @@ class LocalArtifacts:
     """Artifacts from local spec files (--artifact REF=PATH), re-read when a file changes."""
 
     def __init__(self, files: Mapping[str, str], fallback: Optional[Any] = None):
-        self.files = dict(files)
         self.fallback = fallback
-        self._cache: Dict[str, Tuple[tuple, Artifact]] = {}
-        self._lock = threading.Lock()
-        for ref in self.files:  # fail at start, not at the first pod
-            self.get(ref, time.monotonic() + 60)
+        self.files = {ref: WatchedFile([path], functools.partial(self._load, ref, path), f"artifact {ref}",
+                                       cap=MiB) for ref, path in files.items()}  # a broken one stops the start
 
-    def get(self, ref: str, deadline: float) -> Artifact:
-        path = self.files.get(ref)
-        if path is None:
-            if self.fallback is not None:
-                return self.fallback.get(ref, deadline)
-            known = ", ".join(sorted(self.files)) or "none"
-            raise ArtifactError(f"artifact {ref} is not configured (local artifacts: {known}; "
-                                "no registry access in this mode)")
+    @staticmethod
+    def _load(ref: str, path: str, contents: List[bytes]) -> Artifact:
         try:
-            stat = os.stat(path)
-            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            with self._lock:
-                cached = self._cache.get(ref)
-            if cached and cached[0] == stamp:
-                return cached[1]
-            with open(path, "rb") as fh:
-                data = fh.read(MiB + 1)
-        except OSError as exc:
-            raise ArtifactError(f"artifact {ref}: cannot read {path}: {exc.strerror or exc}") from None
-        if len(data) > MiB:
-            raise ArtifactError(f"artifact {ref}: {path} is larger than 1 MiB")
-        try:
-            spec = parse_spec(data)
+            spec = parse_spec(contents[0])
         except SpecError as exc:
             raise SpecError(f"artifact {ref} ({path}): {exc}") from None
-        artifact = Artifact(ref, spec, "sha256:" + hashlib.sha256(data).hexdigest(), "file")
-        with self._lock:
-            self._cache[ref] = (stamp, artifact)
-        return artifact
+        return Artifact(ref, spec, "sha256:" + hashlib.sha256(contents[0]).hexdigest(), "file")
+
+    def get(self, ref: str, deadline: float) -> Artifact:
+        watched = self.files.get(ref)
+        if watched is not None:
+            return watched.value
+        if self.fallback is not None:
+            return self.fallback.get(ref, deadline)
+        known = ", ".join(sorted(self.files)) or "none"
+        raise ArtifactError(f"artifact {ref} is not configured (local artifacts: {known}; no registry access in "
+                            "this mode)")
 
 
 # ---- references --------------------------------------------------------------------------
@@ -2051,38 +2146,28 @@ def _auth_key_host(key: str) -> str:
 
 
 class DockerConfig:
-    """Credentials from a Docker config.json (a mounted dockerconfigjson Secret), re-read when it changes."""
+    """Credentials from a Docker config.json (a mounted dockerconfigjson Secret), re-read when it changes; no
+    file, no credentials."""
 
     def __init__(self, path: str):
         self.path = os.path.join(path, "config.json") if path and os.path.isdir(path) else path
-        self._stamp: Optional[tuple] = None
-        self._by_host: Dict[str, Credential] = {}
-        self._lock = threading.Lock()
+        self.file = WatchedFile([self.path], self._load, "registry credentials", cap=MiB, missing={}) \
+            if self.path else None
 
     def lookup(self, host: str) -> Optional[Credential]:
-        if not self.path:
-            return None
-        with self._lock:
-            self._reload()
-            return self._by_host.get(DOCKER_HUB if host in DOCKER_HUB_ALIASES else host)
+        by_host = self.file.value if self.file is not None else {}
+        return by_host.get(DOCKER_HUB if host in DOCKER_HUB_ALIASES else host)
 
-    def _reload(self) -> None:
+    def hosts(self) -> List[str]:
+        return sorted(self.file.value) if self.file is not None else []
+
+    @classmethod
+    def _load(cls, contents: List[bytes]) -> Dict[str, Credential]:
         try:
-            st = os.stat(self.path)
-        except OSError:
-            self._stamp, self._by_host = None, {}
-            return
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            with open(self.path, "rb") as fh:
-                auths = json.load(fh).get("auths") or {}
-            self._by_host = {_auth_key_host(k): self._credential(v) for k, v in auths.items() if isinstance(v, dict)}
-        except (OSError, ValueError, AttributeError) as exc:
-            log.error("cannot read registry credentials from %s: %s", self.path, type(exc).__name__)
-            self._by_host = {}
+            auths = load_json(contents[0]).get("auths") or {}
+            return {_auth_key_host(k): cls._credential(v) for k, v in auths.items() if isinstance(v, dict)}
+        except (ValueError, AttributeError) as exc:  # never the file's text: it holds secrets
+            raise ValueError(f"not a Docker config.json ({type(exc).__name__})") from None
 
     @staticmethod
     def _credential(entry: Mapping[str, Any]) -> Credential:
@@ -2975,7 +3060,7 @@ def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Art
     try:
         return _decide(request, snapshot, get_artifact)
     except Denial as denial:
-        return Decision(False, "denied", denial.reason, str(denial), denial.code)
+        return Decision(False, "denied", denial.reason, cap_text(str(denial)), denial.code)
 
 
 def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
@@ -3197,70 +3282,71 @@ def _escape_label(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def certificate_expiry(path: str) -> Optional[float]:
-    """The notAfter of a PEM certificate as a Unix time, or None if it cannot be read."""
+def certificate_expiry(pem: bytes) -> Optional[float]:
+    """The notAfter of the first PEM certificate, as a Unix time, read from its DER (the standard library has no
+    public certificate parser); None if it cannot be read."""
     try:
-        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
-        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
-    except Exception:
+        der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii", "replace").split("-----END CERTIFICATE-----")[0]
+                                       + "-----END CERTIFICATE-----\n")
+        return _der_not_after(der)
+    except (ValueError, IndexError):
         return None
 
 
+def _der_read(data: bytes, at: int) -> Tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER element at `at`."""
+    tag, length, at = data[at], data[at + 1], at + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length, at = int.from_bytes(data[at:at + count], "big"), at + count
+    return tag, at, at + length
+
+
+def _der_not_after(der: bytes) -> float:
+    """notAfter of an X.509 certificate: Certificate > TBSCertificate > Validity > second time."""
+    _, at, _ = _der_read(der, 0)  # Certificate
+    _, at, end = _der_read(der, at)  # TBSCertificate
+    fields = []
+    while at < end and len(fields) < 5:
+        tag, start, stop = _der_read(der, at)
+        fields.append((tag, start, stop))
+        at = stop
+    if fields[0][0] != 0xA0:  # no explicit version: v1, one field fewer before Validity
+        fields.insert(0, (0xA0, 0, 0))
+    _, at, _ = fields[4]  # version, serial, signature algorithm, issuer, validity
+    _, _, first_end = _der_read(der, at)
+    tag, start, stop = _der_read(der, first_end)
+    text = der[start:stop].decode("ascii")
+    stamp = text if tag == 0x18 else ("19" if int(text[:2]) >= 50 else "20") + text  # GeneralizedTime or UTCTime
+    return calendar.timegm(time.strptime(stamp.rstrip("Z")[:14], "%Y%m%d%H%M%S"))
+
+
 class TLSFiles:
-    """The serving certificate: loaded from files, reloaded when they change, last good pair kept."""
+    """The serving certificate: loaded from files, reloaded when they change, the last good pair kept."""
 
     def __init__(self, cert: str, key: str, check_interval: float = 10.0):
-        self.cert, self.key, self.check_interval = cert, key, check_interval
-        self._lock = threading.Lock()
-        self._checked = time.monotonic()
-        self._stamp = self._files_stamp()
-        self._context = self._build()  # a broken pair at start is fatal: raise
-        self.expiry = certificate_expiry(cert)
-        self.error = ""
+        self.cert, self.key = cert, key
+        self.file = WatchedFile([cert, key], self._load, "the serving certificate and key", check_interval, cap=MiB)
 
-    def _files_stamp(self) -> tuple:
-        stamps = []
-        for path in (self.cert, self.key):
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
-
-    def _build(self) -> ssl.SSLContext:
+    def _load(self, contents: List[bytes]) -> Tuple[ssl.SSLContext, Optional[float]]:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
-        return context
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as exc:
+            raise ValueError(f"certificate {self.cert} / key {self.key} not loaded: {exc}") from None
+        return context, certificate_expiry(contents[0])
 
     def context(self) -> ssl.SSLContext:
-        """The current context, after a look for renewed files at most every check_interval seconds."""
-        now = time.monotonic()
-        if now - self._checked < self.check_interval:
-            return self._context
-        with self._lock:
-            if now - self._checked >= self.check_interval:
-                self._checked = now
-                self.reload()
-            return self._context
+        return self.file.value[0]
 
-    def reload(self) -> bool:
-        """Load the files if they changed; keep the last good pair if the new one is broken."""
-        stamp = self._files_stamp()
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            context = self._build()
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            self.error = f"certificate {self.cert} / key {self.key} not loaded: {exc}"
-            log.error("%s; still serving the previous certificate", self.error)
-            return False
-        self._context, self.error = context, ""
-        self.expiry = certificate_expiry(self.cert)
-        log.info("loaded renewed certificate %s", self.cert)
-        return True
+    @property
+    def expiry(self) -> Optional[float]:
+        return self.file.value[1]
+
+    @property
+    def error(self) -> str:
+        return self.file.error
 
 
 class SocketReaper:
