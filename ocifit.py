@@ -289,8 +289,65 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
             group.add_argument(option.flag, **kwargs)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_LOGFMT_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+')
+
+
+def escape_controls(text: str) -> str:
+    """text with control characters (newlines, ESC, ...) written as escapes: one log line stays one line, and
+    nothing a pod or registry says can forge another or steer a terminal."""
+    return text.translate(_CONTROL)
+
+
+def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
+    """`key=value ...`, leaving out empty values unless asked; a value that is not one plain word (spaces,
+    quotes, `=`, control characters) and any message is JSON-quoted, so it cannot pass for other fields."""
+    parts = []
+    for key, value in pairs:
+        if value or keep_empty:
+            text = value if isinstance(value, str) else str(value)
+            plain = key != "message" and _LOGFMT_PLAIN.fullmatch(text)
+            parts.append(f"{key}={text}" if plain else f"{key}={json.dumps(cap_text(text))}")
+    return " ".join(parts)
+
+
+class AdmissionRecord(logging.LogRecord):
+    """One admission's log line, as a LogRecord made cheaply: the request thread only gathers the pod, its
+    AdmissionReview uid, the decision and the time taken; the log writer renders `key=value ...` text or a JSON
+    object off the request path, and the decision's part is rendered once per decision (shared by every pod
+    of a Deployment)."""
+
+    # What LogRecord.__init__ would work out for each record, and admission lines never need; in the instance's
+    # own dict, where %-style formats (pytest's, a library user's) look.
+    _FIXED = {"name": "ocifit", "msg": "admission %s", "pathname": "ocifit", "filename": "ocifit", "module": "ocifit",
+              "funcName": None, "lineno": 0, "threadName": None, "thread": 0, "processName": None, "process": 0,
+              "taskName": None, "stack_info": None, "exc_info": None, "exc_text": None, "msecs": 0.0,
+              "relativeCreated": 0.0}
+
+    def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # noqa: super() not called
+        self.__dict__.update(self._FIXED)
+        self.namespace, self.pod, self.uid, self.decision, self.ms = namespace, pod, uid, decision, ms
+        self.levelno = logging.INFO if decision.allowed else logging.WARNING
+        self.levelname = "INFO" if decision.allowed else "WARNING"
+        self.created = time.time()
+        self.args = (self,)
+
+    def __str__(self) -> str:
+        before, after = self.decision.log_text
+        parts = (logfmt((("namespace", self.namespace),)), logfmt((("pod", self.pod),), keep_empty=True),
+                 logfmt((("uid", self.uid),)), before, logfmt((("ms", self.ms),)), after)
+        return " ".join(part for part in parts if part)
+
+    def fields(self) -> Dict[str, Any]:
+        """The fields of a structured log entry: the pod, the uid, the decision's own fields, the time taken."""
+        return {"namespace": self.namespace, "pod": self.pod, "uid": self.uid, **self.decision.log_fields,
+                "ms": self.ms}
+
+
 class TextLogFormatter(logging.Formatter):
-    """`time LEVEL message`, the time string made once a second rather than once a line."""
+    """`time LEVEL message`: RFC 3339 UTC time with milliseconds, the message capped and its control characters
+    escaped. The time up to the second is made once a second rather than once a line."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -299,34 +356,30 @@ class TextLogFormatter(logging.Formatter):
     def stamp(self, created: float) -> str:
         second = int(created)
         if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
-        return self._stamp
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.stamp(record.created)} {record.levelname} {record.getMessage()}"
+        line = f"{self.stamp(record.created)} {record.levelname} {escape_controls(cap_text(record.getMessage()))}"
         return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
-
-    def format_admission(self, line: "AdmissionLine") -> str:
-        return f"{self.stamp(line.created)} {logging.getLevelName(line.level)} admission {line}"
 
 
 class JsonLogFormatter(TextLogFormatter):
-    """One JSON object a line: time, level, message, and any `extra` fields passed to the log call."""
+    """One JSON object a line: time, level, message, and any `extra` fields passed to the log call; an admission
+    line carries its fields under `admission`."""
 
-    STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], AdmissionLine):
-            return self.format_admission(record.args[0])
-        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(), "msg": record.getMessage()}
-        entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
+        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(),
+                 "msg": cap_text(record.getMessage())}
+        if isinstance(record, AdmissionRecord):
+            entry["admission"] = record.fields()
+        else:
+            entry.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
-
-    def format_admission(self, line: "AdmissionLine") -> str:
-        return json.dumps({"time": self.stamp(line.created), "level": logging.getLevelName(line.level).lower(),
-                           "msg": f"admission {line}", "admission": line.public_fields()}, default=str)
 
 
 MAX_NUMBER_DIGITS = 64
@@ -554,46 +607,44 @@ class _EnqueueHandler(logging.handlers.QueueHandler):
 
 
 class LogWriter(threading.Thread):
-    """Writes queued log records and admission lines in batches: at most one wake-up and one write() per
-    interval, however many admissions were logged meanwhile, so logging costs request threads a queue put.
-    If stderr stalls, at most `limit` entries wait; newer ones are dropped and counted, and the writer says
-    how many once it can write again, so a blocked log pipe costs log lines, never memory or admissions."""
+    """Writes queued log records in batches: at most one wake-up and one write() per interval, however many
+    admissions were logged meanwhile, so logging costs a request thread a queue put. If stderr stalls, at most
+    `limit` records wait; newer ones are dropped and counted, and the writer says how many once it can write
+    again, so a blocked log pipe costs log lines, never memory or admissions."""
 
     STOP = logging.makeLogRecord({"msg": "stop"})
 
     def __init__(self, handler: logging.StreamHandler, interval: float = 0.05, limit: int = 10000):
         super().__init__(name="log-writer", daemon=True)
         self.handler, self.interval, self.limit = handler, interval, limit
-        self.records: "queue.SimpleQueue[Any]" = queue.SimpleQueue()  # LogRecords and AdmissionLines
+        self.records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
         self.enqueue = _EnqueueHandler(self)
         self.dropped = self._dropped_reported = 0
 
-    def put(self, item: Any) -> None:
-        """Queue a log record or admission line, or count it dropped when `limit` entries are waiting."""
+    def put(self, record: logging.LogRecord) -> None:
+        """Queue a record, or count it dropped when `limit` records are waiting."""
         if self.records.qsize() >= self.limit:
             self.dropped += 1  # a count for the operator; an increment lost to a thread race costs nothing
         else:
-            self.records.put(item)
-
-    def sole_handler(self) -> bool:
-        """Whether this writer's handler is the only one a record of the ocifit logger would reach."""
-        return not log.handlers and logging.root.handlers == [self.enqueue]
+            self.records.put(record)
 
     def run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch = [self.records.get()]
-            time.sleep(self.interval)  # let a batch gather
-            while True:
-                try:
-                    batch.append(self.records.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = any(r is self.STOP for r in batch)
-            self._write([r for r in batch if r is not self.STOP])
+        while self._write(self._gather()):
+            pass
 
-    def _write(self, batch: List[Any]) -> None:
-        formatter: TextLogFormatter = self.handler.formatter  # type: ignore[assignment]
+    def _gather(self) -> List[logging.LogRecord]:
+        batch = [self.records.get()]
+        time.sleep(self.interval)  # let a batch gather
+        while True:
+            try:
+                batch.append(self.records.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def _write(self, batch: List[logging.LogRecord]) -> bool:
+        """Write a batch; False once it held STOP. The batch is let go on return, not kept until the next line."""
+        formatter = self.handler.formatter
+        assert formatter is not None
         lines = []
         dropped = self.dropped - self._dropped_reported
         if dropped:
@@ -601,19 +652,18 @@ class LogWriter(threading.Thread):
             lines.append(formatter.format(logging.makeLogRecord({
                 "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
                 "msg": f"dropped {dropped} log lines: stderr was not taking them as fast as they came"})) + "\n")
-        for item in batch:
-            if isinstance(item, AdmissionLine):
-                lines.append(formatter.format_admission(item) + "\n")
-                continue
-            try:
-                lines.append(formatter.format(item) + "\n")
-            except Exception:
-                self.handler.handleError(item)
+        for record in batch:
+            if record is not self.STOP:
+                try:
+                    lines.append(formatter.format(record) + "\n")
+                except Exception:
+                    self.handler.handleError(record)
         try:
             self.handler.stream.write("".join(lines))
             self.handler.stream.flush()
         except (OSError, ValueError):
             pass  # stderr gone: nothing left to tell
+        return not any(record is self.STOP for record in batch)
 
     def stop(self) -> None:
         self.records.put(self.STOP)
@@ -626,7 +676,7 @@ _log_writer: Optional[LogWriter] = None
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Log to stderr from one writer thread, so a slow log pipe or lock never holds up an admission."""
     global _log_writer
-    # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every admission's line.
+    # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every record.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = logging.StreamHandler(sys.stderr)
@@ -638,17 +688,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_log_writer.enqueue]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
-def log_admission(line: "AdmissionLine") -> None:
-    """Log one admission's line. When setup_logging's writer is the only handler, the line goes to it as it
-    is: no LogRecord, no logger walk, no handler lock, which at thousands of admissions a second cost more
-    than the decision itself. Otherwise (ocifit as a library, pytest's caplog) it goes through logging."""
-    writer = _log_writer
-    if writer is not None and writer.sole_handler():
-        writer.put(line)
-    else:
-        log.log(line.level, "admission %s", line)
 
 
 def flush_logging() -> None:
@@ -1405,7 +1444,7 @@ def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> An
         snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
                                                                   else 256))
     if isinstance(outcome, Denial):
-        raise type(outcome)(str(outcome))
+        raise outcome.again()
     return outcome
 
 
@@ -2737,10 +2776,19 @@ class BadReview(ValueError):
 
 
 class Denial(Exception):
-    """A pod that cannot be admitted; the message ends up in the API server's error."""
+    """A pod that cannot be admitted; the message ends up in the API server's error. `candidates`: how many
+    candidate nodes the decision weighed, for the log."""
 
     reason = "denied"
     code = 403
+
+    def __init__(self, message: str, candidates: int = 0):
+        super().__init__(message)
+        self.candidates = candidates
+
+    def again(self, prefix: str = "") -> "Denial":
+        """A fresh copy (a memoised denial is raised anew each time), its message prefixed."""
+        return type(self)(prefix + str(self), self.candidates)
 
 
 class MissingAnnotation(Denial):
@@ -2777,10 +2825,10 @@ class Disagreement(Denial):
 
 @dataclass(frozen=True)
 class Decision:
-    """What ocifit answers for one review, and what it logs about it."""
+    """What ocifit answers for one review, and what it logs about it. Made by its named constructors,
+    untouched(), patched() and denied(); whether the pod is allowed follows from the outcome."""
 
-    allowed: bool
-    outcome: str  # "mutated", "untouched" or "denied"
+    outcome: str  # "untouched", "mutated" or "denied"
     reason: str
     message: str = ""
     code: int = 200
@@ -2792,6 +2840,28 @@ class Decision:
     artifact_origin: str = ""
     warnings: Tuple[str, ...] = ()
 
+    @classmethod
+    def untouched(cls, reason: str, image: str = "") -> "Decision":
+        """Allowed as it is: not ocifit's pod, or one it already mutated."""
+        return cls("untouched", reason, image=image)
+
+    @classmethod
+    def patched(cls, ops: Sequence[Dict[str, Any]], image: str, matched: str, candidates: int, origin: str,
+                warnings: Tuple[str, ...] = ()) -> "Decision":
+        """Allowed with a JSONPatch, encoded here once."""
+        return cls("mutated", "selected", patch=tuple(ops), encoded_patch=base64.b64encode(json.dumps(ops).encode())
+                   .decode(), image=image, matched=matched, candidates=candidates, artifact_origin=origin,
+                   warnings=warnings)
+
+    @classmethod
+    def denied(cls, reason: str, message: str, code: int = 403, candidates: int = 0) -> "Decision":
+        """Refused, with a message (capped at MAX_MESSAGE) for the user and an HTTP-style code."""
+        return cls("denied", reason, cap_text(message), code, candidates=candidates)
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome != "denied"
+
     def response_fields(self) -> Dict[str, Any]:
         """The AdmissionResponse fields after its uid."""
         response: Dict[str, Any] = {"allowed": self.allowed}
@@ -2799,7 +2869,7 @@ class Decision:
             response["status"] = {"code": self.code, "message": self.message}
         if self.patch:
             response["patchType"] = "JSONPatch"
-            response["patch"] = self.encoded_patch or base64.b64encode(json.dumps(self.patch).encode()).decode()
+            response["patch"] = self.encoded_patch
         if self.warnings:
             response["warnings"] = list(self.warnings)
         return response
@@ -2810,24 +2880,20 @@ class Decision:
         return json.dumps(self.response_fields())[1:-1]
 
     @functools.cached_property
+    def log_fields(self) -> Dict[str, Any]:
+        """The decision's fields in a log entry; one that does not apply (no image, no message) is left out."""
+        fields = {"outcome": self.outcome, "reason": self.reason, "image": self.image, "matched": self.matched,
+                  "candidates": self.candidates, "artifact": self.artifact_origin, "message": self.message}
+        return {k: v for k, v in fields.items() if v or k == "candidates"}
+
+    @functools.cached_property
     def log_text(self) -> Tuple[str, str]:
-        """The decision's part of its log line, before and after the time taken; made once per decision, and
-        mutations are shared by every pod of a Deployment."""
-        return (logfmt((("outcome", self.outcome), ("reason", self.reason), ("image", self.image),
-                        ("matched", self.matched), ("candidates", self.candidates),
-                        ("artifact", self.artifact_origin))),
+        """The decision's part of its text log line, before and after the time taken; made once per decision,
+        and mutations are shared by every pod of a Deployment."""
+        fields = self.log_fields
+        return (logfmt((k, fields.get(k)) for k in ("outcome", "reason", "image", "matched", "candidates",
+                                                    "artifact")),
                 logfmt((("message", self.message),)))
-
-
-def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
-    """`key=value ...`, leaving out empty values unless asked; a value with a space, and any message, is
-    JSON-quoted."""
-    parts = []
-    for key, value in pairs:
-        if value or keep_empty:
-            text = value if isinstance(value, str) else str(value)
-            parts.append(f"{key}={json.dumps(text)}" if key == "message" or " " in text else f"{key}={text}")
-    return " ".join(parts)
 
 
 class PodFacts(NamedTuple):
@@ -2992,8 +3058,8 @@ def choose(spec: Spec, groups: Sequence[Tuple[Mapping[str, str], Tuple[str, ...]
             return Choice(entries[0][2].chosen, total)  # type: ignore[arg-type]
         names = sorted(n for _, ns, _ in entries for n in ns)
         raise NoMatch(f"no compatibility matches the {_plural(total, 'candidate node', 'candidate nodes')} "
-                      f"({_names(names)}): {entries[0][2].why_none()}")
-    raise Disagreement(_disagreement_message(spec, by_tag, total))
+                      f"({_names(names)}): {entries[0][2].why_none()}", total)
+    raise Disagreement(_disagreement_message(spec, by_tag, total), total)
 
 
 def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tuple]], total: int) -> str:
@@ -3047,9 +3113,7 @@ def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matche
     else:
         ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
                    for k, v in record.items())
-    return Decision(True, "mutated", "selected", patch=tuple(ops),
-                    encoded_patch=base64.b64encode(json.dumps(ops).encode()).decode(), image=image, matched=matched,
-                    candidates=candidates, artifact_origin=origin, warnings=warnings)
+    return Decision.patched(ops, image, matched, candidates, origin, warnings)
 
 
 ArtifactGetter = Callable[[str], Artifact]
@@ -3060,21 +3124,21 @@ def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Art
     try:
         return _decide(request, snapshot, get_artifact)
     except Denial as denial:
-        return Decision(False, "denied", denial.reason, cap_text(str(denial)), denial.code)
+        return Decision.denied(denial.reason, str(denial), denial.code, denial.candidates)
 
 
 def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
     kind = (request.get("kind") or {}).get("kind") if isinstance(request.get("kind"), dict) else None
     if kind != "Pod" or request.get("operation") != "CREATE" or request.get("subResource"):
-        return Decision(True, "untouched", "not-pod-create")
+        return Decision.untouched("not-pod-create")
     pod = pod_facts(request)
     if pod.labels.get(ENABLED_LABEL) != "true":
-        return Decision(True, "untouched", "not-enabled")
+        return Decision.untouched("not-enabled")
     annotations = pod.annotations or {}
     target = annotations.get(TARGET_IMAGE_ANNOTATION) or DEFAULT_TARGET_IMAGE
     targets = [path for path, image in pod.images if image == target]
     if not targets and SELECTED_IMAGE_ANNOTATION in annotations:
-        return Decision(True, "untouched", "already-mutated", image=annotations[SELECTED_IMAGE_ANNOTATION])
+        return Decision.untouched("already-mutated", image=annotations[SELECTED_IMAGE_ANNOTATION])
     ref = annotations.get(IMAGE_REF_ANNOTATION, "").strip()
     if not ref:
         raise MissingAnnotation(f"pod is labelled {ENABLED_LABEL}=true but has no {IMAGE_REF_ANNOTATION} "
@@ -3091,7 +3155,7 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
     try:
         choice = choose_for(snapshot, artifact.spec, pod.placement)
     except Denial as denial:
-        raise type(denial)(f"artifact {ref}: {denial}") from None
+        raise denial.again(f"artifact {ref}: ") from None
     return mutation(pod, targets, choice, artifact)
 
 
@@ -3111,31 +3175,6 @@ def encode_review_response(review: Mapping[str, Any], decision: Decision) -> byt
 def _answer_version(review: Mapping[str, Any]) -> str:
     api_version = review.get("apiVersion")
     return api_version if api_version in ADMISSION_VERSIONS else ADMISSION_VERSIONS[0]
-
-
-class AdmissionLine:
-    """One admission's log line: the pod, the decision, the time taken, the level and when. The request thread
-    only gathers them; the log writer renders `key=value ...` text or a JSON object, off the request path."""
-
-    __slots__ = ("namespace", "pod", "decision", "ms", "level", "created")
-
-    def __init__(self, namespace: str, pod: str, decision: Decision, ms: float):
-        self.namespace, self.pod, self.decision, self.ms = namespace, pod, decision, ms
-        self.level = logging.INFO if decision.allowed else logging.WARNING
-        self.created = time.time()
-
-    def __str__(self) -> str:
-        before, after = self.decision.log_text
-        parts = (logfmt((("namespace", self.namespace),)), logfmt((("pod", self.pod),), keep_empty=True), before,
-                 logfmt((("ms", self.ms),)), after)
-        return " ".join(part for part in parts if part)
-
-    def public_fields(self) -> Dict[str, Any]:
-        """The fields for a structured log entry (the message is in the entry's own text)."""
-        d = self.decision
-        return {"namespace": self.namespace, "pod": self.pod, "outcome": d.outcome, "reason": d.reason,
-                "image": d.image, "matched": d.matched, "candidates": d.candidates, "artifact": d.artifact_origin,
-                "ms": self.ms}
 
 
 class Webhook:
@@ -3178,7 +3217,7 @@ class Webhook:
             decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline))
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
-            decision = Decision(False, "denied", "internal-error", f"ocifit internal error: {exc!r}", 500)
+            decision = Decision.denied("internal-error", f"ocifit internal error: {exc!r}", 500)
         self._record(request, decision, time.monotonic() - started)
         return review, decision
 
@@ -3191,7 +3230,7 @@ class Webhook:
         if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
             return
         namespace, name = pod_identity(request)
-        log_admission(AdmissionLine(namespace, name, decision, round(elapsed * 1000, 1)))
+        log.handle(AdmissionRecord(namespace, name, str(request.get("uid")), decision, round(elapsed * 1000, 1)))
 
 
 # ============================================================================================

@@ -2039,7 +2039,7 @@ def test_each_admission_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
     webhook.handle(json.dumps(review_of(pod_obj(name=None))).encode())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admission")]
     assert len(lines) == 1
-    assert "namespace=team-a pod=demo-7d9c8b6f5-* outcome=mutated reason=selected image=debian:11" in lines[0]
+    assert "namespace=team-a pod=demo-7d9c8b6f5-* uid=uid-1 outcome=mutated reason=selected image=debian:11" in lines[0]
     assert "candidates=3 artifact=file" in lines[0]
 
 
@@ -3245,28 +3245,47 @@ def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -
         review.write_text(json.dumps(review_of(pod_obj(name=None, ref=ref))))
         answers[name] = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"),
                                 "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
-    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # RFC 3339, UTC, milliseconds
     (mutated,) = [l for l in answers["mutated"].stderr.splitlines() if " admission " in l]
-    assert re.fullmatch(stamp + r' INFO admission namespace=team-a pod=demo-7d9c8b6f5-\* outcome=mutated '
+    assert re.fullmatch(stamp + r' INFO admission namespace=team-a pod=demo-7d9c8b6f5-\* uid=uid-1 outcome=mutated '
                         r'reason=selected image=debian:11 matched="compatibilities\[0\] \(debian:11\)" '
                         r'candidates=3 artifact=file ms=[\d.]+', mutated), mutated
     (denied,) = [l for l in answers["denied"].stderr.splitlines() if " admission " in l]
-    assert re.fullmatch(stamp + r' WARNING admission namespace=team-a pod=demo-7d9c8b6f5-\* outcome=denied '
-                        r'reason=missing-annotation ms=[\d.]+ message=".*image-ref annotation.*"', denied), denied
+    assert re.fullmatch(stamp + r' WARNING admission namespace=team-a pod=demo-7d9c8b6f5-\* uid=uid-1 outcome=denied '
+                        r'reason=missing-annotation ms=[\d.]+ message=".*image-ref annotation.*"',
+                        denied), denied
 
 
-def test_an_admission_line_reads_the_same_through_logging_and_through_the_writer() -> None:
-    line = ocifit.AdmissionLine("ns", "p-*", ocifit.Decision(False, "denied", "no-match", "no compatibility matches"),
-                                1.5)
-    record = logging.LogRecord("ocifit", logging.WARNING, "", 0, "admission %s", (line,), None)
-    record.created = line.created
-    for formatter in (ocifit.TextLogFormatter(), ocifit.JsonLogFormatter()):
-        assert formatter.format(record) == formatter.format_admission(line)
-    entry = json.loads(ocifit.JsonLogFormatter().format_admission(line))
+def test_an_admission_record_through_logging_reads_as_text_and_json(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
+    decision = ocifit.Decision.denied("disagreement", "the 3 candidate nodes disagree", candidates=3)
+    ocifit.log.handle(ocifit.AdmissionRecord("ns", "p-*", "u-1", decision, 1.5))
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.getMessage().startswith("admission namespace=ns pod=p-* uid=u-1 ")
+    entry = json.loads(ocifit.JsonLogFormatter().format(record))
     assert entry["level"] == "warning" and entry["admission"] == {
-        "namespace": "ns", "pod": "p-*", "outcome": "denied", "reason": "no-match", "image": "", "matched": "",
-        "candidates": 0, "artifact": "", "ms": 1.5}
-    assert entry["msg"].endswith('ms=1.5 message="no compatibility matches"')
+        "namespace": "ns", "pod": "p-*", "uid": "u-1", "outcome": "denied", "reason": "disagreement",
+        "candidates": 3, "message": "the 3 candidate nodes disagree", "ms": 1.5}  # no image: none chosen
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
+    assert ocifit.TextLogFormatter().format(record).endswith(
+        'candidates=3 ms=1.5 message="the 3 candidate nodes disagree"')
+
+
+@pytest.mark.parametrize("evil", ["ns\nINFO admission forged=1", "a\tb", "x\ry", "\x1b[31mred", "a\u2028b",
+                                  "q\"uote", "k=v"])
+def test_log_lines_cannot_be_forged(evil: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
+    decision = ocifit.Decision.denied("no-match", f"registry says {evil}")
+    ocifit.log.handle(ocifit.AdmissionRecord(evil, evil, evil, decision, 1.0))
+    ocifit.log.warning("node view: %s", evil)
+    for record in caplog.records:
+        text = ocifit.TextLogFormatter().format(record)
+        assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\u2028" not in text, text
+        assert "\t" not in text
+        json_line = ocifit.JsonLogFormatter().format(record)
+        assert "\n" not in json_line and json.loads(json_line)
+    admission = ocifit.TextLogFormatter().format(caplog.records[0])
+    assert admission.count(" pod=") == 1 and admission.count(" uid=") == 1  # a value cannot pass for a field
 
 
 class StalledStream(io.StringIO):
@@ -3289,8 +3308,8 @@ def test_a_stalled_log_pipe_costs_log_lines_not_memory() -> None:
     writer = ocifit.LogWriter(handler, interval=0.01, limit=50)
     writer.start()
 
-    def line(i: int) -> ocifit.AdmissionLine:
-        return ocifit.AdmissionLine("ns", f"pod-{i}", ocifit.Decision(True, "untouched", "already-mutated"), 0.1)
+    def line(i: int) -> ocifit.AdmissionRecord:
+        return ocifit.AdmissionRecord("ns", f"pod-{i}", "u", ocifit.Decision.untouched("already-mutated"), 0.1)
     writer.put(line(0))
     assert stream.blocked.wait(10)  # the writer is stuck writing pod-0
     for i in range(1, 201):
