@@ -1,21 +1,37 @@
-# ocifit — `make help` lists the targets. Override IMAGE, TAG, KIND_CLUSTER, KUBECTL, CERT_MANAGER as needed.
+# ocifit — `make help` lists the targets. Override IMAGE, TAG, BASE_IMAGE, KIND_CLUSTER, KUBECTL, CERT_MANAGER as needed.
+# Recipes run in bash with -euo pipefail: a command that fails anywhere in a pipe fails the target.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
+# The image is tagged with ocifit's own version, ocifit.py's __version__.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' ocifit.py)
 IMAGE ?= ghcr.io/compspec/ocifit
-TAG ?= latest
-PYTHON_IMAGE ?= python:3.12-slim
+TAG ?= $(VERSION)
+# The Python base of the image (the Dockerfile's default) and the stock image of install-configmap.
+BASE_IMAGE ?= $(shell sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
 KIND_CLUSTER ?= ocifit
 KUBECTL ?= kubectl
 NAMESPACE ?= ocifit-system
 CERT_DIR ?= certs
 CERT_MANAGER ?= true
 
-# A filter from deploy.yaml (stdin) to what is applied: the chosen images, and no cert-manager objects
-# when CERT_MANAGER=false.
-RENDER = $(PYTHON) -c 'import sys; cert_manager, image, base = sys.argv[1:]; \
-  docs = [d for d in sys.stdin.read().split("\n---\n") if cert_manager != "false" or "apiVersion: cert-manager.io/" not in d]; \
-  print("\n---\n".join(docs).replace("ghcr.io/compspec/ocifit:latest", image).replace("image: python:3.12-slim", "image: " + base))' \
-  "$(CERT_MANAGER)" "$(IMAGE):$(TAG)" "$(PYTHON_IMAGE)"
+# A filter from deploy.yaml (stdin) to what is applied: $(IMAGE):$(TAG) for ocifit's image, no cert-manager
+# objects when CERT_MANAGER=false, and of the objects `all`, only the `deployment` or the `rest`.
+RENDER = $(PYTHON) -c 'import re, sys; cert_manager, image, keep = sys.argv[1:]; \
+  docs = [d for d in sys.stdin.read().split("\n---\n") \
+          if (cert_manager != "false" or "apiVersion: cert-manager.io/" not in d) \
+          and (keep == "all" or (keep == "deployment") == bool(re.search("^kind: Deployment$$", d, re.M)))]; \
+  print(re.sub("ghcr[.]io/compspec/ocifit:[^\n ]+", image, "\n---\n".join(docs)))' "$(CERT_MANAGER)" "$(IMAGE):$(TAG)"
+# install-configmap: the Deployment runs ocifit.py, mounted from the ConfigMap ocifit-code, on a stock
+# $(BASE_IMAGE). The code's sha256 in the pod template rolls the pods when ocifit.py changes.
+CODE_SHA256 = $(firstword $(shell sha256sum ocifit.py))
+CODE_PATCH = [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "$(BASE_IMAGE)"}, \
+  {"op": "add", "path": "/spec/template/spec/containers/0/command", "value": ["python3", "/opt/ocifit/ocifit.py", "serve"]}, \
+  {"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-", \
+   "value": {"name": "code", "mountPath": "/opt/ocifit", "readOnly": true}}, \
+  {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": "code", "configMap": {"name": "ocifit-code"}}}, \
+  {"op": "add", "path": "/spec/template/metadata/annotations", "value": {"ocifit.compspec.io/code-sha256": "$(CODE_SHA256)"}}]
 SAN = DNS:ocifit.$(NAMESPACE).svc,DNS:ocifit.$(NAMESPACE).svc.cluster.local,DNS:ocifit.$(NAMESPACE)
 
 .PHONY: help demo test bench build push kind-load install install-configmap uninstall certs e2e
@@ -32,41 +48,48 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: $(VENV)/.installed ## install the test needs (in .venv) and run the tests
-	$(VENV)/bin/python -m pytest -q test_ocifit.py
+test: $(VENV)/.installed ## install the test needs (in .venv) and run the tests, with the reason of each skip
+	$(VENV)/bin/python -m pytest -q -rs test_ocifit.py
 
 bench: $(VENV)/.installed ## print the performance figures (needs wrk and docker-registry; see README)
 	cd bench && ../$(VENV)/bin/python admission.py && ../$(VENV)/bin/python storm.py && ../$(VENV)/bin/python nodes.py
 
-build: ## build the image $(IMAGE):$(TAG)
-	docker build -t $(IMAGE):$(TAG) .
+build: ## build the image IMAGE:TAG (TAG: ocifit's version) on BASE_IMAGE
+	docker build --build-arg BASE_IMAGE="$(BASE_IMAGE)" --build-arg VERSION="$(VERSION)" -t $(IMAGE):$(TAG) .
 
-push: ## push the image
+push: ## push the image IMAGE:TAG
 	docker push $(IMAGE):$(TAG)
 
-kind-load: ## load the image into the kind cluster $(KIND_CLUSTER)
+kind-load: ## load the image IMAGE:TAG into the kind cluster KIND_CLUSTER
 	kind load docker-image $(IMAGE):$(TAG) --name $(KIND_CLUSTER)
 
-install: ## apply deploy.yaml (CERT_MANAGER=false: leave out cert-manager objects, then run `make certs`)
-	$(RENDER) < deploy.yaml | $(KUBECTL) apply -f -
+install: ## apply deploy.yaml with the image IMAGE:TAG (CERT_MANAGER=false: without cert-manager, then `make certs`)
+	$(RENDER) all < deploy.yaml | $(KUBECTL) apply -f -
 
-install-configmap: ## install with a stock $(PYTHON_IMAGE) and ocifit.py from a ConfigMap (no image build)
-	$(KUBECTL) kustomize --load-restrictor LoadRestrictionsNone example/configmap-install | $(RENDER) | \
+install-configmap: ## no image build: a stock BASE_IMAGE runs ocifit.py from the ConfigMap ocifit-code
+	$(RENDER) rest < deploy.yaml | $(KUBECTL) apply -f -
+	$(KUBECTL) -n $(NAMESPACE) create configmap ocifit-code --from-file=ocifit.py --dry-run=client -o yaml | \
+	  $(KUBECTL) apply --server-side -f -
+	$(RENDER) deployment < deploy.yaml | $(KUBECTL) patch --local -f - --type=json -p '$(CODE_PATCH)' -o yaml | \
 	  $(KUBECTL) apply -f -
 
 uninstall: ## remove everything deploy.yaml created
-	$(RENDER) < deploy.yaml | $(KUBECTL) delete --ignore-not-found -f -
+	$(RENDER) all < deploy.yaml | $(KUBECTL) delete --ignore-not-found -f -
 
-certs: ## without cert-manager: openssl CA + serving cert, TLS Secret, CA patched into the webhook
+certs: ## without cert-manager: an openssl CA (kept while it has a year left), serving cert, TLS Secret, caBundle
 	mkdir -p $(CERT_DIR)
-	openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=ocifit-ca" \
-	  -keyout $(CERT_DIR)/ca.key -out $(CERT_DIR)/ca.crt 2>/dev/null
-	openssl req -newkey rsa:2048 -nodes -subj "/CN=ocifit.$(NAMESPACE).svc" \
-	  -keyout $(CERT_DIR)/tls.key -out $(CERT_DIR)/tls.csr 2>/dev/null
-	printf 'subjectAltName=$(SAN)\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' \
-	  > $(CERT_DIR)/tls.ext
+	if ! { [ -f $(CERT_DIR)/ca.key ] && [ -f $(CERT_DIR)/ca.crt ] && \
+	       openssl x509 -checkend 31536000 -noout -in $(CERT_DIR)/ca.crt >/dev/null; }; then \
+	  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $(CERT_DIR)/ca.key; \
+	  openssl req -x509 -new -key $(CERT_DIR)/ca.key -days 3650 -subj "/CN=ocifit-ca" \
+	    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign -out $(CERT_DIR)/ca.crt; \
+	fi
+	openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out $(CERT_DIR)/tls.key
+	openssl req -new -key $(CERT_DIR)/tls.key -subj "/CN=ocifit.$(NAMESPACE).svc" -out $(CERT_DIR)/tls.csr
+	printf '%s\n' basicConstraints=critical,CA:FALSE subjectAltName=$(SAN) extendedKeyUsage=serverAuth \
+	  keyUsage=critical,digitalSignature > $(CERT_DIR)/tls.ext
 	openssl x509 -req -in $(CERT_DIR)/tls.csr -CA $(CERT_DIR)/ca.crt -CAkey $(CERT_DIR)/ca.key -CAcreateserial \
-	  -days 365 -extfile $(CERT_DIR)/tls.ext -out $(CERT_DIR)/tls.crt 2>/dev/null
+	  -days 365 -extfile $(CERT_DIR)/tls.ext -out $(CERT_DIR)/tls.crt
 	openssl verify -CAfile $(CERT_DIR)/ca.crt $(CERT_DIR)/tls.crt
 	$(KUBECTL) -n $(NAMESPACE) create secret tls ocifit-tls --cert=$(CERT_DIR)/tls.crt --key=$(CERT_DIR)/tls.key \
 	  --dry-run=client -o yaml | $(KUBECTL) apply -f -
