@@ -30,6 +30,7 @@ import collections
 import collections.abc
 import dataclasses
 import email.utils
+import errno
 import functools
 import hashlib
 import http.client
@@ -39,6 +40,7 @@ import json
 import logging
 import logging.handlers
 import os
+import platform
 import queue
 import random
 import re
@@ -80,11 +82,12 @@ USER_AGENT = f"ocifit/{__version__}"
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: its flag, its environment twin, how to read it, and what it means."""
+    """One setting: its flag, its environment twin(s), the function that parses its text, its default and what
+    it means. Settings takes its defaults from here, so each is written once."""
 
     flag: str
     env: Tuple[str, ...]
-    kind: Callable[[str], Any]
+    parse: Callable[[str], Any]
     default: Any
     help: str
     many: bool = False  # repeatable flag; the environment form is comma-separated
@@ -94,42 +97,67 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
-def _flag(text: str) -> bool:
+# Parsers of option text: each raises ArgumentTypeError with words for the user.
+
+def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise argparse.ArgumentTypeError(f"choose true or false, not {text!r}")
+
+
+def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
+    try:
+        return kind(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be a positive number of seconds: {text!r}")
+    value = _number(text, float, "a number of seconds")
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    value = _number(text, float, "a number of seconds")
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number of seconds, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if not 0 < value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _number(text, int, "a port number")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return value
+
+
+def _address(text: str) -> str:
+    """An IP address to bind (empty: all)."""
+    if text:
+        try:
+            ipaddress.ip_address(text.strip("[]"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    return text.strip("[]")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
     def read(text: str) -> str:
         if text.lower() not in allowed:
-            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(f"choose {', '.join(allowed[:-1])} or {allowed[-1]}, not {text!r}")
         return text.lower()
-    read.__name__ = "one of " + "|".join(allowed)
     return read
-
-
-def _seconds_or_zero(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"must be zero or a positive number of seconds: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be a positive whole number: {text!r}")
-    return value
 
 
 # Grouped by the subcommands that take them; each group is added to a subcommand's parser whole.
@@ -139,17 +167,17 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--log-format", ("OCIFIT_LOG_FORMAT",), _choice("text", "json"), "text", "text or json (one object a line)"),
     ),
     "server": (
-        Option("--port", ("OCIFIT_PORT",), int, 8443, "port to serve HTTPS on"),
-        Option("--bind", ("OCIFIT_BIND",), str, "", "address to bind; empty: all, IPv6 and IPv4"),
+        Option("--port", ("OCIFIT_PORT",), _port, 8443, "port to serve HTTPS on"),
+        Option("--bind", ("OCIFIT_BIND",), _address, "", "address to bind; empty: all, IPv6 and IPv4"),
         Option("--cert", ("OCIFIT_CERT", "TLS_CERT_PATH"), str, "", "PEM certificate chain (reloaded when it changes)"),
         Option("--key", ("OCIFIT_KEY", "TLS_KEY_PATH"), str, "", "PEM private key (reloaded when it changes)"),
-        Option("--plain-http", ("OCIFIT_PLAIN_HTTP",), _flag, False,
+        Option("--plain-http", ("OCIFIT_PLAIN_HTTP",), _boolean, False,
                "serve plain HTTP without a certificate (local trials only: the API server needs HTTPS)"),
         Option("--cert-reload-interval", ("OCIFIT_CERT_RELOAD_INTERVAL",), _seconds, 10.0,
                "how often to look for renewed certificate files"),
-        Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _count, 1024,
+        Option("--max-connections", ("OCIFIT_MAX_CONNECTIONS",), _positive_int, 1024,
                "concurrent connections; when full, the longest idle one is closed for a new one, else it is refused"),
-        Option("--max-connections-per-client", ("OCIFIT_MAX_CONNECTIONS_PER_CLIENT",), _count, 256,
+        Option("--max-connections-per-client", ("OCIFIT_MAX_CONNECTIONS_PER_CLIENT",), _positive_int, 256,
                "concurrent connections from one client address"),
         Option("--handshake-timeout", ("OCIFIT_HANDSHAKE_TIMEOUT",), _seconds, 5.0,
                "seconds a client has to complete the TLS handshake"),
@@ -157,12 +185,15 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "seconds a client has to send a whole request, headers and body (the first: from connecting)"),
         Option("--idle-timeout", ("OCIFIT_IDLE_TIMEOUT",), _seconds, 120.0,
                "seconds an idle keep-alive connection is kept open"),
-        Option("--max-body", ("OCIFIT_MAX_BODY",), _count, 3 * MiB + 64 * 1024,
+        Option("--max-body", ("OCIFIT_MAX_BODY",), _positive_int, 3 * MiB + 64 * 1024,
                "largest request body accepted, in bytes (the API server sends at most 3 MiB)"),
-        Option("--max-inflight-bytes", ("OCIFIT_MAX_INFLIGHT_BYTES",), _count, 8 * MiB,
+        Option("--max-inflight-bytes", ("OCIFIT_MAX_INFLIGHT_BYTES",), _positive_int, 8 * MiB,
                "request body bytes being handled at once; past it, 429 (one body is always taken)"),
         Option("--shutdown-grace", ("OCIFIT_SHUTDOWN_GRACE",), _seconds, 20.0,
                "on SIGTERM, seconds to let in-flight admissions finish"),
+        Option("--metrics-bind", ("OCIFIT_METRICS_BIND",), str, "",
+               "also serve GET /metrics over plain HTTP on HOST:PORT (e.g. :9090), for scrapers without the "
+               "webhook's certificate; empty: only on the webhook's port"),
     ),
     "nodes": (
         Option("--nodes", ("OCIFIT_NODES",), str, "",
@@ -183,7 +214,7 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--tag-ttl", ("OCIFIT_TAG_TTL",), _seconds, 60.0, "seconds a tag's digest is trusted before asking again"),
         Option("--max-stale", ("OCIFIT_MAX_STALE",), _seconds_or_zero, 3600.0,
                "while the registry is down, serve a tag's last good spec up to this many seconds old (0: never)"),
-        Option("--cache-size", ("OCIFIT_CACHE_SIZE",), _count, 256, "parsed specs kept, by manifest digest"),
+        Option("--cache-size", ("OCIFIT_CACHE_SIZE",), _positive_int, 256, "parsed specs kept, by manifest digest"),
         Option("--registry-config", ("OCIFIT_REGISTRY_CONFIG", "DOCKER_CONFIG"), str, "",
                "Docker config.json with registry credentials (a file, or the directory holding it)"),
         Option("--registry-ca", ("OCIFIT_REGISTRY_CA",), str, "", "CA bundle trusted for registries"),
@@ -202,44 +233,60 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything configurable, read once from flags and the environment."""
+def _defaults_from(groups: Mapping[str, Tuple[Option, ...]]) -> Callable[[type], type]:
+    """Give each annotated field of the class its option's default (a tuple for repeatable options), before
+    @dataclass reads them; every option must have a field, and every field an option."""
+    def apply(cls: type) -> type:
+        options = {o.dest: o for group in groups.values() for o in group}
+        fields = set(cls.__annotations__)
+        if fields != set(options):
+            raise TypeError(f"settings and options differ: {sorted(fields ^ set(options))}")
+        for name, option in options.items():
+            setattr(cls, name, tuple(option.default) if option.many else option.default)
+        return cls
+    return apply
 
-    log_level: str = "info"
-    log_format: str = "text"
-    port: int = 8443
-    bind: str = ""
-    cert: str = ""
-    key: str = ""
-    plain_http: bool = False
-    cert_reload_interval: float = 10.0
-    max_connections: int = 1024
-    max_connections_per_client: int = 256
-    handshake_timeout: float = 5.0
-    request_timeout: float = 10.0
-    idle_timeout: float = 120.0
-    max_body: int = 3 * MiB + 64 * 1024
-    max_inflight_bytes: int = 8 * MiB
-    shutdown_grace: float = 20.0
-    nodes: str = ""
-    kube_api: str = ""
-    kube_token_file: str = ""
-    kube_ca: str = ""
-    resync: float = 600.0
-    watch_failure_threshold: float = 120.0
-    artifact: Tuple[str, ...] = ()
-    fetch_budget: float = 8.0
-    tag_ttl: float = 60.0
-    max_stale: float = 3600.0
-    cache_size: int = 256
-    registry_config: str = ""
-    registry_ca: str = ""
-    insecure_registry: Tuple[str, ...] = ()
-    registry_mirror: Tuple[str, ...] = ()
-    allowed_registries: Tuple[str, ...] = ()
-    registry_proxy: str = ""
-    no_proxy: Tuple[str, ...] = ()
+
+@dataclass(frozen=True)
+@_defaults_from(OPTION_GROUPS)
+class Settings:
+    """Everything configurable, read once from flags and the environment; defaults as in OPTION_GROUPS."""
+
+    log_level: str
+    log_format: str
+    port: int
+    bind: str
+    cert: str
+    key: str
+    plain_http: bool
+    cert_reload_interval: float
+    max_connections: int
+    max_connections_per_client: int
+    handshake_timeout: float
+    request_timeout: float
+    idle_timeout: float
+    max_body: int
+    max_inflight_bytes: int
+    shutdown_grace: float
+    metrics_bind: str
+    nodes: str
+    kube_api: str
+    kube_token_file: str
+    kube_ca: str
+    resync: float
+    watch_failure_threshold: float
+    artifact: Tuple[str, ...]
+    fetch_budget: float
+    tag_ttl: float
+    max_stale: float
+    cache_size: int
+    registry_config: str
+    registry_ca: str
+    insecure_registry: Tuple[str, ...]
+    registry_mirror: Tuple[str, ...]
+    allowed_registries: Tuple[str, ...]
+    registry_proxy: str
+    no_proxy: Tuple[str, ...]
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
@@ -258,35 +305,45 @@ class Settings:
 
 
 def _env_default(option: Option) -> Any:
-    """The option's value from its environment twin, or its default."""
+    """The option's value from its environment twin, or its default; exits 2 naming a variable that does not
+    parse, as a bad flag would."""
     for name in option.env:
         raw = os.environ.get(name)
         if raw is None or (option.many and not raw.strip()):
             continue
         try:
             if option.many:
-                return [option.kind(part.strip()) for part in raw.split(",") if part.strip()]
-            return option.kind(raw)
-        except ValueError as exc:
-            raise SystemExit(f"ocifit: environment variable {name}: {exc}")
+                return [option.parse(part.strip()) for part in raw.split(",") if part.strip()]
+            return option.parse(raw)
+        except argparse.ArgumentTypeError as exc:
+            print(f"ocifit: environment variable {name}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     return list(option.default) if option.many else option.default
 
 
 def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
-    """Add the named option groups to a subcommand's parser, each flag defaulting to its env twin."""
+    """Add the named option groups to a subcommand's parser, each flag defaulting to its env twin; --help shows
+    each default and twin."""
     for group_name in groups:
         group = parser.add_argument_group(group_name)
         for option in OPTION_GROUPS[group_name]:
-            env_note = " (env " + " or ".join(option.env) + ")"
+            shown = ",".join(option.default) if option.many else option.default
+            if option.parse is _boolean:
+                shown = str(shown).lower()
+            notes = (f"default: {shown}; " if shown not in ("", ()) else "") + "env " + " or ".join(option.env)
             kwargs: Dict[str, Any] = {"dest": option.dest, "default": _env_default(option),
-                                      "help": option.help + env_note}
-            if option.kind is _flag:
+                                      "help": f"{option.help} ({notes})".replace("%", "%%")}
+            if option.parse is _boolean:
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif option.many:
-                kwargs.update(action="append", type=option.kind, metavar="VALUE")
+                kwargs.update(action="append", type=option.parse, metavar="VALUE")
             else:
-                kwargs.update(type=option.kind, metavar=option.dest.split("_")[-1].upper())
+                kwargs.update(type=option.parse, metavar=METAVARS.get(option.parse, option.dest.split("_")[-1].upper()))
             group.add_argument(option.flag, **kwargs)
+
+
+METAVARS: Dict[Callable[[str], Any], str] = {_seconds: "SECONDS", _seconds_or_zero: "SECONDS", _positive_int: "N",
+                                             _port: "PORT", _address: "ADDRESS"}
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
@@ -327,21 +384,23 @@ class AdmissionRecord(logging.LogRecord):
 
     def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # noqa: super() not called
         self.__dict__.update(self._FIXED)
-        self.namespace, self.pod, self.uid, self.decision, self.ms = namespace, pod, uid, decision, ms
+        self.namespace, self.pod, self.uid, self.ms = namespace, pod, uid, ms
+        # the decision's log fields and text, not the decision: a record kept by some handler keeps no patch
+        self.decision_fields, self.decision_text = decision.log_fields, decision.log_text
         self.levelno = logging.INFO if decision.allowed else logging.WARNING
         self.levelname = "INFO" if decision.allowed else "WARNING"
         self.created = time.time()
         self.args = (self,)
 
     def __str__(self) -> str:
-        before, after = self.decision.log_text
+        before, after = self.decision_text
         parts = (logfmt((("namespace", self.namespace),)), logfmt((("pod", self.pod),), keep_empty=True),
                  logfmt((("uid", self.uid),)), before, logfmt((("ms", self.ms),)), after)
         return " ".join(part for part in parts if part)
 
     def fields(self) -> Dict[str, Any]:
         """The fields of a structured log entry: the pod, the uid, the decision's own fields, the time taken."""
-        return {"namespace": self.namespace, "pod": self.pod, "uid": self.uid, **self.decision.log_fields,
+        return {"namespace": self.namespace, "pod": self.pod, "uid": self.uid, **self.decision_fields,
                 "ms": self.ms}
 
 
@@ -470,7 +529,8 @@ class WatchedFile:
                 value = self.load([self._read(path) for path in self.paths])
         except (OSError, ValueError) as exc:
             self._failed = stamp
-            self.error = f"cannot read {self.what} from {', '.join(self.paths)}: {getattr(exc, 'strerror', None) or exc}"
+            why = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            self.error = f"cannot read {self.what} from {', '.join(self.paths)}: {why}"
             if initial:
                 raise ValueError(self.error) from None
             log.error("%s; keeping what was read before", self.error)
@@ -1051,6 +1111,174 @@ def parse_spec(data: Any) -> Spec:
     compatibilities = tuple(_parse_compatibility(raw, i, budget) for i, raw in enumerate(items))
     keys = frozenset(e.key for c in compatibilities for e in c.expressions)
     return Spec(version, compatibilities, keys)
+
+
+# ============================================================================================
+# Metrics: Prometheus text format, from counters, histograms and gauges read at scrape time
+# ============================================================================================
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus text format (version 0.0.4); thread-safe, no dependencies.
+    Every documented series is there from the start, at 0 until its first event; values are exact (counters
+    as integers, other values with repr's precision)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    HELP: Dict[str, Tuple[str, str]] = {
+        "ocifit_build_info": ("gauge", "ocifit's version and the Python running it; always 1."),
+        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
+        "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
+        "ocifit_admissions_in_flight": ("gauge", "Admission requests being read or answered now."),
+        "ocifit_requests_shed_total": ("counter", "Requests answered 429 because request bodies in flight were "
+                                                  "over --max-inflight-bytes."),
+        "ocifit_connections_open": ("gauge", "Client connections open now."),
+        "ocifit_connections_refused_total": ("counter", "Connections closed at once, by the cap that was full."),
+        "ocifit_connections_evicted_total": ("counter", "Idle keep-alive connections closed to make room."),
+        "ocifit_registry_requests_total": ("counter", "Registry HTTP requests, by result."),
+        "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
+        "ocifit_nodes": ("gauge", "Nodes in the current view."),
+        "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
+        "ocifit_node_shapes": ("gauge", "Kinds of node in view: label sets less per-node labels (hostname)."),
+        "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
+        "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
+        "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
+        "ocifit_certificate_expiry_timestamp_seconds": ("gauge", "When the serving certificate expires."),
+        "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
+        "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
+        "process_open_fds": ("gauge", "Number of open file descriptors."),
+        "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
+        "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
+    }
+    # Label sets known in advance, shown at 0 from the start.
+    KNOWN = {
+        "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
+                                    {"outcome": "untouched", "reason": "not-pod-create"},
+                                    {"outcome": "untouched", "reason": "not-enabled"},
+                                    {"outcome": "untouched", "reason": "already-mutated"},
+                                    {"outcome": "bad-request", "reason": "bad-review"}],
+        "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
+        "ocifit_requests_shed_total": [{"reason": "body-budget"}],
+        "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
+        "ocifit_connections_evicted_total": [{}],
+        "ocifit_node_relists_total": [{}], "ocifit_node_watch_restarts_total": [{}],
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: Dict[Tuple[str, tuple], int] = {}
+        self._histograms: Dict[str, List[float]] = {}
+        self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
+        for name, label_sets in self.KNOWN.items():
+            for labels in label_sets:
+                self.count(name, 0, **labels)
+        self.observe("ocifit_admission_duration_seconds", None)
+        self.gauge("ocifit_build_info", lambda: 1, version=__version__, python=platform.python_version())
+        for name, read in process_metrics().items():
+            self.gauge(name, read)
+
+    def count(self, name: str, amount: int = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
+
+    def observe(self, name: str, seconds: Optional[float]) -> None:
+        """Add an observation to a histogram (None: only make sure the histogram is there)."""
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
+            if seconds is not None:
+                counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1  # len(BUCKETS): only +Inf
+                counts[-1] += seconds
+
+    def gauge(self, name: str, read: Callable[[], Optional[float]], **labels: str) -> None:
+        """Register a gauge read when /metrics is scraped; a None reading leaves the sample out."""
+        self._gauges[name + _label_text(tuple(sorted(labels.items())))] = read
+
+    def render(self) -> str:
+        lines: List[str] = []
+        seen = set()
+
+        def header(name: str) -> None:
+            if name not in seen and name in self.HELP:
+                seen.add(name)
+                kind, text = self.HELP[name]
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = {k: list(v) for k, v in self._histograms.items()}
+        for (name, labels), amount in counters:
+            header(name)
+            lines.append(f"{name}{_label_text(labels)} {amount}")
+        for name, counts in sorted(histograms.items()):
+            header(name)
+            cumulative = 0
+            for bound, count in zip(self.BUCKETS, counts):
+                cumulative += int(count)
+                lines.append(f'{name}_bucket{{le="{bound!r}"}} {cumulative}')
+            total = cumulative + int(counts[-2])
+            lines += [f'{name}_bucket{{le="+Inf"}} {total}', f"{name}_count {total}", f"{name}_sum {counts[-1]!r}"]
+        for key, read in sorted(self._gauges.items()):
+            try:
+                value = read()
+            except Exception:  # a gauge must never break the scrape
+                value = None
+            if value is not None:
+                header(key.split("{", 1)[0])
+                lines.append(f"{key} {value if isinstance(value, int) else repr(float(value))}")
+        for name in self.HELP:  # documented series with nothing to show yet (say, no registry request so far)
+            header(name)
+        return "\n".join(lines) + "\n"
+
+
+def _label_text(labels: Tuple[Tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels) + "}"
+
+
+def _escape_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_STARTED = time.time()
+
+
+def process_metrics() -> Dict[str, Callable[[], Optional[float]]]:
+    """The standard process_* series, from /proc where there is one (Linux), else what the stdlib tells."""
+    def resident() -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def open_fds() -> Optional[int]:
+        try:
+            return len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return None
+
+    def max_fds() -> Optional[int]:
+        try:
+            import resource  # Unix only
+            return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        except (ImportError, OSError, ValueError):
+            return None
+
+    return {"process_cpu_seconds_total": time.process_time, "process_resident_memory_bytes": resident,
+            "process_open_fds": open_fds, "process_max_fds": max_fds,
+            "process_start_time_seconds": lambda: _process_start_time()}
+
+
+def _process_start_time() -> float:
+    """When the process started: from /proc (boot time plus the start tick), else when ocifit was imported."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _STARTED
 
 
 # ============================================================================================
@@ -2319,6 +2547,9 @@ class RegistryClient:
         self.policy = AddressPolicy(tuple(p.strip().lower() for p in settings.allowed_registries if p.strip())
                                     + tuple(self.insecure) + tuple(self.mirrors.values())
                                     + ((proxy_host.lower(),) if proxy_host else ()))
+        for host in sorted(self.insecure & set(self.credentials.hosts())):
+            log.warning("registry credentials are configured for %s, which --insecure-registry reaches over plain "
+                        "HTTP: they would cross the network in clear", host)
         # Only what a registry client needs: no FTP, file or data handlers, no proxy from the environment.
         self.opener = urllib.request.OpenerDirector()
         for handler in (_ProxyHandler(settings.registry_proxy, settings.no_proxy, self.policy),
@@ -2912,9 +3143,9 @@ def parse_review(body: bytes) -> Dict[str, Any]:
     try:
         review = load_json(body)
     except ValueError as exc:
-        raise BadReview(f"request body is not valid JSON: {exc}") from None
+        raise BadReview(f"not valid JSON: {exc}") from None
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
-        raise BadReview("request body is not an AdmissionReview (kind must be AdmissionReview)")
+        raise BadReview("not an AdmissionReview (kind must be AdmissionReview)")
     if review.get("apiVersion") not in ADMISSION_VERSIONS:
         raise BadReview(f"AdmissionReview apiVersion {str(review.get('apiVersion'))[:100]} is not one ocifit answers "
                         f"({' or '.join(ADMISSION_VERSIONS)}); set admissionReviewVersions to [v1] in the webhook "
@@ -3159,15 +3390,9 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
     return mutation(pod, targets, choice, artifact)
 
 
-def review_response(review: Mapping[str, Any], decision: Decision) -> Dict[str, Any]:
-    """The AdmissionReview that answers `review` with `decision`."""
-    return {"apiVersion": _answer_version(review), "kind": "AdmissionReview",
-            "response": {"uid": review["request"]["uid"], **decision.response_fields()}}
-
-
 def encode_review_response(review: Mapping[str, Any], decision: Decision) -> bytes:
-    """review_response() as JSON bytes, reusing the decision's own encoding: a mutation's patch is encoded
-    once for every pod that shares it, not once per admission."""
+    """The AdmissionReview that answers `review` with `decision`, as JSON bytes made from the decision's own
+    encoding: a mutation's patch is encoded once for every pod that shares it, not once per admission."""
     return (f'{{"apiVersion": {json.dumps(_answer_version(review))}, "kind": "AdmissionReview", '
             f'"response": {{"uid": {json.dumps(review["request"]["uid"])}, {decision.response_json}}}}}').encode()
 
@@ -3186,16 +3411,9 @@ class Webhook:
         self.artifacts = artifacts
         self.metrics = metrics or Metrics()
 
-    def handle(self, body: bytes) -> Tuple[int, Dict[str, Any]]:
-        """(HTTP status, JSON reply) for one POST /mutate body."""
-        try:
-            review, decision = self.review(body)
-        except BadReview as exc:
-            return 400, {"error": str(exc)}
-        return 200, review_response(review, decision)
-
-    def handle_encoded(self, body: bytes) -> Tuple[int, bytes]:
-        """handle() with the reply as JSON bytes, as the server sends it."""
+    def handle(self, body: bytes) -> Tuple[int, bytes]:
+        """(HTTP status, JSON reply) for one POST /mutate body: 200 with the AdmissionReview that answers it, or
+        400 with {"error": why} when the body is no AdmissionReview."""
         try:
             review, decision = self.review(body)
         except BadReview as exc:
@@ -3236,90 +3454,6 @@ class Webhook:
 # ============================================================================================
 # HTTP server: HTTPS with reloadable certificates, /mutate /healthz /readyz /metrics
 # ============================================================================================
-
-class Metrics:
-    """Counters, gauges and histograms in Prometheus text format; thread-safe, no dependencies."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-    HELP = {
-        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
-        "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
-        "ocifit_registry_requests_total": ("counter", "Registry HTTP requests, by result."),
-        "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
-        "ocifit_nodes": ("gauge", "Nodes in the current view."),
-        "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
-        "ocifit_node_shapes": ("gauge", "Kinds of node in view: label sets less per-node labels (hostname)."),
-        "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
-        "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
-        "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
-        "ocifit_certificate_expiry_timestamp_seconds": ("gauge", "When the serving certificate expires."),
-    }
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
-        self._histograms: Dict[str, List[float]] = {}
-        self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
-
-    def count(self, name: str, amount: float = 1, **labels: str) -> None:
-        with self._lock:
-            self._counters[(name, tuple(sorted(labels.items())))] += amount
-
-    def observe(self, name: str, seconds: float) -> None:
-        bucket = bisect.bisect_left(self.BUCKETS, seconds)  # len(BUCKETS): only +Inf
-        with self._lock:
-            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
-            counts[bucket] += 1
-            counts[-1] += seconds
-
-    def gauge(self, name: str, read: Callable[[], Optional[float]]) -> None:
-        """Register a gauge read when /metrics is scraped."""
-        self._gauges[name] = read
-
-    def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def render(self) -> str:
-        lines: List[str] = []
-        seen = set()
-
-        def header(name: str) -> None:
-            if name not in seen and name in self.HELP:
-                seen.add(name)
-                kind, text = self.HELP[name]
-                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            histograms = {k: list(v) for k, v in self._histograms.items()}
-        for (name, labels), amount in counters:
-            header(name)
-            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{name}{{{text}}} {amount:g}" if text else f"{name} {amount:g}")
-        for name, counts in sorted(histograms.items()):
-            header(name)
-            cumulative = 0.0
-            for bound, count in zip(self.BUCKETS, counts):
-                cumulative += count
-                lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative:g}')
-            total = cumulative + counts[-2]
-            lines += [f'{name}_bucket{{le="+Inf"}} {total:g}', f"{name}_count {total:g}",
-                      f"{name}_sum {counts[-1]:.6f}"]
-        for name, read in sorted(self._gauges.items()):
-            try:
-                value = read()
-            except Exception:  # a gauge must never break the scrape
-                value = None
-            if value is not None:
-                header(name)
-                lines.append(f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
 
 def certificate_expiry(pem: bytes) -> Optional[float]:
     """The notAfter of the first PEM certificate, as a Unix time, read from its DER (the standard library has no
@@ -3466,9 +3600,6 @@ class ConnectionTable:
         self._per_client: Dict[str, int] = collections.Counter()
         self._refused_unlogged = 0
         self._refusal_logged_at = -1e9
-        for reason in ("capacity", "per-client"):
-            metrics.count("ocifit_connections_refused_total", 0, reason=reason)
-        metrics.count("ocifit_connections_evicted_total", 0)
         metrics.gauge("ocifit_connections_open", lambda: len(self._open))
 
     def admit(self, sock: socket.socket, client: str) -> Optional[Connection]:
@@ -3581,12 +3712,16 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         address = settings.bind or "::"
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
-            super().__init__((address, settings.port), WebhookHandler)
-        except OSError:
-            if settings.bind:  # the operator asked for this address: no second guess
-                raise
-            self.address_family = socket.AF_INET  # no IPv6 on this host
-            super().__init__(("0.0.0.0", settings.port), WebhookHandler)
+            try:
+                super().__init__((address, settings.port), WebhookHandler)
+            except OSError as exc:
+                if settings.bind or exc.errno == errno.EADDRINUSE:  # the operator's address, or a port in use
+                    raise
+                address, self.address_family = "0.0.0.0", socket.AF_INET  # no IPv6 on this host
+                super().__init__((address, settings.port), WebhookHandler)
+        except OSError as exc:
+            where = f"[{address}]" if ":" in address else address
+            raise OSError(f"cannot listen on {where}:{settings.port} (--bind, --port): {exc.strerror or exc}") from None
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -3743,7 +3878,9 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             self.reply(200 if ok else 503, (("ready: " if ok else "not ready: ") + why + "\n").encode(),
                        "text/plain; charset=utf-8")
         elif path == "/metrics":
-            self.reply(200, self.server.webhook.metrics.render().encode(), "text/plain; version=0.0.4")
+            self.reply(200, self.server.webhook.metrics.render().encode(), METRICS_CONTENT_TYPE)
+        elif path == "/mutate":
+            self.reply_json(405, {"error": "admission reviews are POSTed to /mutate"}, headers={"Allow": "POST"})
         else:
             self.reply_json(404, {"error": f"no such path {path}; try POST /mutate, GET /healthz /readyz /metrics"})
 
@@ -3768,7 +3905,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             if self.tracked is not None:  # deciding may take the fetch budget; then the reply must go out
                 REAPER.watch(self.tracked, self.tracked.sock, time.monotonic() + self.server.settings.fetch_budget
                              + self.server.settings.request_timeout)
-            status, reply = self.server.webhook.handle_encoded(body)
+            status, reply = self.server.webhook.handle(body)
             del body
             self.reply(status, reply)
         finally:
@@ -3799,6 +3936,61 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         if log.isEnabledFor(logging.DEBUG):  # the access log: formatted only when someone reads it
             log.debug("%s %s", self.address_string(), format % args)
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsServer(http.server.ThreadingHTTPServer):
+    """--metrics-bind: GET /metrics (and /healthz) over plain HTTP on a second address, so a scraper needs no
+    webhook certificate. Nothing else is served there."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: str, metrics: Metrics):
+        host, port = parse_bind(address, "--metrics-bind")
+        self.metrics = metrics
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _MetricsHandler)
+
+
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    server: MetricsServer
+    protocol_version = "HTTP/1.1"
+    server_version = "ocifit/" + __version__
+    sys_version = ""
+    timeout = 10
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        status, body, kind = 404, b"no such path; try GET /metrics\n", "text/plain; charset=utf-8"
+        if path == "/metrics":
+            status, body, kind = 200, self.server.metrics.render().encode(), METRICS_CONTENT_TYPE
+        elif path == "/healthz":
+            status, body = 200, b"ok\n"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        pass
+
+
+def parse_bind(address: str, flag: str) -> Tuple[str, int]:
+    """`host:port`, `:port` or `[v6]:port` as (host, port); ValueError naming the flag otherwise."""
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} {address!r}: expected HOST:PORT or :PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{flag} {address!r}: {host!r} is not an IP address") from None
+    return host, int(port)
 
 
 def build_server(settings: Settings, webhook: Webhook) -> WebhookServer:
@@ -3834,9 +4026,9 @@ def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> 
     else:
         source = KubeNodes(build_kube_client(settings), settings, metrics).start()
     if metrics is not None:
-        metrics.gauge("ocifit_nodes", lambda: float(len(source.snapshot())))
-        metrics.gauge("ocifit_node_label_sets", lambda: float(source.snapshot().label_sets()))
-        metrics.gauge("ocifit_node_shapes", lambda: float(source.snapshot().shape_count()))
+        metrics.gauge("ocifit_nodes", lambda: len(source.snapshot()))
+        metrics.gauge("ocifit_node_label_sets", lambda: source.snapshot().label_sets())
+        metrics.gauge("ocifit_node_shapes", lambda: source.snapshot().shape_count())
     return source
 
 
@@ -3845,18 +4037,27 @@ def build_artifacts(settings: Settings, metrics: Optional[Metrics] = None) -> Lo
     return LocalArtifacts(settings.artifact_files(), fallback=RegistryArtifacts(settings, metrics))
 
 
-def _read_input(path: str) -> bytes:
+def _read_input(path: str, what: str) -> bytes:
+    """The bytes of a file named on the command line ('-': stdin); ValueError naming it and why not."""
     if path == "-":
         return sys.stdin.buffer.read()
-    with open(path, "rb") as fh:
-        return fh.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror or exc}") from None
 
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    return_memory_eagerly()
     metrics = Metrics()
     nodes = build_node_source(settings, metrics)
     webhook = Webhook(settings, nodes, build_artifacts(settings, metrics), metrics)
     server = build_server(settings, webhook)
+    metrics_server = MetricsServer(settings.metrics_bind, metrics) if settings.metrics_bind else None
+    if metrics_server is not None:
+        threading.Thread(target=metrics_server.serve_forever, name="metrics", daemon=True).start()
+        log.info("serving GET /metrics over plain HTTP on %s:%d", *metrics_server.server_address[:2])
     stopping = threading.Event()
 
     def drain() -> None:
@@ -3885,21 +4086,42 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         nodes.stop()
     log.info("stopped")
     return 0
 
 
+def return_memory_eagerly() -> None:
+    """Have glibc hand large freed buffers back to the system. By default it serves them from per-thread arenas
+    and raises its mmap threshold after each large free, so RSS would stay at its peak after a burst of large
+    reviews. A fixed threshold keeps buffers over 128 KiB on mmap (returned at free), and few arenas keep
+    fragments few. Nothing happens where the C library is not glibc."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+    for option, value in ((M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 256 * 1024), (M_ARENA_MAX, 2)):
+        mallopt(option, value)
+
+
 def run_match(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        spec = parse_spec(_read_input(args.spec))
+        spec = parse_spec(_read_input(args.spec, "--spec"))
     except SpecError as exc:
         print(f"ocifit: invalid spec {args.spec}: {exc}", file=sys.stderr)
         return 2
     if args.labels:
-        labels = json.loads(_read_input(args.labels))
+        try:
+            labels = load_json(_read_input(args.labels, "--labels"))
+        except UnicodeDecodeError:
+            labels = None
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            raise ValueError(f"{args.labels}: --labels wants a JSON object of label name to string value")
+            raise ValueError(f"--labels {args.labels}: expected a JSON object of label name to string value")
         selection = spec.select(labels)
         if args.explain:
             print(selection.explain(), file=sys.stderr)
@@ -3930,25 +4152,32 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_review(args: argparse.Namespace, settings: Settings) -> int:
-    body = _read_input(args.file)
+    """Answer one AdmissionReview as `serve` would. Allowed: exit 0 with the review (or, with --patch, the
+    decoded patch: `[]` when nothing changes). Denied: the reason once on stderr, nothing on stdout with
+    --patch, exit 1. Bad input: exit 2."""
+    body = _read_input(args.file, "review")
     nodes = build_node_source(settings)
-    if isinstance(nodes, KubeNodes) and not nodes.wait_synced(30):
-        raise ValueError(f"could not list nodes: {nodes.health()[1]}")
-    webhook = Webhook(settings, nodes, build_artifacts(settings))
-    status, payload = webhook.handle(body)
-    nodes.stop()
+    try:
+        if isinstance(nodes, KubeNodes) and not nodes.wait_synced(30):
+            raise ValueError(f"could not list nodes: {nodes.health()[1]}")
+        status, reply = Webhook(settings, nodes, build_artifacts(settings)).handle(body)
+    finally:
+        nodes.stop()
+    payload = load_json(reply)
     if status != 200:
-        print(f"ocifit: {payload['error']}", file=sys.stderr)
+        print(f"ocifit: {args.file}: {payload['error']}", file=sys.stderr)
         return 2
     response = payload["response"]
+    if not response["allowed"]:
+        if not args.patch:
+            print(json.dumps(payload, indent=2))
+        print(f"ocifit: denied: {response['status']['message']}", file=sys.stderr)
+        return 1
     if args.patch:
-        patch = json.loads(base64.b64decode(response["patch"])) if "patch" in response else []
-        print(json.dumps(patch, indent=2))
+        print(json.dumps(load_json(base64.b64decode(response["patch"])) if "patch" in response else [], indent=2))
     else:
         print(json.dumps(payload, indent=2))
-    if not response["allowed"]:
-        print(f"ocifit: denied: {response['status']['message']}", file=sys.stderr)
-    return 0 if response["allowed"] else 1
+    return 0
 
 
 def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
@@ -3976,7 +4205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ocifit.py", description="Pick a pod's container image from an OCI compatibility artifact: "
         "a Kubernetes mutating admission webhook.", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every flag has an environment twin, named in its help. See `ocifit.py SUBCOMMAND --help`.")
+        epilog="Every setting (the flags in each subcommand's option groups) has an environment twin, named in its "
+        "help. See `ocifit.py SUBCOMMAND --help`.")
     parser.add_argument("--version", action="version", version=f"ocifit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
@@ -4035,6 +4265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line that says so, the traceback only at debug level
+        log.debug("internal error", exc_info=True)
+        flush_logging()
+        print(f"ocifit: internal error: {exc!r} (please report it; --log-level debug shows where)", file=sys.stderr)
+        return 70
     finally:
         flush_logging()
 

@@ -153,6 +153,16 @@ def decide(pod: Dict[str, Any], snapshot: Optional[ocifit.NodeSnapshot] = None, 
     return ocifit.decide(review_of(pod, **review_kw)["request"], snapshot or example_snapshot(), FileArtifacts())
 
 
+def handled(webhook: ocifit.Webhook, body: bytes) -> "tuple[int, Dict[str, Any]]":
+    """What the webhook answers a body, decoded as the API server (or the review subcommand) reads it."""
+    status, reply = webhook.handle(body)
+    return status, json.loads(reply)
+
+
+def reply_to(review: Dict[str, Any], decision: ocifit.Decision) -> Dict[str, Any]:
+    return json.loads(ocifit.encode_review_response(review, decision))
+
+
 def patch_of(response: Dict[str, Any]) -> List[Dict[str, Any]]:
     return json.loads(base64.b64decode(response["patch"]))
 
@@ -1578,6 +1588,47 @@ def test_a_redirect_from_https_to_http_is_refused(stubs: Any, pki: Dict[str, Pat
         pull_spec(f"{secure.host}/app:v1", ocifit.Settings(allowed_registries=(secure.host,)))
 
 
+def proxied(routes: Dict[str, Any], registry: Stub) -> Dict[str, Any]:
+    """A forward proxy's routes for plain-HTTP fetches: requests come as absolute URLs of the registry."""
+    return {f"{registry.url}{path}": route for path, route in routes.items()}
+
+
+def test_the_environments_proxy_is_not_used(stubs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    routes, _ = artifact_routes()
+    registry = stubs(routes)
+    proxy = stubs(proxied(routes, registry))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    assert pull_spec(f"{registry.host}/app:v1", registry_settings(registry.host))[0].compatibilities
+    assert proxy.seen == [] and registry.seen
+
+
+def test_the_operators_proxy_is_used_after_the_target_is_checked(stubs: Any) -> None:
+    routes, _ = artifact_routes()
+    registry = stubs(routes)
+    proxy = stubs(proxied(routes, registry))
+    settings = registry_settings(registry.host, registry_proxy=proxy.url)
+    assert pull_spec(f"{registry.host}/app:v1", settings)[0].compatibilities
+    assert proxy.paths()[0] == f"{registry.url}/v2/app/manifests/v1" and registry.seen == []
+    with pytest.raises(ocifit.RegistryError, match="resolves to a loopback address; name it in --allowed-registries"):
+        pull_spec("127.0.0.2:5000/app:v1", settings)  # never asked of the proxy
+    assert len(proxy.seen) == 2
+    direct = registry_settings(registry.host, registry_proxy=proxy.url, no_proxy=("127.0.0.1",))
+    assert pull_spec(f"{registry.host}/app:v1", direct)[0].compatibilities  # NO_PROXY: straight to the registry
+    assert len(proxy.seen) == 2 and registry.seen
+
+
+def test_credentials_for_a_plain_http_registry_draw_a_warning(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    docker_config(tmp_path, "registry.local:5000", username="u", password="s3cret-pw")
+    ocifit.RegistryClient(registry_settings("registry.local:5000", registry_config=str(tmp_path)))
+    assert "registry credentials are configured for registry.local:5000, which --insecure-registry reaches over " \
+        "plain HTTP" in caplog.text and "s3cret" not in caplog.text
+    caplog.clear()
+    ocifit.RegistryClient(registry_settings("other.local:5000", registry_config=str(tmp_path)))
+    assert "registry credentials" not in caplog.text
+
+
 def test_a_redirect_to_another_scheme_is_refused(stubs: Any) -> None:
     routes, layer_digest = artifact_routes()
     routes[f"/v2/app/blobs/{layer_digest}"] = lambda h: send(h, 302, b"", {"Location": "ftp://127.0.0.1/blob"})
@@ -1791,24 +1842,24 @@ def webhook_on_own_registry(tmp_path: Path, **settings: Any) -> "tuple[DockerReg
 def test_a_stale_spec_is_served_with_a_warning_while_the_registry_is_down(tmp_path: Path) -> None:
     own, webhook, ref = webhook_on_own_registry(tmp_path)
     pod = pod_obj(ref=ref)
-    fresh = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    fresh = handled(webhook, json.dumps(review_of(pod)).encode())[1]["response"]
     assert patch_of(fresh)[0]["value"] == "debian:11" and "warnings" not in fresh
     own.stop()
     time.sleep(0.2)
-    stale = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    stale = handled(webhook, json.dumps(review_of(pod)).encode())[1]["response"]
     assert patch_of(stale)[0]["value"] == "debian:11"
     assert stale["warnings"] == [f"ocifit: artifact {ref} served from cache, registry unavailable"]
-    other = webhook.handle(json.dumps(review_of(pod_obj(ref=f"{own.host}/never:v1"))).encode())[1]["response"]
+    other = handled(webhook, json.dumps(review_of(pod_obj(ref=f"{own.host}/never:v1"))).encode())[1]["response"]
     assert other["allowed"] is False and f"registry {own.host} unreachable" in other["status"]["message"]
 
 
 def test_a_stale_spec_older_than_max_stale_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     own, webhook, ref = webhook_on_own_registry(tmp_path, max_stale=0.5)
     pod = pod_obj(ref=ref)
-    assert webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]["allowed"]
+    assert handled(webhook, json.dumps(review_of(pod)).encode())[1]["response"]["allowed"]
     own.stop()
     time.sleep(0.6)
-    answer = webhook.handle(json.dumps(review_of(pod)).encode())[1]["response"]
+    answer = handled(webhook, json.dumps(review_of(pod)).encode())[1]["response"]
     assert answer["allowed"] is False and f"registry {own.host} unreachable" in answer["status"]["message"]
     assert "past --max-stale (0.5s); not serving it" in caplog.text
 
@@ -1841,7 +1892,7 @@ def test_a_pod_is_mutated_with_the_chosen_image_and_the_patch_applies(tmp_path: 
                         "containers": [{"name": "main", "image": "placeholder:latest"},
                                        {"name": "sidecar", "image": "envoy:1.30"}]})
     review = review_of(pod)
-    response = ocifit.review_response(review, decide(pod))
+    response = reply_to(review, decide(pod))
     assert response["apiVersion"] == "admission.k8s.io/v1" and response["kind"] == "AdmissionReview"
     assert response["response"]["uid"] == "uid-1" and response["response"]["allowed"] is True
     assert response["response"]["patchType"] == "JSONPatch"
@@ -1884,7 +1935,7 @@ def test_a_deployment_pod_without_a_name_is_mutated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("review_kw", [{"operation": "UPDATE"}, {"operation": "DELETE"}, {"kind": "Deployment"}])
 def test_anything_but_pod_create_is_allowed_untouched(review_kw: Dict[str, Any]) -> None:
-    response = ocifit.review_response(review_of(pod_obj(), **review_kw), decide(pod_obj(), **review_kw))
+    response = reply_to(review_of(pod_obj(), **review_kw), decide(pod_obj(), **review_kw))
     assert response["response"] == {"uid": "uid-1", "allowed": True}
 
 
@@ -1898,7 +1949,7 @@ def test_a_pod_that_did_not_opt_in_is_allowed_untouched() -> None:
 
 
 def test_an_enabled_pod_without_image_ref_is_denied_naming_the_annotation() -> None:
-    response = ocifit.review_response(review_of(pod_obj(ref=None)), decide(pod_obj(ref=None)))["response"]
+    response = reply_to(review_of(pod_obj(ref=None)), decide(pod_obj(ref=None)))["response"]
     assert response["allowed"] is False and response["status"]["code"] == 400
     assert ocifit.IMAGE_REF_ANNOTATION in response["status"]["message"]
 
@@ -1991,7 +2042,7 @@ def test_a_malformed_pod_is_denied_not_crashed(spec: Dict[str, Any], message: st
 
 def test_a_v1beta1_review_is_answered_in_its_own_version() -> None:
     review = review_of(pod_obj(enabled=False), api_version="admission.k8s.io/v1beta1")
-    assert ocifit.review_response(review, decide(pod_obj(enabled=False)))["apiVersion"] == "admission.k8s.io/v1beta1"
+    assert reply_to(review, decide(pod_obj(enabled=False)))["apiVersion"] == "admission.k8s.io/v1beta1"
 
 
 @pytest.mark.parametrize("body,message", [
@@ -2004,21 +2055,8 @@ def test_a_v1beta1_review_is_answered_in_its_own_version() -> None:
 def test_a_body_that_is_no_review_is_a_bad_request(body: bytes, message: str) -> None:
     webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
                              ocifit.LocalArtifacts({}))
-    status, payload = webhook.handle(body)
+    status, payload = handled(webhook, body)
     assert status == 400 and message in payload["error"]
-
-
-@pytest.mark.parametrize("pod,api_version", [
-    (pod_obj(), "admission.k8s.io/v1"), (pod_obj(ref=None), "admission.k8s.io/v1beta1"),
-    (pod_obj(enabled=False), "admission.k8s.io/v1"),
-])
-def test_the_encoded_reply_is_the_reply(pod: Dict[str, Any], api_version: str) -> None:
-    webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
-                             ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
-    body = json.dumps(dict(review_of(pod), apiVersion=api_version)).encode()
-    status, encoded = webhook.handle_encoded(body)
-    assert (status, json.loads(encoded)) == webhook.handle(body)
-    assert webhook.handle_encoded(b"[]") == (400, json.dumps(webhook.handle(b"[]")[1]).encode())
 
 
 def test_an_internal_error_is_one_clear_denial(caplog: pytest.LogCaptureFixture) -> None:
@@ -2026,7 +2064,7 @@ def test_an_internal_error_is_one_clear_denial(caplog: pytest.LogCaptureFixture)
         def snapshot(self) -> ocifit.NodeSnapshot:
             raise RuntimeError("node view exploded")
     webhook = ocifit.Webhook(ocifit.Settings(), Broken(), ocifit.LocalArtifacts({}))
-    status, payload = webhook.handle(json.dumps(review_of(pod_obj())).encode())
+    status, payload = handled(webhook, json.dumps(review_of(pod_obj())).encode())
     assert status == 200 and payload["response"]["allowed"] is False
     assert payload["response"]["status"]["code"] == 500
     assert "node view exploded" in payload["response"]["status"]["message"]
@@ -2036,7 +2074,7 @@ def test_each_admission_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
     webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
                              ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
     caplog.set_level("INFO", logger="ocifit")
-    webhook.handle(json.dumps(review_of(pod_obj(name=None))).encode())
+    handled(webhook, json.dumps(review_of(pod_obj(name=None))).encode())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admission")]
     assert len(lines) == 1
     assert "namespace=team-a pod=demo-7d9c8b6f5-* uid=uid-1 outcome=mutated reason=selected image=debian:11" in lines[0]
@@ -2081,6 +2119,7 @@ class RunningServer:
     def __init__(self, server: ocifit.WebhookServer, ca: Optional[Path]):
         self.server = server
         self.port = server.port
+        self.cert = server.tls.cert if server.tls else None
         self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
         self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -2160,6 +2199,11 @@ def test_health_readiness_and_unknown_paths(https_server: RunningServer) -> None
     assert status == 200 and body.startswith(b"ready: 4 nodes")
     status, body = https_server.request("GET", "/nope")
     assert status == 404 and b"POST /mutate" in body
+    conn = https_server.connect()
+    conn.request("GET", "/mutate")
+    response = conn.getresponse()
+    assert (response.status, response.getheader("Allow")) == (405, "POST") and b"POSTed" in response.read()
+    conn.close()
 
 
 JSON_TYPE = ("Content-Type", "application/json")
@@ -3017,9 +3061,8 @@ def fuzz_webhook() -> ocifit.Webhook:
 def test_any_pod_shape_gets_a_valid_review_never_an_internal_error(pod: Any, operation: str, uid: str) -> None:
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
               "request": {"uid": uid, "kind": {"kind": "Pod"}, "operation": operation, "object": pod}}
-    status, payload = fuzz_webhook().handle(json.dumps(review).encode())
+    status, payload = handled(fuzz_webhook(), json.dumps(review).encode())
     assert status == 200
-    assert json.loads(fuzz_webhook().handle_encoded(json.dumps(review).encode())[1]) == payload
     response = payload["response"]
     assert response["uid"] == uid and isinstance(response["allowed"], bool)
     if not response["allowed"]:
@@ -3031,9 +3074,8 @@ def test_any_pod_shape_gets_a_valid_review_never_an_internal_error(pod: Any, ope
 @hypothesis_settings(max_examples=300, deadline=None)
 @given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_any_body_gets_a_review_or_a_400(body: bytes) -> None:
-    status, payload = fuzz_webhook().handle(body)
+    status, payload = handled(fuzz_webhook(), body)
     assert (status == 400 and payload["error"]) or (status == 200 and payload["kind"] == "AdmissionReview")
-    assert fuzz_webhook().handle_encoded(body)[0] == status
 
 
 @pytest.mark.parametrize("body,message", [
@@ -3041,7 +3083,7 @@ def test_any_body_gets_a_review_or_a_400(body: bytes) -> None:
     (b'{"kind": "AdmissionReview", "request": {"uid": ' + b"9" * 200000 + b"}}", "number with 200000 digits"),
 ])
 def test_hostile_bodies_are_refused_quickly(body: bytes, message: str) -> None:
-    status, payload = fuzz_webhook().handle(body)
+    status, payload = handled(fuzz_webhook(), body)
     assert status == 400 and message in payload["error"]
 
 
@@ -3238,6 +3280,100 @@ def test_sigterm_drains_in_flight_admissions_then_exits(tmp_path: Path, pki: Dic
     assert "letting in-flight admissions finish" in server.stderr.read()
 
 
+def test_a_body_still_uploading_at_sigterm_is_answered_before_exit(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind",
+                               "127.0.0.1", "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
+                               str(EXAMPLE / "nodes-homogeneous.json"), "--artifact",
+                               f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}"], stderr=subprocess.PIPE, text=True)
+    running = RunningServer.__new__(RunningServer)
+    running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
+    try:
+        _wait_ready(running)
+        body = json.dumps(review_of(pod_obj())).encode()
+        conn = running.connect()
+        conn.putrequest("POST", "/mutate")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body[:100])  # headers and the first bytes; the rest is still on its way
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # past the one second the drain gives endpoints to notice
+        conn.send(body[100:])
+        response = conn.getresponse()
+        assert response.status == 200 and patch_of(json.loads(response.read())["response"])[0]["value"] == "debian:11"
+        assert server.wait(timeout=20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_large_bodies_in_flight_share_a_byte_budget(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, max_inflight_bytes=64 * 1024)
+    try:
+        body = json.dumps(review_of(pod_obj())).encode()
+        holder = running.connect()
+        holder.putrequest("POST", "/mutate")
+        holder.putheader("Content-Type", "application/json")
+        holder.putheader("Content-Length", str(60 * 1024))
+        holder.endheaders(b" " * 1000)  # 60 KiB announced, still uploading
+        eventually(lambda: running.server.bodies.requests == 1)
+        status, answer = running.request("POST", "/mutate", body + b" " * 8 * 1024)
+        assert status == 429 and b"too many large request bodies" in answer
+        assert 'ocifit_requests_shed_total{reason="body-budget"} 1' in running.server.webhook.metrics.render()
+        assert running.post_review(review_of(pod_obj()))["response"]["allowed"]  # a small one still fits
+        holder.close()
+        eventually(lambda: running.server.bodies.requests == 0)
+    finally:
+        running.stop()
+
+
+def huge_selector_pod(keys: int) -> Dict[str, Any]:
+    return pod_obj(spec={"nodeSelector": {f"k{i}": "v" for i in range(keys)},
+                         "containers": [{"name": "app", "image": "placeholder:latest"}]})
+
+
+def test_a_huge_node_selector_gets_a_short_denial_and_is_not_kept(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+    import tracemalloc
+    caplog.set_level("INFO", logger="ocifit")
+    webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
+    body = json.dumps(review_of(huge_selector_pod(110_000))).encode()
+    tracemalloc.start()
+    try:
+        status, reply = webhook.handle(body)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = json.loads(reply)["response"]["status"]["message"]
+    assert status == 200 and len(message) <= ocifit.MAX_MESSAGE and len(reply) < 8192
+    assert "no node matches the pod's nodeSelector" in message and "more" in message
+    assert held < 4 * 1024 * 1024, f"{held} bytes kept after one request"
+    assert max(len(r.getMessage()) for r in caplog.records) < 8192
+
+
+def test_reviews_of_many_containers_are_answered_and_not_kept(tmp_path: Path) -> None:
+    import gc
+    import tracemalloc
+    webhook = ocifit.Webhook(ocifit.Settings(), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}))
+    tracemalloc.start()
+    try:
+        for i in range(3):  # each a different pod, as an attacker would send
+            pod = pod_obj(name=f"wide-{i}", spec={"containers": [{"name": f"c{n}", "image": "placeholder:latest"}
+                                                                 for n in range(20_000 + i)]})
+            status, reply = webhook.handle(json.dumps(review_of(pod)).encode())
+            assert status == 200 and len(patch_of(json.loads(reply)["response"])) == 20_000 + i + 3
+            del reply, pod  # the test's own copies
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 1024 * 1024, f"{held} bytes kept after three wide reviews"
+
+
 def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -> None:
     answers = {}
     for name, ref in (("mutated", FLAVOR_REF), ("denied", None)):
@@ -3349,4 +3485,63 @@ def test_metrics_cover_admissions_nodes_and_the_certificate(https_server: Runnin
                  "ocifit_admission_duration_seconds_count 2", "ocifit_nodes 4", "ocifit_node_label_sets 4"):
         assert line in text
     expiry = float(re.search(r"^ocifit_certificate_expiry_timestamp_seconds (\S+)$", text, re.M).group(1))
-    assert time.time() < expiry < time.time() + 31 * 86400
+    end_date = subprocess.run([need("openssl"), "x509", "-noout", "-enddate", "-in", str(https_server.cert)],
+                              capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    assert expiry == float(ssl.cert_time_to_seconds(end_date))  # exact, not rounded to 6 digits
+    assert "# TYPE ocifit_registry_requests_total counter" in text  # documented, though no request yet
+    for series in ("ocifit_build_info{python=", "process_cpu_seconds_total ", "process_resident_memory_bytes ",
+                   "process_open_fds ", "process_max_fds ", "process_start_time_seconds ",
+                   'ocifit_admissions_total{outcome="untouched",reason="not-enabled"} 0',
+                   "ocifit_admissions_in_flight 0", "ocifit_connections_open "):
+        assert series in text, series
+    assert float(re.search(r"^process_start_time_seconds (\S+)$", text, re.M).group(1)) <= time.time()
+    assert status == 200 and headers_of(https_server, "/metrics")["Content-Type"] == \
+        "text/plain; version=0.0.4; charset=utf-8"
+
+
+def headers_of(running: RunningServer, path: str) -> Dict[str, str]:
+    conn = running.connect()
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def test_metric_values_are_exact() -> None:
+    metrics = ocifit.Metrics()
+    metrics.count("ocifit_admissions_total", 1_234_567, outcome="mutated", reason="selected")
+    metrics.gauge("ocifit_certificate_expiry_timestamp_seconds", lambda: 1795000123.25)
+    metrics.observe("ocifit_admission_duration_seconds", 0.000123456789)
+    text = metrics.render()
+    assert 'ocifit_admissions_total{outcome="mutated",reason="selected"} 1234567\n' in text
+    assert "ocifit_certificate_expiry_timestamp_seconds 1795000123.25\n" in text
+    assert "ocifit_admission_duration_seconds_sum 0.000123456789\n" in text
+
+
+def test_metrics_can_be_served_over_plain_http_on_a_second_address(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--bind", "127.0.0.1", "--port",
+                               str(port), "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
+                               str(EXAMPLE / "nodes-homogeneous.json"), "--metrics-bind", f"127.0.0.1:{metrics_port}"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        def scrape() -> Any:
+            conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+            try:
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                return response.status, response.getheader("Content-Type"), response.read().decode()
+            finally:
+                conn.close()
+        status, kind, text = eventually(scrape)
+        assert status == 200 and kind == "text/plain; version=0.0.4; charset=utf-8" and "ocifit_nodes 4" in text
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+        conn.request("POST", "/mutate", body=b"{}", headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 501  # only /metrics (and /healthz) there
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -32,7 +32,7 @@ from _support import EXAMPLE, free_port, ocifit, pki, post, python, registry_wit
 class FloorWebhook(ocifit.Webhook):
     """The least any admission webhook does: parse the review, answer allowed with its uid."""
 
-    def handle_encoded(self, body: bytes) -> "tuple[int, bytes]":
+    def handle(self, body: bytes) -> "tuple[int, bytes]":
         review = json.loads(body)
         return 200, json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                                 "response": {"uid": review["request"]["uid"], "allowed": True}}).encode()
