@@ -87,6 +87,36 @@ def rss_kib(pid: int) -> Dict[str, int]:
     return fields
 
 
+def proc_status(pid: int) -> Dict[str, int]:
+    """Threads, VmRSS and VmHWM (peak; KiB) of a live process, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("Threads", "VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def reset_peak(pid: int) -> bool:
+    """Set a process's VmHWM back to its current RSS (Linux clear_refs 5); False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit (inherited by its children) to the hard limit; the new soft limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
 def percentile(values: List[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
