@@ -3427,7 +3427,6 @@ class Webhook:
             review = parse_review(body)
         except BadReview as exc:
             self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review")
-            log.warning("rejected a request body: %s", exc)
             raise
         request = review["request"]
         deadline = started + self.settings.fetch_budget
@@ -3491,7 +3490,7 @@ def _der_not_after(der: bytes) -> float:
     tag, start, stop = _der_read(der, first_end)
     text = der[start:stop].decode("ascii")
     stamp = text if tag == 0x18 else ("19" if int(text[:2]) >= 50 else "20") + text  # GeneralizedTime or UTCTime
-    return calendar.timegm(time.strptime(stamp.rstrip("Z")[:14], "%Y%m%d%H%M%S"))
+    return float(calendar.timegm(time.strptime(stamp.rstrip("Z")[:14], "%Y%m%d%H%M%S")))
 
 
 class TLSFiles:
@@ -3907,6 +3906,9 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                              + self.server.settings.request_timeout)
             status, reply = self.server.webhook.handle(body)
             del body
+            if status != 200:
+                log.warning("rejected a request body from %s: %s", self.client_address[0],
+                            load_json(reply).get("error"))
             self.reply(status, reply)
         finally:
             self.server.bodies.give_back(length)

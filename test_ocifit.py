@@ -2355,7 +2355,62 @@ def test_review_prints_what_serve_would_answer(tmp_path: Path) -> None:
 
 def test_review_of_garbage_exits_2() -> None:
     done = run_cli("review", "-", "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), stdin="not json")
-    assert done.returncode == 2 and "not valid JSON" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("ocifit: -: not valid JSON") and "request body" not in \
+        done.stderr and done.stdout == ""
+
+
+def test_review_patch_of_a_denial_prints_nothing_on_stdout_and_the_reason_once() -> None:
+    done = run_cli("review", str(EXAMPLE / "reviews" / "pod.json"), "--nodes",
+                   str(EXAMPLE / "nodes-heterogeneous.json"), "--artifact",
+                   f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--patch", "--log-level", "error")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("disagree on the image") == 1 and done.stderr.startswith("ocifit: denied: ")
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (("serve", "--port", "99999"), {}, "argument --port: '99999' is not a port number (0 to 65535)"),
+    (("serve", "--port", "abc"), {}, "argument --port: 'abc' is not a port number"),
+    (("serve",), {"OCIFIT_PORT": "abc"}, "ocifit: environment variable OCIFIT_PORT: 'abc' is not a port number"),
+    (("serve", "--bind", "127.0.0.999"), {}, "argument --bind: '127.0.0.999' is not an IP address"),
+    (("serve", "--log-format", "yaml"), {}, "argument --log-format: choose text or json, not 'yaml'"),
+    (("serve", "--fetch-budget", "-1"), {}, "argument --fetch-budget: must be a positive number of seconds"),
+    (("serve", "--plain-http"), {"OCIFIT_PLAIN_HTTP": "maybe"}, "OCIFIT_PLAIN_HTTP: choose true or false"),
+    (("match", "--spec", "nosuch.json", "--labels", "x.json"), {}, "ocifit: --spec nosuch.json: No such file"),
+    (("match", "--spec", str(EXAMPLE / "compatibility-test.json"), "--labels", "nosuch.json"), {},
+     "ocifit: --labels nosuch.json: No such file"),
+    (("review", "nosuch.json", "--nodes", str(EXAMPLE / "nodes-homogeneous.json")), {},
+     "ocifit: review nosuch.json: No such file"),
+    (("serve", "--cert", "nosuch.crt", "--key", "nosuch.key", "--nodes", str(EXAMPLE / "nodes-homogeneous.json")),
+     {}, "nosuch.crt: No such file or directory"),
+    (("serve", "--plain-http", "--nodes", "nosuch.json"), {}, "cannot read nodes from nosuch.json"),
+    (("serve", "--plain-http", "--metrics-bind", "nine", "--nodes", str(EXAMPLE / "nodes-homogeneous.json")), {},
+     "--metrics-bind 'nine': expected HOST:PORT or :PORT"),
+])
+def test_command_line_mistakes_exit_2_with_a_named_cause_and_no_traceback(args: tuple, env: Dict[str, str],
+                                                                         message: str) -> None:
+    done = run_cli(*args, env=env)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_port_in_use_names_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--plain-http", "--bind", "127.0.0.1", "--port", str(port), "--nodes",
+                       str(EXAMPLE / "nodes-homogeneous.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--bind, --port): Address already in use" in done.stderr
+
+
+def test_help_shows_each_default_and_environment_twin() -> None:
+    text = " ".join(run_cli("serve", "--help").stdout.split())
+    for flag, note in [("--port", "(default: 8443; env OCIFIT_PORT)"), ("--fetch-budget", "(default: 8.0; env "
+                       "OCIFIT_FETCH_BUDGET)"), ("--plain-http", "(default: false; env OCIFIT_PLAIN_HTTP)"),
+                       ("--cert", "(env OCIFIT_CERT or TLS_CERT_PATH)")]:
+        assert flag in text and note in text, (flag, note)
+    assert "Every setting (the flags in each subcommand's option groups) has an environment twin" in \
+        " ".join(run_cli("--help").stdout.split())
 
 
 @pytest.mark.parametrize("command,mentions", [
@@ -2392,7 +2447,8 @@ def _interpreter(version: str) -> Optional[str]:
 
 
 @pytest.mark.parametrize("version", _pythons())
-def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: Path, pki: Dict[str, Path]) -> None:
+def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: Path, pki: Dict[str, Path],
+                                                         stubs: Any) -> None:
     python = _interpreter(version)
     if python is None:
         if os.environ.get("OCIFIT_REQUIRE_TOOLS") == "1":
@@ -2415,10 +2471,22 @@ def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: 
         _wait_ready(running)
         answer = running.post_review(review_of(pod_obj()))["response"]
         assert patch_of(answer)[0]["value"] == "debian:11"
+        # the certificate's expiry, read from its DER by ocifit itself (no private ssl API), on this Python too
+        metrics = running.request("GET", "/metrics")[1].decode()
+        end_date = subprocess.run([need("openssl"), "x509", "-noout", "-enddate", "-in", str(pki["crt"])],
+                                  capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+        assert f"ocifit_certificate_expiry_timestamp_seconds {float(ssl.cert_time_to_seconds(end_date))!r}" \
+            in metrics
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     assert "stopped" in server.stderr.read()
+    # a fetch over verified TLS through the guarded connection, its socket under the reaper's deadline
+    routes, _ = artifact_routes()
+    secure = stubs(routes, tls=pki)
+    fetched = run_cli("fetch", "-v", f"{secure.host}/app:v1", "--registry-ca", str(pki["ca"]),
+                      "--allowed-registries", secure.host, python=python)
+    assert fetched.returncode == 0 and json.loads(fetched.stdout)["compatibilities"], fetched.stderr
 
 
 def _wait_ready(running: "RunningServer", seconds: float = 15) -> None:
