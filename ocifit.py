@@ -346,6 +346,10 @@ METAVARS: Dict[Callable[[str], Any], str] = {_seconds: "SECONDS", _seconds_or_ze
                                              _port: "PORT", _address: "ADDRESS"}
 
 
+# ============================================================================================
+# Logging and JSON: log lines that stay one line, a writer thread, untrusted JSON
+# ============================================================================================
+
 _CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 _LOGFMT_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+')
@@ -476,6 +480,116 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
+
+class _EnqueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
+
+    def __init__(self, writer: "LogWriter"):
+        super().__init__(writer.records)
+        self.writer = writer
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.writer.put(record)
+
+
+class LogWriter(threading.Thread):
+    """Writes queued log records in batches: at most one wake-up and one write() per interval, however many
+    admissions were logged meanwhile, so logging costs a request thread a queue put. If stderr stalls, at most
+    `limit` records wait; newer ones are dropped and counted, and the writer says how many once it can write
+    again, so a blocked log pipe costs log lines, never memory or admissions."""
+
+    STOP = logging.makeLogRecord({"msg": "stop"})
+
+    def __init__(self, handler: logging.StreamHandler, interval: float = 0.05, limit: int = 10000):
+        super().__init__(name="log-writer", daemon=True)
+        self.handler, self.interval, self.limit = handler, interval, limit
+        self.records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+        self.enqueue = _EnqueueHandler(self)
+        self.dropped = self._dropped_reported = 0
+
+    def put(self, record: logging.LogRecord) -> None:
+        """Queue a record, or count it dropped when `limit` records are waiting."""
+        if self.records.qsize() >= self.limit:
+            self.dropped += 1  # a count for the operator; an increment lost to a thread race costs nothing
+        else:
+            self.records.put(record)
+
+    def run(self) -> None:
+        while self._write(self._gather()):
+            pass
+
+    def _gather(self) -> List[logging.LogRecord]:
+        batch = [self.records.get()]
+        time.sleep(self.interval)  # let a batch gather
+        while True:
+            try:
+                batch.append(self.records.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def _write(self, batch: List[logging.LogRecord]) -> bool:
+        """Write a batch; False once it held STOP. The batch is let go on return, not kept until the next line."""
+        formatter = self.handler.formatter
+        assert formatter is not None
+        lines = []
+        dropped = self.dropped - self._dropped_reported
+        if dropped:
+            self._dropped_reported += dropped
+            lines.append(formatter.format(logging.makeLogRecord({
+                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"dropped {dropped} log lines: stderr was not taking them as fast as they came"})) + "\n")
+        for record in batch:
+            if record is not self.STOP:
+                try:
+                    lines.append(formatter.format(record) + "\n")
+                except Exception:
+                    self.handler.handleError(record)
+        try:
+            self.handler.stream.write("".join(lines))
+            self.handler.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: nothing left to tell
+        return not any(record is self.STOP for record in batch)
+
+    def stop(self) -> None:
+        self.records.put(self.STOP)
+        self.join(timeout=5)
+
+
+_log_writer: Optional[LogWriter] = None
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr from one writer thread, so a slow log pipe or lock never holds up an admission."""
+    global _log_writer
+    # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter())
+    if _log_writer is not None:
+        _log_writer.stop()
+    _log_writer = LogWriter(handler)
+    _log_writer.start()
+    root = logging.getLogger()
+    root.handlers[:] = [_log_writer.enqueue]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def flush_logging() -> None:
+    """Write out every queued log record (at exit, and before a subcommand returns)."""
+    global _log_writer
+    if _log_writer is not None:
+        _log_writer.stop()
+        _log_writer = None
+
+
+# ============================================================================================
+# Shared machinery: bounded caches, watched files, socket deadlines, Retry-After
+# ============================================================================================
 
 _REQUIRED = object()
 
@@ -652,110 +766,234 @@ class BoundedCache:
         return len(self._data)
 
 
-class _EnqueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
+class SocketReaper:
+    """Shuts down sockets whose deadline has passed, so that a thread blocked on one wakes at once.
 
-    def __init__(self, writer: "LogWriter"):
-        super().__init__(writer.records)
-        self.writer = writer
+    This gives a deadline to a whole exchange (a TLS handshake with a request's headers and body, a registry
+    fetch), which per-read timeouts cannot: a peer sending a byte just before each timeout would hold a thread
+    for ever. Deadlines are checked every `interval` seconds. The reaper shuts a socket down rather than closing
+    it, and under the same lock that forget() takes, so the owner closes its own socket and a descriptor is
+    never reused under it."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self._entries: Dict[Any, Tuple[float, socket.socket]] = {}
+        self._lock = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.writer.put(record)
+    def watch(self, key: Any, sock: socket.socket, deadline: float) -> None:
+        """Shut `sock` down at `deadline` (monotonic) unless forget(key) comes first; a later call moves it."""
+        with self._lock:
+            self._entries[key] = (deadline, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="socket-reaper", daemon=True)
+                self._thread.start()
+            self._lock.notify()
 
+    def forget(self, key: Any) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
 
-class LogWriter(threading.Thread):
-    """Writes queued log records in batches: at most one wake-up and one write() per interval, however many
-    admissions were logged meanwhile, so logging costs a request thread a queue put. If stderr stalls, at most
-    `limit` records wait; newer ones are dropped and counted, and the writer says how many once it can write
-    again, so a blocked log pipe costs log lines, never memory or admissions."""
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    STOP = logging.makeLogRecord({"msg": "stop"})
-
-    def __init__(self, handler: logging.StreamHandler, interval: float = 0.05, limit: int = 10000):
-        super().__init__(name="log-writer", daemon=True)
-        self.handler, self.interval, self.limit = handler, interval, limit
-        self.records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
-        self.enqueue = _EnqueueHandler(self)
-        self.dropped = self._dropped_reported = 0
-
-    def put(self, record: logging.LogRecord) -> None:
-        """Queue a record, or count it dropped when `limit` records are waiting."""
-        if self.records.qsize() >= self.limit:
-            self.dropped += 1  # a count for the operator; an increment lost to a thread race costs nothing
-        else:
-            self.records.put(record)
-
-    def run(self) -> None:
-        while self._write(self._gather()):
-            pass
-
-    def _gather(self) -> List[logging.LogRecord]:
-        batch = [self.records.get()]
-        time.sleep(self.interval)  # let a batch gather
+    def _run(self) -> None:
         while True:
+            with self._lock:
+                while not self._entries:
+                    self._lock.wait()
+                now = time.monotonic()
+                for key in [k for k, (deadline, _) in self._entries.items() if deadline <= now]:
+                    _, sock = self._entries.pop(key)
+                    try:
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the socket's own, not SSLSocket's
+                    except OSError:
+                        pass
+            time.sleep(self.interval)
+
+
+REAPER = SocketReaper()
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+# ============================================================================================
+# Metrics: Prometheus text format, from counters, histograms and gauges read at scrape time
+# ============================================================================================
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus text format (version 0.0.4); thread-safe, no dependencies.
+    Every documented series is there from the start, at 0 until its first event; values are exact (counters
+    as integers, other values with repr's precision)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    HELP: Dict[str, Tuple[str, str]] = {
+        "ocifit_build_info": ("gauge", "ocifit's version and the Python running it; always 1."),
+        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
+        "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
+        "ocifit_admissions_in_flight": ("gauge", "Admission requests being read or answered now."),
+        "ocifit_requests_shed_total": ("counter", "Requests answered 429 because request bodies in flight were "
+                                                  "over --max-inflight-bytes."),
+        "ocifit_connections_open": ("gauge", "Client connections open now."),
+        "ocifit_connections_refused_total": ("counter", "Connections closed at once, by the cap that was full."),
+        "ocifit_connections_evicted_total": ("counter", "Idle keep-alive connections closed to make room."),
+        "ocifit_registry_requests_total": ("counter", "Registry HTTP requests, by result."),
+        "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
+        "ocifit_nodes": ("gauge", "Nodes in the current view."),
+        "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
+        "ocifit_node_shapes": ("gauge", "Kinds of node in view: label sets less per-node labels (hostname)."),
+        "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
+        "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
+        "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
+        "ocifit_certificate_expiry_timestamp_seconds": ("gauge", "When the serving certificate expires."),
+        "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
+        "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
+        "process_open_fds": ("gauge", "Number of open file descriptors."),
+        "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
+        "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
+    }
+    # Label sets known in advance, shown at 0 from the start.
+    KNOWN = {
+        "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
+                                    {"outcome": "untouched", "reason": "not-pod-create"},
+                                    {"outcome": "untouched", "reason": "not-enabled"},
+                                    {"outcome": "untouched", "reason": "already-mutated"},
+                                    {"outcome": "bad-request", "reason": "bad-review"}],
+        "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
+        "ocifit_requests_shed_total": [{"reason": "body-budget"}],
+        "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
+        "ocifit_connections_evicted_total": [{}],
+        "ocifit_node_relists_total": [{}], "ocifit_node_watch_restarts_total": [{}],
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: Dict[Tuple[str, tuple], int] = {}
+        self._histograms: Dict[str, List[float]] = {}
+        self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
+        for name, label_sets in self.KNOWN.items():
+            for labels in label_sets:
+                self.count(name, 0, **labels)
+        self.observe("ocifit_admission_duration_seconds", None)
+        self.gauge("ocifit_build_info", lambda: 1, version=__version__, python=platform.python_version())
+        for name, read in process_metrics().items():
+            self.gauge(name, read)
+
+    def count(self, name: str, amount: int = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
+
+    def observe(self, name: str, seconds: Optional[float]) -> None:
+        """Add an observation to a histogram (None: only make sure the histogram is there)."""
+        with self._lock:
+            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
+            if seconds is not None:
+                counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1  # len(BUCKETS): only +Inf
+                counts[-1] += seconds
+
+    def gauge(self, name: str, read: Callable[[], Optional[float]], **labels: str) -> None:
+        """Register a gauge read when /metrics is scraped; a None reading leaves the sample out."""
+        self._gauges[name + _label_text(tuple(sorted(labels.items())))] = read
+
+    def render(self) -> str:
+        lines: List[str] = []
+        seen = set()
+
+        def header(name: str) -> None:
+            if name not in seen and name in self.HELP:
+                seen.add(name)
+                kind, text = self.HELP[name]
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = {k: list(v) for k, v in self._histograms.items()}
+        for (name, labels), amount in counters:
+            header(name)
+            lines.append(f"{name}{_label_text(labels)} {amount}")
+        for name, counts in sorted(histograms.items()):
+            header(name)
+            cumulative = 0
+            for bound, count in zip(self.BUCKETS, counts):
+                cumulative += int(count)
+                lines.append(f'{name}_bucket{{le="{bound!r}"}} {cumulative}')
+            total = cumulative + int(counts[-2])
+            lines += [f'{name}_bucket{{le="+Inf"}} {total}', f"{name}_count {total}", f"{name}_sum {counts[-1]!r}"]
+        for key, read in sorted(self._gauges.items()):
             try:
-                batch.append(self.records.get_nowait())
-            except queue.Empty:
-                return batch
+                value = read()
+            except Exception:  # a gauge must never break the scrape
+                value = None
+            if value is not None:
+                header(key.split("{", 1)[0])
+                lines.append(f"{key} {value if isinstance(value, int) else repr(float(value))}")
+        for name in self.HELP:  # documented series with nothing to show yet (say, no registry request so far)
+            header(name)
+        return "\n".join(lines) + "\n"
 
-    def _write(self, batch: List[logging.LogRecord]) -> bool:
-        """Write a batch; False once it held STOP. The batch is let go on return, not kept until the next line."""
-        formatter = self.handler.formatter
-        assert formatter is not None
-        lines = []
-        dropped = self.dropped - self._dropped_reported
-        if dropped:
-            self._dropped_reported += dropped
-            lines.append(formatter.format(logging.makeLogRecord({
-                "name": log.name, "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": f"dropped {dropped} log lines: stderr was not taking them as fast as they came"})) + "\n")
-        for record in batch:
-            if record is not self.STOP:
-                try:
-                    lines.append(formatter.format(record) + "\n")
-                except Exception:
-                    self.handler.handleError(record)
+
+def _label_text(labels: Tuple[Tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels) + "}"
+
+
+def _escape_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_STARTED = time.time()
+
+
+def process_metrics() -> Dict[str, Callable[[], Optional[float]]]:
+    """The standard process_* series, from /proc where there is one (Linux), else what the stdlib tells."""
+    def resident() -> Optional[int]:
         try:
-            self.handler.stream.write("".join(lines))
-            self.handler.stream.flush()
-        except (OSError, ValueError):
-            pass  # stderr gone: nothing left to tell
-        return not any(record is self.STOP for record in batch)
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
 
-    def stop(self) -> None:
-        self.records.put(self.STOP)
-        self.join(timeout=5)
+    def open_fds() -> Optional[int]:
+        try:
+            return len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return None
 
+    def max_fds() -> Optional[int]:
+        try:
+            import resource  # Unix only
+            return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        except (ImportError, OSError, ValueError):
+            return None
 
-_log_writer: Optional[LogWriter] = None
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr from one writer thread, so a slow log pipe or lock never holds up an admission."""
-    global _log_writer
-    # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every record.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter())
-    if _log_writer is not None:
-        _log_writer.stop()
-    _log_writer = LogWriter(handler)
-    _log_writer.start()
-    root = logging.getLogger()
-    root.handlers[:] = [_log_writer.enqueue]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    return {"process_cpu_seconds_total": time.process_time, "process_resident_memory_bytes": resident,
+            "process_open_fds": open_fds, "process_max_fds": max_fds,
+            "process_start_time_seconds": lambda: _process_start_time()}
 
 
-def flush_logging() -> None:
-    """Write out every queued log record (at exit, and before a subcommand returns)."""
-    global _log_writer
-    if _log_writer is not None:
-        _log_writer.stop()
-        _log_writer = None
+def _process_start_time() -> float:
+    """When the process started: from /proc (boot time plus the start tick), else when ocifit was imported."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _STARTED
 
 
 # ============================================================================================
@@ -1114,174 +1352,6 @@ def parse_spec(data: Any) -> Spec:
 
 
 # ============================================================================================
-# Metrics: Prometheus text format, from counters, histograms and gauges read at scrape time
-# ============================================================================================
-
-class Metrics:
-    """Counters, gauges and histograms in Prometheus text format (version 0.0.4); thread-safe, no dependencies.
-    Every documented series is there from the start, at 0 until its first event; values are exact (counters
-    as integers, other values with repr's precision)."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-    HELP: Dict[str, Tuple[str, str]] = {
-        "ocifit_build_info": ("gauge", "ocifit's version and the Python running it; always 1."),
-        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
-        "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
-        "ocifit_admissions_in_flight": ("gauge", "Admission requests being read or answered now."),
-        "ocifit_requests_shed_total": ("counter", "Requests answered 429 because request bodies in flight were "
-                                                  "over --max-inflight-bytes."),
-        "ocifit_connections_open": ("gauge", "Client connections open now."),
-        "ocifit_connections_refused_total": ("counter", "Connections closed at once, by the cap that was full."),
-        "ocifit_connections_evicted_total": ("counter", "Idle keep-alive connections closed to make room."),
-        "ocifit_registry_requests_total": ("counter", "Registry HTTP requests, by result."),
-        "ocifit_artifact_cache_total": ("counter", "Artifact lookups, by result (hit, miss, stale)."),
-        "ocifit_nodes": ("gauge", "Nodes in the current view."),
-        "ocifit_node_label_sets": ("gauge", "Distinct label sets among the nodes in view."),
-        "ocifit_node_shapes": ("gauge", "Kinds of node in view: label sets less per-node labels (hostname)."),
-        "ocifit_node_relists_total": ("counter", "Full node lists from the API server."),
-        "ocifit_node_watch_restarts_total": ("counter", "Node watch streams started again."),
-        "ocifit_node_sync_age_seconds": ("gauge", "Seconds since the node view last heard from its source."),
-        "ocifit_certificate_expiry_timestamp_seconds": ("gauge", "When the serving certificate expires."),
-        "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
-        "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
-        "process_open_fds": ("gauge", "Number of open file descriptors."),
-        "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
-        "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
-    }
-    # Label sets known in advance, shown at 0 from the start.
-    KNOWN = {
-        "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
-                                    {"outcome": "untouched", "reason": "not-pod-create"},
-                                    {"outcome": "untouched", "reason": "not-enabled"},
-                                    {"outcome": "untouched", "reason": "already-mutated"},
-                                    {"outcome": "bad-request", "reason": "bad-review"}],
-        "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
-        "ocifit_requests_shed_total": [{"reason": "body-budget"}],
-        "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
-        "ocifit_connections_evicted_total": [{}],
-        "ocifit_node_relists_total": [{}], "ocifit_node_watch_restarts_total": [{}],
-    }
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: Dict[Tuple[str, tuple], int] = {}
-        self._histograms: Dict[str, List[float]] = {}
-        self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
-        for name, label_sets in self.KNOWN.items():
-            for labels in label_sets:
-                self.count(name, 0, **labels)
-        self.observe("ocifit_admission_duration_seconds", None)
-        self.gauge("ocifit_build_info", lambda: 1, version=__version__, python=platform.python_version())
-        for name, read in process_metrics().items():
-            self.gauge(name, read)
-
-    def count(self, name: str, amount: int = 1, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
-
-    def observe(self, name: str, seconds: Optional[float]) -> None:
-        """Add an observation to a histogram (None: only make sure the histogram is there)."""
-        with self._lock:
-            counts = self._histograms.setdefault(name, [0.0] * (len(self.BUCKETS) + 2))
-            if seconds is not None:
-                counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1  # len(BUCKETS): only +Inf
-                counts[-1] += seconds
-
-    def gauge(self, name: str, read: Callable[[], Optional[float]], **labels: str) -> None:
-        """Register a gauge read when /metrics is scraped; a None reading leaves the sample out."""
-        self._gauges[name + _label_text(tuple(sorted(labels.items())))] = read
-
-    def render(self) -> str:
-        lines: List[str] = []
-        seen = set()
-
-        def header(name: str) -> None:
-            if name not in seen and name in self.HELP:
-                seen.add(name)
-                kind, text = self.HELP[name]
-                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-
-        with self._lock:
-            counters = sorted(self._counters.items())
-            histograms = {k: list(v) for k, v in self._histograms.items()}
-        for (name, labels), amount in counters:
-            header(name)
-            lines.append(f"{name}{_label_text(labels)} {amount}")
-        for name, counts in sorted(histograms.items()):
-            header(name)
-            cumulative = 0
-            for bound, count in zip(self.BUCKETS, counts):
-                cumulative += int(count)
-                lines.append(f'{name}_bucket{{le="{bound!r}"}} {cumulative}')
-            total = cumulative + int(counts[-2])
-            lines += [f'{name}_bucket{{le="+Inf"}} {total}', f"{name}_count {total}", f"{name}_sum {counts[-1]!r}"]
-        for key, read in sorted(self._gauges.items()):
-            try:
-                value = read()
-            except Exception:  # a gauge must never break the scrape
-                value = None
-            if value is not None:
-                header(key.split("{", 1)[0])
-                lines.append(f"{key} {value if isinstance(value, int) else repr(float(value))}")
-        for name in self.HELP:  # documented series with nothing to show yet (say, no registry request so far)
-            header(name)
-        return "\n".join(lines) + "\n"
-
-
-def _label_text(labels: Tuple[Tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels) + "}"
-
-
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-_STARTED = time.time()
-
-
-def process_metrics() -> Dict[str, Callable[[], Optional[float]]]:
-    """The standard process_* series, from /proc where there is one (Linux), else what the stdlib tells."""
-    def resident() -> Optional[int]:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def open_fds() -> Optional[int]:
-        try:
-            return len(os.listdir("/proc/self/fd"))
-        except OSError:
-            return None
-
-    def max_fds() -> Optional[int]:
-        try:
-            import resource  # Unix only
-            return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        except (ImportError, OSError, ValueError):
-            return None
-
-    return {"process_cpu_seconds_total": time.process_time, "process_resident_memory_bytes": resident,
-            "process_open_fds": open_fds, "process_max_fds": max_fds,
-            "process_start_time_seconds": lambda: _process_start_time()}
-
-
-def _process_start_time() -> float:
-    """When the process started: from /proc (boot time plus the start tick), else when ocifit was imported."""
-    try:
-        with open("/proc/self/stat") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _STARTED
-
-
-# ============================================================================================
 # Node view: nodes, snapshots, which nodes a pod can land on, and where nodes come from
 # ============================================================================================
 
@@ -1448,7 +1518,7 @@ class NodeSnapshot:
     """An immutable view of the cluster's nodes. Request threads share it; updates build a new one.
 
     Nodes are indexed by shape (shared base labels, own label keys, role, taints), so grouping thousands
-    of nodes for a decision walks the few shapes, not every node; `changed` carries the index over."""
+    of nodes for a decision walks the few shapes, not every node; `with_node` carries the index over."""
 
     def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None):
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
@@ -1467,7 +1537,7 @@ class NodeSnapshot:
         snapshot._shapes = shapes
         return snapshot
 
-    def changed(self, name: str, node: Optional[Node]) -> "NodeSnapshot":
+    def with_node(self, name: str, node: Optional[Node]) -> "NodeSnapshot":
         """A new snapshot with one node added, replaced or (None) removed; the shape index is carried over,
         touching only the shapes the node left and joined."""
         nodes = dict(self.nodes)
@@ -1653,38 +1723,73 @@ class Placement(NamedTuple):
         return " and ".join(parts) if parts else "schedulable worker nodes"
 
 
+class PodShapeError(ValueError):
+    """The pod's spec (or metadata) is not the shape Kubernetes gives it; the message names the field."""
+
+
+def _mapping(value: Any, path: str) -> Dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise PodShapeError(f"{path} must be an object of strings")
+    return value
+
+
+def _list(value: Any, path: str) -> List[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PodShapeError(f"{path} must be a list")
+    return value
+
+
+def _requirements(items: Any, path: str) -> Tuple[Requirement, ...]:
+    result = []
+    for i, item in enumerate(_list(items, path)):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            raise PodShapeError(f"{where} must be an object with a key")
+        op = item.get("operator")
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"):
+            raise PodShapeError(f"{where}.operator {json.dumps(op)} is not a node selector operator")
+        values = tuple(str(v) for v in _list(item.get("values"), f"{where}.values"))
+        if op in ("Gt", "Lt") and (len(values) != 1 or parse_integer(values[0]) is None):
+            raise PodShapeError(f"{where}: {op} needs one integer value")
+        result.append(Requirement(item["key"], op, values))
+    return tuple(result)
+
+
+def parse_placement(spec: Mapping[str, Any]) -> Placement:
+    """The pod's nodeSelector, required node affinity and tolerations."""
+    selector = _mapping(spec.get("nodeSelector"), "spec.nodeSelector")
+    terms = None
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") if isinstance(spec.get("affinity"), dict) else None
+    required = (affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution") \
+        if isinstance(affinity, dict) else None
+    if isinstance(required, dict):
+        path = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+        parsed = []
+        for i, term in enumerate(_list(required.get("nodeSelectorTerms"), path)):
+            if not isinstance(term, dict):
+                raise PodShapeError(f"{path}[{i}] must be an object")
+            labels = _requirements(term.get("matchExpressions"), f"{path}[{i}].matchExpressions")
+            names = _requirements(term.get("matchFields"), f"{path}[{i}].matchFields")
+            if any(r.key != "metadata.name" for r in names):
+                raise PodShapeError(f"{path}[{i}].matchFields supports only metadata.name")
+            if labels or names:  # an empty term matches no node
+                parsed.append(Term(labels, names))
+        terms = tuple(parsed)
+    tolerations = []
+    for i, item in enumerate(_list(spec.get("tolerations"), "spec.tolerations")):
+        if not isinstance(item, dict):
+            raise PodShapeError(f"spec.tolerations[{i}] must be an object")
+        tolerations.append(Toleration(str(item.get("key") or ""), str(item.get("operator") or "Equal"),
+                                      str(item.get("value") or ""), str(item.get("effect") or "")))
+    return Placement(tuple(sorted(selector.items())), terms, tuple(tolerations))
+
+
 def _more(hidden: int) -> str:
     return f" …+{hidden} more" if hidden > 0 else ""
-
-
-def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> Any:
-    """choose() over the pod's candidate groups, memoised on the snapshot: snapshot, spec and placement are all
-    immutable, so the same question asked again (every pod of a Deployment) gets the same answer for free."""
-    key = (id(spec), placement)
-    hit = snapshot.memo.get(key)
-    if hit is not None and hit[0] is spec:
-        outcome = hit[1]
-    else:
-        try:
-            outcome = choose(spec, candidate_groups(snapshot, placement, spec.keys), placement)
-        except Denial as denial:
-            outcome = denial
-        snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
-                                                                  else 256))
-    if isinstance(outcome, Denial):
-        raise outcome.again()
-    return outcome
-
-
-def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
-                     ) -> List[Tuple[Mapping[str, str], Tuple[str, ...]]]:
-    """(labels the spec sees, node names) for each kind of node the pod can land on."""
-    result = []
-    for group in snapshot.partition(frozenset(spec_keys | placement.keys)):
-        names = placement.select(group)
-        if names:
-            result.append(({k: v for k, v in group.labels.items() if k in spec_keys}, names))
-    return result
 
 
 class StaticNodes:
@@ -2004,13 +2109,13 @@ class KubeNodes:
         old = self._snapshot.nodes.get(node.name)
         if old == node:
             return  # a status heartbeat: nothing a decision looks at
-        self._snapshot = self._snapshot.changed(node.name, node)
+        self._snapshot = self._snapshot.with_node(node.name, node)
         log.info("%s", _describe_change(old, node))
 
     def _remove(self, name: str) -> None:
         old = self._snapshot.nodes.get(name)
         if old is not None:
-            self._snapshot = self._snapshot.changed(name, None)
+            self._snapshot = self._snapshot.with_node(name, None)
             log.info("%s", _describe_change(old, None))
 
 
@@ -2501,19 +2606,6 @@ def _registry_error_text(body: bytes) -> Tuple[str, str]:
         return "", ""
 
 
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 @dataclass(frozen=True)
 class Pulled:
     """What a pull found: the manifest digest the reference resolved to, and the spec bytes."""
@@ -2999,7 +3091,7 @@ class RegistryArtifacts:
 
 
 # ============================================================================================
-# Admission: AdmissionReview in -> Decision -> AdmissionReview out (pure, no I/O)
+# Admission: AdmissionReview in -> Decision -> AdmissionReview out; pure but for the artifact source
 # ============================================================================================
 
 class BadReview(ValueError):
@@ -3159,67 +3251,6 @@ def parse_review(body: bytes) -> Dict[str, Any]:
     return review
 
 
-def _mapping(value: Any, path: str) -> Dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise MalformedPod(f"{path} must be an object of strings")
-    return value
-
-
-def _list(value: Any, path: str) -> List[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise MalformedPod(f"{path} must be a list")
-    return value
-
-
-def _requirements(items: Any, path: str) -> Tuple[Requirement, ...]:
-    result = []
-    for i, item in enumerate(_list(items, path)):
-        where = f"{path}[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
-            raise MalformedPod(f"{where} must be an object with a key")
-        op = item.get("operator")
-        if op not in ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"):
-            raise MalformedPod(f"{where}.operator {json.dumps(op)} is not a node selector operator")
-        values = tuple(str(v) for v in _list(item.get("values"), f"{where}.values"))
-        if op in ("Gt", "Lt") and (len(values) != 1 or parse_integer(values[0]) is None):
-            raise MalformedPod(f"{where}: {op} needs one integer value")
-        result.append(Requirement(item["key"], op, values))
-    return tuple(result)
-
-
-def parse_placement(spec: Mapping[str, Any]) -> Placement:
-    """The pod's nodeSelector, required node affinity and tolerations."""
-    selector = _mapping(spec.get("nodeSelector"), "spec.nodeSelector")
-    terms = None
-    affinity = (spec.get("affinity") or {}).get("nodeAffinity") if isinstance(spec.get("affinity"), dict) else None
-    required = (affinity or {}).get("requiredDuringSchedulingIgnoredDuringExecution") \
-        if isinstance(affinity, dict) else None
-    if isinstance(required, dict):
-        path = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
-        parsed = []
-        for i, term in enumerate(_list(required.get("nodeSelectorTerms"), path)):
-            if not isinstance(term, dict):
-                raise MalformedPod(f"{path}[{i}] must be an object")
-            labels = _requirements(term.get("matchExpressions"), f"{path}[{i}].matchExpressions")
-            names = _requirements(term.get("matchFields"), f"{path}[{i}].matchFields")
-            if any(r.key != "metadata.name" for r in names):
-                raise MalformedPod(f"{path}[{i}].matchFields supports only metadata.name")
-            if labels or names:  # an empty term matches no node
-                parsed.append(Term(labels, names))
-        terms = tuple(parsed)
-    tolerations = []
-    for i, item in enumerate(_list(spec.get("tolerations"), "spec.tolerations")):
-        if not isinstance(item, dict):
-            raise MalformedPod(f"spec.tolerations[{i}] must be an object")
-        tolerations.append(Toleration(str(item.get("key") or ""), str(item.get("operator") or "Equal"),
-                                      str(item.get("value") or ""), str(item.get("effect") or "")))
-    return Placement(tuple(sorted(selector.items())), terms, tuple(tolerations))
-
-
 def pod_identity(request: Mapping[str, Any]) -> Tuple[str, str]:
     """(namespace, name) of the pod under review, for messages and log lines, whatever the request's shape.
     A pod without a name yet (a Deployment's) is named by its generateName and `*`."""
@@ -3242,17 +3273,24 @@ def pod_facts(request: Mapping[str, Any]) -> PodFacts:
     annotations = meta.get("annotations")
     images = []
     for field_name in ("initContainers", "containers"):
-        for i, container in enumerate(_list(spec.get(field_name), f"spec.{field_name}")):
+        try:
+            containers = _list(spec.get(field_name), f"spec.{field_name}")
+        except PodShapeError as exc:
+            raise MalformedPod(str(exc)) from None
+        for i, container in enumerate(containers):
             if isinstance(container, dict) and isinstance(container.get("image"), str):
                 images.append((f"/spec/{field_name}/{i}/image", container["image"]))
     namespace, name = pod_identity(request)
-    return PodFacts(
-        namespace=namespace,
-        name=name,
-        labels=_mapping(meta.get("labels"), "metadata.labels"),
-        annotations=None if annotations is None else _mapping(annotations, "metadata.annotations"),
-        placement=parse_placement(spec),
-        images=tuple(images))
+    try:
+        return PodFacts(
+            namespace=namespace,
+            name=name,
+            labels=_mapping(meta.get("labels"), "metadata.labels"),
+            annotations=None if annotations is None else _mapping(annotations, "metadata.annotations"),
+            placement=parse_placement(spec),
+            images=tuple(images))
+    except PodShapeError as exc:
+        raise MalformedPod(str(exc)) from None
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:
@@ -3311,6 +3349,36 @@ def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tu
     message = (f"the {total} candidate nodes disagree on the image: " + ", ".join(parts)
                + "; pin the pod to one kind of node with a nodeSelector")
     return message + (", e.g. " + " or ".join(pins) if pins else "")
+
+
+def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> Any:
+    """choose() over the pod's candidate groups, memoised on the snapshot: snapshot, spec and placement are all
+    immutable, so the same question asked again (every pod of a Deployment) gets the same answer for free."""
+    key = (id(spec), placement)
+    hit = snapshot.memo.get(key)
+    if hit is not None and hit[0] is spec:
+        outcome = hit[1]
+    else:
+        try:
+            outcome = choose(spec, candidate_groups(snapshot, placement, spec.keys), placement)
+        except Denial as denial:
+            outcome = denial
+        snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
+                                                                  else 256))
+    if isinstance(outcome, Denial):
+        raise outcome.again()
+    return outcome
+
+
+def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
+                     ) -> List[Tuple[Mapping[str, str], Tuple[str, ...]]]:
+    """(labels the spec sees, node names) for each kind of node the pod can land on."""
+    result = []
+    for group in snapshot.partition(frozenset(spec_keys | placement.keys)):
+        names = placement.select(group)
+        if names:
+            result.append(({k: v for k, v in group.labels.items() if k in spec_keys}, names))
+    return result
 
 
 def escape_pointer(token: str) -> str:
@@ -3401,6 +3469,8 @@ def _answer_version(review: Mapping[str, Any]) -> str:
     api_version = review.get("apiVersion")
     return api_version if api_version in ADMISSION_VERSIONS else ADMISSION_VERSIONS[0]
 
+
+# ---- the edge: a body in, a reply out, with the artifact fetched, the line logged, the metrics counted ----
 
 class Webhook:
     """The admission edge: body in, response out, with the artifact fetch, the log line and the metrics."""
@@ -3519,55 +3589,6 @@ class TLSFiles:
     @property
     def error(self) -> str:
         return self.file.error
-
-
-class SocketReaper:
-    """Shuts down sockets whose deadline has passed, so that a thread blocked on one wakes at once.
-
-    This gives a deadline to a whole exchange (a TLS handshake with a request's headers and body, a registry
-    fetch), which per-read timeouts cannot: a peer sending a byte just before each timeout would hold a thread
-    for ever. Deadlines are checked every `interval` seconds. The reaper shuts a socket down rather than closing
-    it, and under the same lock that forget() takes, so the owner closes its own socket and a descriptor is
-    never reused under it."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
-        self._entries: Dict[Any, Tuple[float, socket.socket]] = {}
-        self._lock = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
-
-    def watch(self, key: Any, sock: socket.socket, deadline: float) -> None:
-        """Shut `sock` down at `deadline` (monotonic) unless forget(key) comes first; a later call moves it."""
-        with self._lock:
-            self._entries[key] = (deadline, sock)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="socket-reaper", daemon=True)
-                self._thread.start()
-            self._lock.notify()
-
-    def forget(self, key: Any) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._entries:
-                    self._lock.wait()
-                now = time.monotonic()
-                for key in [k for k, (deadline, _) in self._entries.items() if deadline <= now]:
-                    _, sock = self._entries.pop(key)
-                    try:
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the socket's own, not SSLSocket's
-                    except OSError:
-                        pass
-            time.sleep(self.interval)
-
-
-REAPER = SocketReaper()
 
 
 @dataclass(eq=False)

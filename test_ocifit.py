@@ -506,7 +506,7 @@ def test_watch_changes_keep_the_shape_index_equal_to_a_fresh_one(steps: List[Any
     snapshot.shapes()
     for name, labels, cordoned in steps:
         node = None if labels is None else ocifit.node_from_object(node_obj(name, labels, unschedulable=cordoned))
-        snapshot = snapshot.changed(name, node)
+        snapshot = snapshot.with_node(name, node)
     fresh = ocifit.NodeSnapshot(snapshot.nodes.values())
     for keys in (frozenset({"flavor"}), frozenset({"flavor", "zone"}), frozenset({"kubernetes.io/hostname"})):
         assert _groups(snapshot, keys) == _groups(fresh, keys)

@@ -108,7 +108,7 @@ def decision_times(source: Any, artifacts: Any, pods: List[Dict[str, Any]]) -> D
     cold = []
     some_node = next(iter(source.snapshot().nodes.values()))
     for request in requests[:20]:
-        snapshot = source.snapshot().changed(some_node.name, some_node)  # as after a watch event
+        snapshot = source.snapshot().with_node(some_node.name, some_node)  # as after a watch event
         started = time.perf_counter()
         decision = ocifit.decide(request, snapshot, get)
         cold.append(time.perf_counter() - started)
