@@ -34,7 +34,7 @@ CODE_PATCH = [{"op": "replace", "path": "/spec/template/spec/containers/0/image"
   {"op": "add", "path": "/spec/template/metadata/annotations", "value": {"ocifit.compspec.io/code-sha256": "$(CODE_SHA256)"}}]
 SAN = DNS:ocifit.$(NAMESPACE).svc,DNS:ocifit.$(NAMESPACE).svc.cluster.local,DNS:ocifit.$(NAMESPACE)
 
-.PHONY: help demo test bench build push kind-load install install-configmap uninstall certs e2e
+.PHONY: help demo test lint bench build push kind-load install install-configmap uninstall certs e2e
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -48,11 +48,16 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: $(VENV)/.installed ## install the test needs (in .venv) and run the tests, with the reason of each skip
+test: lint $(VENV)/.installed ## install the test needs (in .venv), lint and type-check, run the tests (skip reasons shown)
 	$(VENV)/bin/python -m pytest -q -rs test_ocifit.py
 
+lint: $(VENV)/.installed ## ruff (lint) and mypy (types) with the settings in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 bench: $(VENV)/.installed ## print the performance figures (needs wrk and docker-registry; see README)
-	cd bench && ../$(VENV)/bin/python admission.py && ../$(VENV)/bin/python storm.py && ../$(VENV)/bin/python nodes.py
+	cd bench && ../$(VENV)/bin/python admission.py && ../$(VENV)/bin/python storm.py && ../$(VENV)/bin/python nodes.py \
+	  && ../$(VENV)/bin/python attack.py
 
 build: ## build the image IMAGE:TAG (TAG: ocifit's version) on BASE_IMAGE
 	docker build --build-arg BASE_IMAGE="$(BASE_IMAGE)" --build-arg VERSION="$(VERSION)" -t $(IMAGE):$(TAG) .

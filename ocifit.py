@@ -16,8 +16,18 @@ Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
   review   answer one AdmissionReview from a file, exactly as ``serve`` would
   fetch    pull a compatibility artifact from a registry and print its spec
 
-Sections, in the order data flows: Settings, Compatibility spec, Node view, Artifacts and registry,
-Admission, HTTP server, Command line. Every flag has an environment twin (``--port`` / OCIFIT_PORT).
+Sections (each under a banner of its name), the machinery first, then in the order data flows:
+  Settings                 every option once: flag, environment twin, parser, default, help
+  Logging and JSON         one-line log records, the writer thread, JSON from untrusted hands
+  Shared machinery         bounded caches, watched files, socket deadlines, Retry-After
+  Metrics                  Prometheus text from counters, histograms and gauges
+  Compatibility spec       parse and validate a spec; match it against a node's labels
+  Node view                nodes, snapshots, where a pod may land; nodes from a file or the cluster
+  Artifacts and registry   where specs come from: local files, an OCI registry, the cache in front
+  Admission                AdmissionReview in -> Decision -> AdmissionReview out; the webhook edge
+  HTTP server              HTTPS with reloadable certificates, connection limits, /mutate and friends
+  Command line             serve | match | review | fetch
+Every setting has an environment twin (``--port`` / OCIFIT_PORT).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import functools
 import hashlib
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -55,7 +66,8 @@ import urllib.parse
 import urllib.request
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
+                    Tuple, cast)
 
 __version__ = "0.1.0"
 
@@ -163,8 +175,10 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 # Grouped by the subcommands that take them; each group is added to a subcommand's parser whole.
 OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
     "logging": (
-        Option("--log-level", ("OCIFIT_LOG_LEVEL",), _choice("debug", "info", "warning", "error"), "info", "debug, info, warning or error"),
-        Option("--log-format", ("OCIFIT_LOG_FORMAT",), _choice("text", "json"), "text", "text or json (one object a line)"),
+        Option("--log-level", ("OCIFIT_LOG_LEVEL",), _choice("debug", "info", "warning", "error"), "info",
+               "debug, info, warning or error"),
+        Option("--log-format", ("OCIFIT_LOG_FORMAT",), _choice("text", "json"), "text",
+               "text or json (one object a line)"),
     ),
     "server": (
         Option("--port", ("OCIFIT_PORT",), _port, 8443, "port to serve HTTPS on"),
@@ -211,7 +225,8 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                many=True),
         Option("--fetch-budget", ("OCIFIT_FETCH_BUDGET",), _seconds, 8.0,
                "seconds an admission may spend fetching its artifact (below the webhook's timeoutSeconds)"),
-        Option("--tag-ttl", ("OCIFIT_TAG_TTL",), _seconds, 60.0, "seconds a tag's digest is trusted before asking again"),
+        Option("--tag-ttl", ("OCIFIT_TAG_TTL",), _seconds, 60.0,
+               "seconds a tag's digest is trusted before asking again"),
         Option("--max-stale", ("OCIFIT_MAX_STALE",), _seconds_or_zero, 3600.0,
                "while the registry is down, serve a tag's last good spec up to this many seconds old (0: never)"),
         Option("--cache-size", ("OCIFIT_CACHE_SIZE",), _positive_int, 256, "parsed specs kept, by manifest digest"),
@@ -233,65 +248,58 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
 }
 
 
-def _defaults_from(groups: Mapping[str, Tuple[Option, ...]]) -> Callable[[type], type]:
-    """Give each annotated field of the class its option's default (a tuple for repeatable options), before
-    @dataclass reads them; every option must have a field, and every field an option."""
-    def apply(cls: type) -> type:
-        options = {o.dest: o for group in groups.values() for o in group}
-        fields = set(cls.__annotations__)
-        if fields != set(options):
-            raise TypeError(f"settings and options differ: {sorted(fields ^ set(options))}")
-        for name, option in options.items():
-            setattr(cls, name, tuple(option.default) if option.many else option.default)
-        return cls
-    return apply
+# Each option's default by its Settings field name: Settings takes its defaults from here, so each is written
+# once, in OPTION_GROUPS (a test holds the fields and the options equal).
+DEFAULTS: Dict[str, Any] = {o.dest: tuple(o.default) if o.many else o.default
+                            for group in OPTION_GROUPS.values() for o in group}
 
 
 @dataclass(frozen=True)
-@_defaults_from(OPTION_GROUPS)
 class Settings:
     """Everything configurable, read once from flags and the environment; defaults as in OPTION_GROUPS."""
 
-    log_level: str
-    log_format: str
-    port: int
-    bind: str
-    cert: str
-    key: str
-    plain_http: bool
-    cert_reload_interval: float
-    max_connections: int
-    max_connections_per_client: int
-    handshake_timeout: float
-    request_timeout: float
-    idle_timeout: float
-    max_body: int
-    max_inflight_bytes: int
-    shutdown_grace: float
-    metrics_bind: str
-    nodes: str
-    kube_api: str
-    kube_token_file: str
-    kube_ca: str
-    resync: float
-    watch_failure_threshold: float
-    artifact: Tuple[str, ...]
-    fetch_budget: float
-    tag_ttl: float
-    max_stale: float
-    cache_size: int
-    registry_config: str
-    registry_ca: str
-    insecure_registry: Tuple[str, ...]
-    registry_mirror: Tuple[str, ...]
-    allowed_registries: Tuple[str, ...]
-    registry_proxy: str
-    no_proxy: Tuple[str, ...]
+    log_level: str = DEFAULTS["log_level"]
+    log_format: str = DEFAULTS["log_format"]
+    port: int = DEFAULTS["port"]
+    bind: str = DEFAULTS["bind"]
+    cert: str = DEFAULTS["cert"]
+    key: str = DEFAULTS["key"]
+    plain_http: bool = DEFAULTS["plain_http"]
+    cert_reload_interval: float = DEFAULTS["cert_reload_interval"]
+    max_connections: int = DEFAULTS["max_connections"]
+    max_connections_per_client: int = DEFAULTS["max_connections_per_client"]
+    handshake_timeout: float = DEFAULTS["handshake_timeout"]
+    request_timeout: float = DEFAULTS["request_timeout"]
+    idle_timeout: float = DEFAULTS["idle_timeout"]
+    max_body: int = DEFAULTS["max_body"]
+    max_inflight_bytes: int = DEFAULTS["max_inflight_bytes"]
+    shutdown_grace: float = DEFAULTS["shutdown_grace"]
+    metrics_bind: str = DEFAULTS["metrics_bind"]
+    nodes: str = DEFAULTS["nodes"]
+    kube_api: str = DEFAULTS["kube_api"]
+    kube_token_file: str = DEFAULTS["kube_token_file"]
+    kube_ca: str = DEFAULTS["kube_ca"]
+    resync: float = DEFAULTS["resync"]
+    watch_failure_threshold: float = DEFAULTS["watch_failure_threshold"]
+    artifact: Tuple[str, ...] = DEFAULTS["artifact"]
+    fetch_budget: float = DEFAULTS["fetch_budget"]
+    tag_ttl: float = DEFAULTS["tag_ttl"]
+    max_stale: float = DEFAULTS["max_stale"]
+    cache_size: int = DEFAULTS["cache_size"]
+    registry_config: str = DEFAULTS["registry_config"]
+    registry_ca: str = DEFAULTS["registry_ca"]
+    insecure_registry: Tuple[str, ...] = DEFAULTS["insecure_registry"]
+    registry_mirror: Tuple[str, ...] = DEFAULTS["registry_mirror"]
+    allowed_registries: Tuple[str, ...] = DEFAULTS["allowed_registries"]
+    registry_proxy: str = DEFAULTS["registry_proxy"]
+    no_proxy: Tuple[str, ...] = DEFAULTS["no_proxy"]
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items() if k in names})
+        values: Dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(ns).items()
+                                  if k in names}
+        return cls(**values)
 
     def artifact_files(self) -> Dict[str, str]:
         """The --artifact REF=PATH pairs as a mapping."""
@@ -386,7 +394,7 @@ class AdmissionRecord(logging.LogRecord):
               "taskName": None, "stack_info": None, "exc_info": None, "exc_text": None, "msecs": 0.0,
               "relativeCreated": 0.0}
 
-    def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # noqa: super() not called
+    def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # no super(): see _FIXED
         self.__dict__.update(self._FIXED)
         self.namespace, self.pod, self.uid, self.ms = namespace, pod, uid, ms
         # the decision's log fields and text, not the decision: a record kept by some handler keeps no patch
@@ -434,8 +442,8 @@ class JsonLogFormatter(TextLogFormatter):
     STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.stamp(record.created), "level": record.levelname.lower(),
-                 "msg": cap_text(record.getMessage())}
+        entry: Dict[str, Any] = {"time": self.stamp(record.created), "level": record.levelname.lower(),
+                                 "msg": cap_text(record.getMessage())}
         if isinstance(record, AdmissionRecord):
             entry["admission"] = record.fields()
         else:
@@ -566,7 +574,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Log to stderr from one writer thread, so a slow log pipe or lock never holds up an admission."""
     global _log_writer
     # The logging HOWTO's optimisations: no caller frame lookup, no process fields, on every record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None  # documented in the logging HOWTO's "Optimization"
     logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else TextLogFormatter())
@@ -615,7 +623,7 @@ class WatchedFile:
         _FILE_WATCHER.add(self)
 
     def _stamps(self) -> tuple:
-        stamps = []
+        stamps: List[Optional[Tuple[int, int, int]]] = []
         for path in self.paths:
             try:
                 st = os.stat(path)
@@ -864,7 +872,7 @@ class Metrics:
         "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
     }
     # Label sets known in advance, shown at 0 from the start.
-    KNOWN = {
+    KNOWN: Dict[str, List[Dict[str, str]]] = {
         "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
                                     {"outcome": "untouched", "reason": "not-pod-create"},
                                     {"outcome": "untouched", "reason": "not-enabled"},
@@ -1518,7 +1526,12 @@ class NodeSnapshot:
     """An immutable view of the cluster's nodes. Request threads share it; updates build a new one.
 
     Nodes are indexed by shape (shared base labels, own label keys, role, taints), so grouping thousands
-    of nodes for a decision walks the few shapes, not every node; `with_node` carries the index over."""
+    of nodes for a decision walks the few shapes, not every node; `with_node` carries the index over.
+
+    Three things are cached on a snapshot, all derived from its nodes alone and bounded (CACHE_BOUNDS): the
+    shape index, the partitions of its nodes by label keys, and `memo`, the choices made on it (keyed by the
+    spec object and the pod's Placement, both immutable). Since the nodes never change under a snapshot, a
+    cached answer is the answer; a node change makes a new snapshot with empty partitions and memo."""
 
     def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None):
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
@@ -1792,6 +1805,22 @@ def _more(hidden: int) -> str:
     return f" …+{hidden} more" if hidden > 0 else ""
 
 
+class NodeSource(Protocol):
+    """Where admissions get their view of the nodes: a file (StaticNodes) or the cluster (KubeNodes)."""
+
+    def snapshot(self) -> NodeSnapshot:
+        """The current view; never blocks on I/O."""
+
+    def health(self) -> Tuple[bool, str]:
+        """(ready, why) for /readyz."""
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until the first full view is in; False if it was not within timeout seconds."""
+
+    def stop(self) -> None:
+        """Stop watching."""
+
+
 class StaticNodes:
     """Nodes from a NodeList file, re-read when the file changes (a ConfigMap update, say)."""
 
@@ -1805,6 +1834,9 @@ class StaticNodes:
 
     def snapshot(self) -> NodeSnapshot:
         return self.file.value
+
+    def wait_synced(self, timeout: float) -> bool:
+        return True  # read at construction
 
     def health(self) -> Tuple[bool, str]:
         count = len(self.file.value)
@@ -2138,10 +2170,17 @@ class Artifact:
     warnings: Tuple[str, ...] = ()
 
 
+class ArtifactSource(Protocol):
+    """Where admissions get an image-ref's compatibility spec: local files, a registry, or both."""
+
+    def get(self, ref: str, deadline: float) -> Artifact:
+        """The artifact, by the monotonic deadline; ArtifactError (or SpecError) saying why not."""
+
+
 class LocalArtifacts:
     """Artifacts from local spec files (--artifact REF=PATH), re-read when a file changes."""
 
-    def __init__(self, files: Mapping[str, str], fallback: Optional[Any] = None):
+    def __init__(self, files: Mapping[str, str], fallback: Optional[ArtifactSource] = None):
         self.fallback = fallback
         self.files = {ref: WatchedFile([path], functools.partial(self._load, ref, path), f"artifact {ref}",
                                        cap=MiB) for ref, path in files.items()}  # a broken one stops the start
@@ -2343,7 +2382,7 @@ class AddressPolicy:
     def resolve(self, host: str, port: int, default_port: int) -> List[Any]:
         """getaddrinfo for host:port, every answer checked."""
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        self.check(host, port, default_port, (info[4][0] for info in infos))
+        self.check(host, port, default_port, (str(info[4][0]) for info in infos))
         return infos
 
 
@@ -2408,7 +2447,7 @@ class _GuardedHTTPHandler(urllib.request.HTTPHandler):
         self.policy = policy
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy,  # type: ignore[arg-type]
+        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy,
                                               deadline=_deadline_of(req)), req)
 
 
@@ -2418,7 +2457,7 @@ class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         self.policy = policy
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPSConnection, policy=self.policy,  # type: ignore[arg-type]
+        return self.do_open(functools.partial(_GuardedHTTPSConnection, policy=self.policy,
                                               deadline=_deadline_of(req)),
                             req, context=self._context)  # type: ignore[attr-defined]
 
@@ -2724,7 +2763,8 @@ class RegistryClient:
                                 f"of media type {COMPAT_MEDIA_TYPE}")
         layers = self._compat_layers(manifest)
         if not layers:
-            found = sorted({str(l.get("mediaType")) for l in manifest.get("layers") or [] if isinstance(l, dict)})
+            found = sorted({str(layer.get("mediaType")) for layer in manifest.get("layers") or []
+                            if isinstance(layer, dict)})
             raise RegistryError(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
                                 + (f" (layers: {', '.join(found)})" if found else ""))
         return self._one_layer(ref, layers)
@@ -2732,8 +2772,8 @@ class RegistryClient:
     @staticmethod
     def _compat_layers(manifest: Mapping[str, Any]) -> List[Dict[str, Any]]:
         layers = manifest.get("layers")
-        return [l for l in layers if isinstance(l, dict) and l.get("mediaType") == COMPAT_MEDIA_TYPE
-                and isinstance(l.get("digest"), str)] if isinstance(layers, list) else []
+        return [layer for layer in layers if isinstance(layer, dict) and layer.get("mediaType") == COMPAT_MEDIA_TYPE
+                and isinstance(layer.get("digest"), str)] if isinstance(layers, list) else []
 
     @staticmethod
     def _one_layer(ref: Reference, layers: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -2882,7 +2922,8 @@ def _read_capped(response: Any, cap: int, fetch: "Fetch", what: str) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > cap:
         raise RegistryError(f"{what} from {fetch.host} is {declared} bytes, over the {cap} byte limit")
-    chunks, total = [], 0
+    chunks: List[bytes] = []
+    total = 0
     while True:
         try:
             chunk = response.read1(min(65536, cap + 1 - total))
@@ -3325,9 +3366,9 @@ def choose(spec: Spec, groups: Sequence[Tuple[Mapping[str, str], Tuple[str, ...]
         tag, entries = next(iter(by_tag.items()))
         if tag is not None:
             return Choice(entries[0][2].chosen, total)  # type: ignore[arg-type]
-        names = sorted(n for _, ns, _ in entries for n in ns)
+        every = sorted(n for _, ns, _ in entries for n in ns)
         raise NoMatch(f"no compatibility matches the {_plural(total, 'candidate node', 'candidate nodes')} "
-                      f"({_names(names)}): {entries[0][2].why_none()}", total)
+                      f"({_names(every)}): {entries[0][2].why_none()}", total)
     raise Disagreement(_disagreement_message(spec, by_tag, total), total)
 
 
@@ -3373,7 +3414,7 @@ def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> An
 def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
                      ) -> List[Tuple[Mapping[str, str], Tuple[str, ...]]]:
     """(labels the spec sees, node names) for each kind of node the pod can land on."""
-    result = []
+    result: List[Tuple[Mapping[str, str], Tuple[str, ...]]] = []
     for group in snapshot.partition(frozenset(spec_keys | placement.keys)):
         names = placement.select(group)
         if names:
@@ -3475,7 +3516,8 @@ def _answer_version(review: Mapping[str, Any]) -> str:
 class Webhook:
     """The admission edge: body in, response out, with the artifact fetch, the log line and the metrics."""
 
-    def __init__(self, settings: Settings, nodes: Any, artifacts: Any, metrics: Optional["Metrics"] = None):
+    def __init__(self, settings: Settings, nodes: NodeSource, artifacts: ArtifactSource,
+                 metrics: Optional[Metrics] = None):
         self.settings = settings
         self.nodes = nodes
         self.artifacts = artifacts
@@ -3495,7 +3537,7 @@ class Webhook:
         started = time.monotonic()
         try:
             review = parse_review(body)
-        except BadReview as exc:
+        except BadReview:
             self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review")
             raise
         request = review["request"]
@@ -3548,7 +3590,7 @@ def _der_not_after(der: bytes) -> float:
     """notAfter of an X.509 certificate: Certificate > TBSCertificate > Validity > second time."""
     _, at, _ = _der_read(der, 0)  # Certificate
     _, at, end = _der_read(der, at)  # TBSCertificate
-    fields = []
+    fields: List[Tuple[int, int, int]] = []
     while at < end and len(fields) < 5:
         tag, start, stop = _der_read(der, at)
         fields.append((tag, start, stop))
@@ -3770,14 +3812,14 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.process_request_thread, args=(request, client_address, connection),
                          daemon=True).start()
 
-    def process_request_thread(self, request: Any, client_address: Any,  # type: ignore[override]
+    def process_request_thread(self, request: Any, client_address: Any,
                                connection: Optional[Connection] = None) -> None:
         assert connection is not None
         try:
             if self.tls is not None:
                 request = self._handshake(request, client_address, connection)
             if request is not None:
-                self.finish_request(request, client_address, connection)  # type: ignore[call-arg]
+                self.finish_request(request, client_address, connection)
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -3785,7 +3827,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
             if request is not None:
                 self.shutdown_request(request)
 
-    def finish_request(self, request: Any, client_address: Any,  # type: ignore[override]
+    def finish_request(self, request: Any, client_address: Any,
                        connection: Optional[Connection] = None) -> None:
         WebhookHandler(request, client_address, self, connection)
 
@@ -3843,8 +3885,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         super().__init__(request, client_address, server)
 
     def setup(self) -> None:
-        self.timeout = self.server.settings.request_timeout
         super().setup()
+        self.connection.settimeout(self.server.settings.request_timeout)
 
     def handle_one_request(self) -> None:
         """One request, after waiting for its first byte: between requests the connection is idle (closed after
@@ -3857,7 +3899,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                 REAPER.watch(tracked, tracked.sock, tracked.since + settings.idle_timeout)
                 self.connection.settimeout(settings.idle_timeout)
         try:
-            started = self.rfile.peek(1)
+            started = cast(io.BufferedReader, self.rfile).peek(1)
         except (OSError, ValueError):  # idle timeout, evicted, reset
             started = b""
         if not started or (tracked is not None and not self.server.connections.busy(tracked)):
@@ -4042,10 +4084,10 @@ def build_kube_client(settings: Settings) -> KubeClient:
     return KubeClient.in_cluster()
 
 
-def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> Any:
+def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> NodeSource:
     """Where nodes come from: a NodeList file, else the cluster (--kube-api, or in-cluster config)."""
     if settings.nodes:
-        source: Any = StaticNodes(settings.nodes)
+        source: NodeSource = StaticNodes(settings.nodes)
     else:
         source = KubeNodes(build_kube_client(settings), settings, metrics).start()
     if metrics is not None:
@@ -4181,7 +4223,7 @@ def run_review(args: argparse.Namespace, settings: Settings) -> int:
     body = _read_input(args.file, "review")
     nodes = build_node_source(settings)
     try:
-        if isinstance(nodes, KubeNodes) and not nodes.wait_synced(30):
+        if not nodes.wait_synced(30):
             raise ValueError(f"could not list nodes: {nodes.health()[1]}")
         status, reply = Webhook(settings, nodes, build_artifacts(settings)).handle(body)
     finally:

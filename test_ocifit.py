@@ -222,7 +222,7 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ocifit_py_imports_only_the_standard_library() -> None:
     tree = ast.parse((HERE / "ocifit.py").read_text())
-    modules = set()
+    modules: set = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules.update(a.name.split(".")[0] for a in node.names)
@@ -533,7 +533,7 @@ def test_static_nodes_are_reread_when_the_file_changes(tmp_path: Path) -> None:
                           ('{"items": [{"metadata": {"name": "d", "labels": {"k": 1}}}]}',
                            "node d: metadata.labels is not an object of strings")]:
         path.write_text(broken)
-        eventually(lambda: error in source.health()[1])  # the current error, not an older one
+        eventually(lambda error=error: error in source.health()[1])  # the current error, not an older one
         assert sorted(source.snapshot().nodes) == ["a", "b"] and source.health()[0]  # the last good view stays
     path.write_text(json.dumps({"kind": "List", "items": []}))
     eventually(lambda: source.health() == (False, f"no nodes in {path}"))
@@ -897,7 +897,8 @@ class ReadinessWatcher:
     """Samples a node source's health in the background, so a test can say it never went unready."""
 
     def __init__(self, source: Any):
-        self.source, self.unready, self._stop = source, [], threading.Event()
+        self.source, self._stop = source, threading.Event()
+        self.unready: List[str] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -1215,12 +1216,13 @@ class DockerRegistry:
                     return
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise AssertionError(f"docker-registry did not start: {self.log_path.read_text()}")
+                    raise AssertionError(f"docker-registry did not start: {self.log_path.read_text()}") from None
                 time.sleep(0.05)
 
     def oras(self, username: str = "", password: str = "") -> Any:
         import oras.client
-        client = oras.client.OrasClient(hostname=self.host, insecure=True, auth_backend="basic" if username else "token")
+        client = oras.client.OrasClient(hostname=self.host, insecure=True,
+                                        auth_backend="basic" if username else "token")
         if username:
             client.auth.set_basic_auth(username, password)
         return client
@@ -1316,10 +1318,11 @@ def test_an_artifact_behind_an_index_is_followed(registry: DockerRegistry, tmp_p
     other.write_text("not a spec")
     spec_copy = tmp_path / "compatibility-test.json"
     shutil.copy(EXAMPLE / "compatibility-test.json", spec_copy)
-    children = [registry.push("indexed:plain", other, media_type="text/plain"), registry.push("indexed:spec", spec_copy)]
+    children = [registry.push("indexed:plain", other, media_type="text/plain"),
+                registry.push("indexed:spec", spec_copy)]
     manifests = [{"mediaType": ocifit.MANIFEST_TYPES[0], "digest": digest,
                   "size": int(_registry_call(registry, "HEAD", f"/v2/indexed/manifests/{digest}")
-                              .getheader("Content-Length"))} for digest in children]
+                              .getheader("Content-Length") or -1)} for digest in children]
     index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": manifests}).encode()
     assert _registry_call(registry, "PUT", "/v2/indexed/manifests/all", index, ocifit.MANIFEST_TYPES[1]).status == 201
     spec, digest = pull_spec(f"{registry.host}/indexed:all", registry_settings(registry.host))
@@ -1416,7 +1419,8 @@ class Stub:
 
     def __init__(self, routes: Dict[str, Any], tls: Optional[Dict[str, Path]] = None):
         stub = self
-        self.routes, self.seen = routes, []
+        self.routes = routes
+        self.seen: List["tuple[str, str, Dict[str, str]]"] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -1468,8 +1472,8 @@ def artifact_routes(repo: str = "app", tag: str = "v1", spec: Optional[bytes] = 
                     guard: Any = None, digest_header: Optional[str] = None) -> "tuple[Dict[str, Any], str]":
     """Routes serving one artifact: manifest by tag and digest, and its blob (optionally with other bytes)."""
     spec = spec or (EXAMPLE / "compatibility-test.json").read_bytes()
-    layer = {"mediaType": ocifit.COMPAT_MEDIA_TYPE, "digest": "sha256:" + ocifit.hashlib.sha256(spec).hexdigest(),
-             "size": len(spec)}
+    layer: Dict[str, Any] = {"mediaType": ocifit.COMPAT_MEDIA_TYPE,
+                             "digest": "sha256:" + ocifit.hashlib.sha256(spec).hexdigest(), "size": len(spec)}
     manifest = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[0],
                            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": "sha256:" + "4" * 64,
                                       "size": 2}, "layers": [layer]}).encode()
@@ -2060,10 +2064,11 @@ def test_a_body_that_is_no_review_is_a_bad_request(body: bytes, message: str) ->
 
 
 def test_an_internal_error_is_one_clear_denial(caplog: pytest.LogCaptureFixture) -> None:
-    class Broken:
+    class Broken(ocifit.StaticNodes):
         def snapshot(self) -> ocifit.NodeSnapshot:
             raise RuntimeError("node view exploded")
-    webhook = ocifit.Webhook(ocifit.Settings(), Broken(), ocifit.LocalArtifacts({}))
+    webhook = ocifit.Webhook(ocifit.Settings(), Broken(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({}))
     status, payload = handled(webhook, json.dumps(review_of(pod_obj())).encode())
     assert status == 200 and payload["response"]["allowed"] is False
     assert payload["response"]["status"]["code"] == 500
@@ -2126,10 +2131,11 @@ class RunningServer:
 
     def connect(self, timeout: float = 10, source: str = "") -> http.client.HTTPConnection:
         """A client connection, from another loopback address than 127.0.0.1 if `source` names one."""
-        where = {"timeout": timeout, "source_address": (source, 0) if source else None}
+        bind = (source, 0) if source else None
         if self.context is None:
-            return http.client.HTTPConnection("127.0.0.1", self.port, **where)
-        return http.client.HTTPSConnection("localhost", self.port, context=self.context, **where)
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, source_address=bind)
+        return http.client.HTTPSConnection("localhost", self.port, context=self.context, timeout=timeout,
+                                           source_address=bind)
 
     def tls_socket(self, source: str = "") -> ssl.SSLSocket:
         """A TLS connection with its handshake done and nothing sent yet."""
@@ -2659,7 +2665,7 @@ def test_ocifit_starts_with_the_deployments_own_args_and_environment(tmp_path: P
     """What the kubelet would run: the container's args and env (ConfigMap included), probed as its probes do."""
     deployment = deploy_object("Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env = {k: v for k, v in deploy_object("ConfigMap")["data"].items()}
+    env = dict(deploy_object("ConfigMap")["data"])
     env.update({e["name"]: e["value"] for e in container["env"]})
     mounts = {"/etc/ocifit/tls/tls.crt": pki["crt"], "/etc/ocifit/tls/tls.key": pki["key"],
               "/etc/ocifit/registry/config.json": tmp_path / "absent-config.json"}
@@ -3353,7 +3359,8 @@ def test_a_body_still_uploading_at_sigterm_is_answered_before_exit(tmp_path: Pat
     server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind",
                                "127.0.0.1", "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
                                str(EXAMPLE / "nodes-homogeneous.json"), "--artifact",
-                               f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}"], stderr=subprocess.PIPE, text=True)
+                               f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}"],
+                              stderr=subprocess.PIPE, text=True)
     running = RunningServer.__new__(RunningServer)
     running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
     try:
@@ -3450,11 +3457,11 @@ def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -
         answers[name] = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"),
                                 "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # RFC 3339, UTC, milliseconds
-    (mutated,) = [l for l in answers["mutated"].stderr.splitlines() if " admission " in l]
+    (mutated,) = [line for line in answers["mutated"].stderr.splitlines() if " admission " in line]
     assert re.fullmatch(stamp + r' INFO admission namespace=team-a pod=demo-7d9c8b6f5-\* uid=uid-1 outcome=mutated '
                         r'reason=selected image=debian:11 matched="compatibilities\[0\] \(debian:11\)" '
                         r'candidates=3 artifact=file ms=[\d.]+', mutated), mutated
-    (denied,) = [l for l in answers["denied"].stderr.splitlines() if " admission " in l]
+    (denied,) = [line for line in answers["denied"].stderr.splitlines() if " admission " in line]
     assert re.fullmatch(stamp + r' WARNING admission namespace=team-a pod=demo-7d9c8b6f5-\* uid=uid-1 outcome=denied '
                         r'reason=missing-annotation ms=[\d.]+ message=".*image-ref annotation.*"',
                         denied), denied
@@ -3536,7 +3543,7 @@ def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki
                    f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--log-format", "json",
                    "--registry-config", str(config))
     assert done.returncode == 0
-    (line,) = [json.loads(l) for l in done.stderr.splitlines() if '"admission"' in l]
+    (line,) = [json.loads(text) for text in done.stderr.splitlines() if '"admission"' in text]
     assert line["admission"]["pod"] == "demo-7d9c8b6f5-*" and line["admission"]["image"] == "debian:11"
     assert line["admission"]["candidates"] == 3 and line["level"] == "info"
     assert "topsecret" not in done.stderr and "dTp0b3BzZWNyZXQ" not in done.stderr

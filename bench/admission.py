@@ -56,7 +56,7 @@ def serve(mode: str, port: int, cert: str, key: str, registry: str, log_level: s
     ocifit.setup_logging(log_level)  # info, as in production: one line per admission, to a file (see main)
     nodes = ocifit.StaticNodes(settings.nodes)
     if mode == "floor":
-        webhook: ocifit.Webhook = FloorWebhook(settings, nodes, None)
+        webhook: ocifit.Webhook = FloorWebhook(settings, nodes, ocifit.LocalArtifacts({}))
     else:
         artifacts = ocifit.build_artifacts(settings) if mode == "ocifit" else FetchEveryTime(settings)
         webhook = ocifit.Webhook(settings, nodes, artifacts)
@@ -70,7 +70,8 @@ def wrk(port: int, body_file: Path, seconds: int, connections: int) -> Dict[str,
     script = body_file.with_suffix(".lua")
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
-    done = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+    done = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                           "-s", str(script),
                            f"https://127.0.0.1:{port}/mutate"], capture_output=True, text=True, check=True)
     out = done.stdout
 

@@ -778,7 +778,8 @@ def memory(env: Env, version: Version) -> List[Row]:
         rows.append(("all of (b): RSS peak" + ("" if can_reset else " (since start)"), f"< {RSS_CEILING_MB:.0f} MB",
                      f"{mb(max(peaks)):.0f} MB", mb(max(peaks)) < RSS_CEILING_MB))
         rows.append((f"all of (b): RSS after {args.settle:g}s vs baseline", f"<= +{RSS_RETURN_MB:.0f} MB",
-                     f"{mb(after):.0f} MB ({mb(after) - mb(baseline):+.0f})", mb(after) - mb(baseline) <= RSS_RETURN_MB))
+                     f"{mb(after):.0f} MB ({mb(after) - mb(baseline):+.0f})",
+                     mb(after) - mb(baseline) <= RSS_RETURN_MB))
     finally:
         server.stop()
     return rows
@@ -885,7 +886,7 @@ def drip(env: Env, version: Version) -> List[Row]:
     finally:
         server.stop()
     outcomes = collections.Counter(r[0] for r in results)
-    return [(f"50 refs, headers dripped 1 B/s: replies", "",
+    return [("50 refs, headers dripped 1 B/s: replies", "",
              ", ".join(f"{n} {o}" for o, n in outcomes.most_common())
              + f", max {max((r[1] for r in results), default=0):.1f}s", None),
             ("server threads idle", "", f"{idle}", None),
