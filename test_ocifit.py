@@ -557,13 +557,138 @@ def status_object(code: int, reason: str, message: str) -> Dict[str, Any]:
             "reason": reason, "code": code}
 
 
+class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
+    """FakeKubeAPI's request handler: the routes kubectl and ocifit use, in the API server's wire format."""
+
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    @property
+    def api(self) -> "FakeKubeAPI":
+        return self.server.api
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path, _, raw_query = self.path.partition("?")
+        query = dict(ocifit.urllib.parse.parse_qsl(raw_query))
+        self.api.seen.append((path, query))
+        if self.headers.get("Authorization") != f"Bearer {self.api.token}":
+            return self.status(401, "Unauthorized", "Unauthorized")
+        kind = "watch" if query.get("watch") in ("1", "true") else "list"
+        for fault in list(self.api.faults):
+            if fault[0] in (kind, "any") and path.startswith("/api/v1/nodes"):
+                self.api.faults.remove(fault)
+                return self.status(fault[1], "injected fault", "InternalError", fault[2])
+        if path == "/api":
+            return self.json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.api.port}"}]})
+        if path == "/apis":
+            return self.json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        if path == "/api/v1":
+            return self.json({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+                {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
+                 "verbs": ["get", "list", "watch"], "shortNames": ["no"]}]})
+        if path == "/version":
+            return self.json({"major": "1", "minor": "32", "gitVersion": "v1.32.2"})
+        if path == "/api/v1/nodes":
+            return self.watch(query) if kind == "watch" else self.list(query)
+        if path.startswith("/api/v1/nodes/"):
+            node = self.api.nodes.get(path.rsplit("/", 1)[1])
+            return self.json(node) if node else self.status(404, "node not found", "NotFound")
+        self.status(404, f"no route {path}", "NotFound")
+
+    def json(self, payload: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def status(self, code: int, message: str, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
+        self.json(status_object(code, reason, message), code, headers)
+
+    def list(self, query: Dict[str, str]) -> None:
+        limit = int(query.get("limit") or 0) or 10 ** 9
+        with self.api.cond:
+            if query.get("continue"):
+                list_rv, start = json.loads(base64.b64decode(query["continue"]))
+                if list_rv < self.api.oldest_rv:
+                    return self.status(410, "The provided continue parameter is too old", "Expired")
+            else:
+                list_rv, start = self.api.rv, 0
+            names = sorted(self.api.nodes)
+            page = [self.api.nodes[n] for n in names[start:start + limit]]
+            meta: Dict[str, Any] = {"resourceVersion": str(list_rv)}
+            if start + limit < len(names):
+                meta["continue"] = base64.b64encode(json.dumps([list_rv, start + limit]).encode()).decode()
+                meta["remainingItemCount"] = len(names) - start - limit
+        self.json({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": page})
+
+    def chunk(self, payload: Dict[str, Any]) -> None:
+        data = json.dumps(payload).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def watch(self, query: Dict[str, str]) -> None:
+        since = int(query.get("resourceVersion") or 0)
+        ends = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            with self.api.cond:
+                generation = self.api.generation
+            if since < self.api.oldest_rv:
+                self.chunk({"type": "ERROR", "object": status_object(
+                    410, "Expired", f"too old resource version: {since} ({self.api.oldest_rv})")})
+            else:
+                self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            pass
+
+    def stream(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+        with self.api.cond:
+            self.api.open_streams += 1
+        try:
+            self.stream_events(since, generation, ends, bookmarks)
+        finally:
+            with self.api.cond:
+                self.api.open_streams -= 1
+
+    def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+        while time.monotonic() < ends:
+            with self.api.cond:
+                pending = [e for e in self.api.events if e[0] > since]
+                if not pending:
+                    self.api.cond.wait(self.api.bookmark_every)
+                    pending = [e for e in self.api.events if e[0] > since]
+                if self.api.generation != generation or self.api.stopped:
+                    if self.api.stream_error:
+                        self.chunk({"type": "ERROR", "object": self.api.stream_error})
+                    return
+                current = self.api.rv
+            for rv, kind, obj in pending:
+                self.chunk({"type": kind, "object": obj})
+                since = rv
+            if not pending and bookmarks:
+                self.chunk({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
+                                                           "metadata": {"resourceVersion": str(current)}}})
+
+
 class FakeKubeAPI:
     """A Kubernetes API double on loopback HTTPS with its own CA and a bearer token. It speaks the real wire
     format for nodes: discovery, NodeList pages with `continue`, chunked watch streams with BOOKMARK events,
     ERROR events with code 410, and injected faults (429 with Retry-After, 500, 401)."""
 
     def __init__(self, pki: Dict[str, Path], port: int = 0, bookmark_every: float = 0.5):
-        api = self
         self.token = "token-1"
         self.nodes: Dict[str, Dict[str, Any]] = {}
         self.rv = 1000
@@ -578,125 +703,8 @@ class FakeKubeAPI:
         self.open_streams = 0
         self.stopped = False  # gone: streams end, even one that opened while the server was shutting down
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path, _, raw_query = self.path.partition("?")
-                query = dict(ocifit.urllib.parse.parse_qsl(raw_query))
-                api.seen.append((path, query))
-                if self.headers.get("Authorization") != f"Bearer {api.token}":
-                    return self.status(401, "Unauthorized", "Unauthorized")
-                kind = "watch" if query.get("watch") in ("1", "true") else "list"
-                for fault in list(api.faults):
-                    if fault[0] in (kind, "any") and path.startswith("/api/v1/nodes"):
-                        api.faults.remove(fault)
-                        return self.status(fault[1], "injected fault", "InternalError", fault[2])
-                if path == "/api":
-                    return self.json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-                        {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{api.port}"}]})
-                if path == "/apis":
-                    return self.json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
-                if path == "/api/v1":
-                    return self.json({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
-                        {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
-                         "verbs": ["get", "list", "watch"], "shortNames": ["no"]}]})
-                if path == "/version":
-                    return self.json({"major": "1", "minor": "32", "gitVersion": "v1.32.2"})
-                if path == "/api/v1/nodes":
-                    return self.watch(query) if kind == "watch" else self.list(query)
-                if path.startswith("/api/v1/nodes/"):
-                    node = api.nodes.get(path.rsplit("/", 1)[1])
-                    return self.json(node) if node else self.status(404, "node not found", "NotFound")
-                self.status(404, f"no route {path}", "NotFound")
-
-            def json(self, payload: Any, status: int = 200, headers: Optional[Dict[str, str]] = None) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def status(self, code: int, message: str, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
-                self.json(status_object(code, reason, message), code, headers)
-
-            def list(self, query: Dict[str, str]) -> None:
-                limit = int(query.get("limit") or 0) or 10 ** 9
-                with api.cond:
-                    if query.get("continue"):
-                        list_rv, start = json.loads(base64.b64decode(query["continue"]))
-                        if list_rv < api.oldest_rv:
-                            return self.status(410, "The provided continue parameter is too old", "Expired")
-                    else:
-                        list_rv, start = api.rv, 0
-                    names = sorted(api.nodes)
-                    page = [api.nodes[n] for n in names[start:start + limit]]
-                    meta: Dict[str, Any] = {"resourceVersion": str(list_rv)}
-                    if start + limit < len(names):
-                        meta["continue"] = base64.b64encode(json.dumps([list_rv, start + limit]).encode()).decode()
-                        meta["remainingItemCount"] = len(names) - start - limit
-                self.json({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": page})
-
-            def chunk(self, payload: Dict[str, Any]) -> None:
-                data = json.dumps(payload).encode() + b"\n"
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-
-            def watch(self, query: Dict[str, str]) -> None:
-                since = int(query.get("resourceVersion") or 0)
-                ends = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                try:
-                    with api.cond:
-                        generation = api.generation
-                    if since < api.oldest_rv:
-                        self.chunk({"type": "ERROR", "object": status_object(
-                            410, "Expired", f"too old resource version: {since} ({api.oldest_rv})")})
-                    else:
-                        self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true")
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
-                except OSError:
-                    pass
-
-            def stream(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
-                with api.cond:
-                    api.open_streams += 1
-                try:
-                    self.stream_events(since, generation, ends, bookmarks)
-                finally:
-                    with api.cond:
-                        api.open_streams -= 1
-
-            def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
-                while time.monotonic() < ends:
-                    with api.cond:
-                        pending = [e for e in api.events if e[0] > since]
-                        if not pending:
-                            api.cond.wait(api.bookmark_every)
-                            pending = [e for e in api.events if e[0] > since]
-                        if api.generation != generation or api.stopped:
-                            if api.stream_error:
-                                self.chunk({"type": "ERROR", "object": api.stream_error})
-                            return
-                        current = api.rv
-                    for rv, kind, obj in pending:
-                        self.chunk({"type": kind, "object": obj})
-                        since = rv
-                    if not pending and bookmarks:
-                        self.chunk({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
-                                                                   "metadata": {"resourceVersion": str(current)}}})
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), KubeAPIHandler)
+        self.server.api = self
         self.server.daemon_threads = True
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(str(pki["crt"]), str(pki["key"]))
@@ -1697,20 +1705,26 @@ def test_a_manifest_that_does_not_match_the_digest_header_is_refused(stubs: Any)
         pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
 
 
-def test_an_endless_body_is_cut_at_the_cap(stubs: Any) -> None:
-    sent = []
-
-    def endless(h: Any) -> None:
+def endless_manifest(chunks: int, sent: Optional[List[int]] = None) -> Any:
+    """A route answering a manifest of `chunks` times 64 KiB of spaces, as fast as the client reads, counting
+    what it sent."""
+    def route(h: Any) -> None:
         h.send_response(200)
         h.send_header("Content-Type", ocifit.MANIFEST_TYPES[0])
         h.end_headers()
         try:
-            for _ in range(10000):
+            for _ in range(chunks):
                 h.wfile.write(b" " * 65536)
-                sent.append(65536)
+                if sent is not None:
+                    sent.append(65536)
         except OSError:
             pass
-    stub = stubs({"/v2/app/manifests/v1": endless})
+    return route
+
+
+def test_an_endless_body_is_cut_at_the_cap(stubs: Any) -> None:
+    sent: List[int] = []
+    stub = stubs({"/v2/app/manifests/v1": endless_manifest(10000, sent)})
     with pytest.raises(ocifit.RegistryError, match="over the 4194304 byte limit"):
         pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host))
     time.sleep(0.2)
@@ -1785,16 +1799,7 @@ def test_dripped_response_headers_end_the_fetch_and_its_thread_at_the_budget(stu
 
 
 def test_failed_fetches_keep_their_message_not_their_buffers(stubs: Any) -> None:
-    def endless(h: Any) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", ocifit.MANIFEST_TYPES[0])
-        h.end_headers()
-        try:
-            for _ in range(200):
-                h.wfile.write(b" " * 65536)
-        except OSError:
-            pass
-    stub = stubs({f"/v2/app{i}/manifests/v1": endless for i in range(12)})
+    stub = stubs({f"/v2/app{i}/manifests/v1": endless_manifest(200) for i in range(12)})
     artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host))
     import gc
     import tracemalloc

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,9 +33,7 @@ def pki(directory: Path) -> Dict[str, Path]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return t._free_port()
 
 
 def registry_with_flavor(directory: Path, repo_tag: str = "flavor:v1") -> "t.DockerRegistry":
@@ -75,16 +72,6 @@ def post(port: int, ca: Path, review: Dict[str, Any]) -> Dict[str, Any]:
     answer = json.loads(conn.getresponse().read())
     conn.close()
     return answer
-
-
-def rss_kib(pid: int) -> Dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
 
 
 def proc_status(pid: int) -> Dict[str, int]:

@@ -163,6 +163,21 @@ async def _attack(mode: str, port: int, count: int, max_seconds: float) -> Dict[
             "seconds": loop.time() - started}
 
 
+def pass_gate(gate: threading.Barrier) -> None:
+    """Wait at the starting gate; a gate broken by a timeout lets everyone through."""
+    try:
+        gate.wait()
+    except threading.BrokenBarrierError:
+        pass
+
+
+def start_together(threads: List[threading.Thread], gate: threading.Barrier) -> None:
+    """Start the threads and release them together through the gate."""
+    for thread in threads:
+        thread.start()
+    pass_gate(gate)
+
+
 def attacker_main(argv: List[str]) -> int:
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -598,15 +613,20 @@ def good_client(env: Env, port: int, posts: int, interval: float) -> List[Tuple[
     return done + [(False, 3 * API_SERVER_TIMEOUT, "hung")] * (posts - len(done))
 
 
+def warm_up(env: Env, server: "Served") -> None:
+    """One admission from the good client's address, which must be answered before any figure counts."""
+    body, uid = review("warm-up")
+    status, data, _, error = request(server.port, env.context, "POST", "/mutate", body)
+    if answered(status, data, uid) is None:
+        raise RuntimeError(f"warm-up admission from {GOOD_SOURCE} not answered: {status or error} {data[:200]!r}")
+
+
 def exhaustion(env: Env, version: Version, mode: str) -> List[Row]:
     args = env.args
     server = Served(env, version, f"a-{mode}")
     attacker = None
     try:
-        body, uid = review("warm-up")
-        status, data, _, error = request(server.port, env.context, "POST", "/mutate", body)
-        if answered(status, data, uid) is None:
-            raise RuntimeError(f"warm-up admission from {GOOD_SOURCE} not answered: {status or error} {data[:200]!r}")
+        warm_up(env, server)
         time.sleep(0.5)
         idle = server.status()
         lines_before, _ = server.log_size()
@@ -679,10 +699,7 @@ def burst(env: Env, port: int, bodies: List[Tuple[bytes, str, int]]) -> Tuple[in
             conn.connect()
         except OSError as exc:
             conn, error = None, type(exc).__name__
-        try:
-            gate.wait()
-        except threading.BrokenBarrierError:
-            pass
+        pass_gate(gate)
         if conn is None:
             outcome = (False, 0.0, error)
         else:
@@ -691,12 +708,7 @@ def burst(env: Env, port: int, bodies: List[Tuple[bytes, str, int]]) -> Tuple[in
         with lock:
             results.append(outcome)
     threads = [threading.Thread(target=post_big, args=(i,), daemon=True) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    try:
-        gate.wait()
-    except threading.BrokenBarrierError:
-        pass
+    start_together(threads, gate)
     until = time.monotonic() + 240
     for thread in threads:
         thread.join(timeout=max(0.1, until - time.monotonic()))
@@ -712,10 +724,7 @@ def memory(env: Env, version: Version) -> List[Row]:
     server = Served(env, version, "b-memory")
     rows: List[Row] = []
     try:
-        body, uid = review("warm-up")
-        status, data, _, error = request(server.port, env.context, "POST", "/mutate", body)
-        if answered(status, data, uid) is None:
-            raise RuntimeError(f"warm-up admission not answered: {status or error}")
+        warm_up(env, server)
         time.sleep(1.0)
         baseline = server.status()["VmRSS"]
         peaks = []
@@ -791,8 +800,7 @@ def endless(env: Env, version: Version) -> List[Row]:
     args = env.args
     server = Served(env, version, "c-endless")
     try:
-        body, uid = review("warm-up")
-        request(server.port, env.context, "POST", "/mutate", body)
+        warm_up(env, server)
         time.sleep(1.0)
         baseline = server.status()["VmRSS"]
         reset_peak(server.pid)
@@ -840,8 +848,7 @@ def drip(env: Env, version: Version) -> List[Row]:
     budget = args.fetch_budget if "--fetch-budget" in version.flags else 8.0
     server = Served(env, version, "c-drip")
     try:
-        body, uid = review("warm-up")
-        request(server.port, env.context, "POST", "/mutate", body)
+        warm_up(env, server)
         time.sleep(1.0)
         idle = server.status()["Threads"]
         tag = f"t{time.monotonic_ns()}"
@@ -858,22 +865,14 @@ def drip(env: Env, version: Version) -> List[Row]:
                 conn.connect()
             except OSError:
                 pass
-            try:
-                gate.wait()
-            except threading.BrokenBarrierError:
-                pass
+            pass_gate(gate)
             status, data, took, error = request(server.port, env.context, "POST", "/mutate", body, conn=conn)
             response = answered(status, data, uid)
             outcome = ("allowed" if response.get("allowed") else "denied") if response else (error or "no reply")
             with lock:
                 results.append((outcome, took))
         threads = [threading.Thread(target=post_drip, args=(i,), daemon=True) for i in range(len(refs))]
-        for thread in threads:
-            thread.start()
-        try:
-            gate.wait()
-        except threading.BrokenBarrierError:
-            pass
+        start_together(threads, gate)
         sent = time.monotonic()
         time.sleep(max(0.0, sent + budget + 1 - time.monotonic()))
         at_budget = server.status()["Threads"]

@@ -20,7 +20,8 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from _support import EXAMPLE, free_port, ocifit, percentile, pki, post, python, rss_kib, stop, t, wait_ready, workdir
+from _support import (EXAMPLE, free_port, ocifit, percentile, pki, post, proc_status, python, stop, t, wait_ready,
+                      workdir)
 
 CPU_FLAGS = ("ADX AESNI AVX AVX2 AVX512BW AVX512CD AVX512DQ AVX512F AVX512VL AVX512VNNI BMI1 BMI2 CETIBT CETSS "
              "CLFLUSHOPT CLWB CMPXCHG8 FLUSH_L1D FMA3 FSRM FXSR FXSROPT GFNI HYPERVISOR IBPB IBRSPB LAHF MD_CLEAR "
@@ -141,7 +142,7 @@ def measure(count: int, certs: Dict[str, Any], work: Any) -> Dict[str, float]:
         ready = time.monotonic() - started
         pod = ebpf_pod(0)
         assert t.patch_of(post(port, certs["ca"], t.review_of(pod))["response"])[0]["value"].endswith("ubuntu2204")
-        rss = rss_kib(server.pid)
+        rss = proc_status(server.pid)
         source = ocifit.KubeNodes(ocifit.KubeClient(api.url, str(token), str(certs["ca"])), ocifit.Settings()).start()
         source.wait_synced(120)
         times = decision_times(source, ocifit.LocalArtifacts(spec_ref), [ebpf_pod(i) for i in range(2000)])
