@@ -360,13 +360,16 @@ METAVARS: Dict[Callable[[str], Any], str] = {_seconds: "SECONDS", _seconds_or_ze
 
 _CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
-_LOGFMT_PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+')
+_LOGFMT_SPECIAL = frozenset(' "=\\')
+
+
+_HAS_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def escape_controls(text: str) -> str:
     """text with control characters (newlines, ESC, ...) written as escapes: one log line stays one line, and
     nothing a pod or registry says can forge another or steer a terminal."""
-    return text.translate(_CONTROL)
+    return text.translate(_CONTROL) if _HAS_CONTROL.search(text) else text
 
 
 def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
@@ -376,7 +379,7 @@ def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
     for key, value in pairs:
         if value or keep_empty:
             text = value if isinstance(value, str) else str(value)
-            plain = key != "message" and _LOGFMT_PLAIN.fullmatch(text)
+            plain = key != "message" and text.isprintable() and _LOGFMT_SPECIAL.isdisjoint(text)
             parts.append(f"{key}={text}" if plain else f"{key}={json.dumps(cap_text(text))}")
     return " ".join(parts)
 
@@ -501,6 +504,13 @@ class _EnqueueHandler(logging.handlers.QueueHandler):
 
     def enqueue(self, record: logging.LogRecord) -> None:
         self.writer.put(record)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Queue the record: the queue is thread-safe, so no handler lock is taken (one less per admission)."""
+        if self.filters and not self.filter(record):
+            return False
+        self.writer.put(record)
+        return True
 
 
 class LogWriter(threading.Thread):
@@ -788,6 +798,7 @@ class SocketReaper:
         self._entries: Dict[Any, Tuple[float, socket.socket]] = {}
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._idle = False  # the reaper thread waits for a first entry
 
     def watch(self, key: Any, sock: socket.socket, deadline: float) -> None:
         """Shut `sock` down at `deadline` (monotonic) unless forget(key) comes first; a later call moves it."""
@@ -796,7 +807,8 @@ class SocketReaper:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="socket-reaper", daemon=True)
                 self._thread.start()
-            self._lock.notify()
+            elif self._idle:
+                self._lock.notify()
 
     def forget(self, key: Any) -> None:
         with self._lock:
@@ -809,7 +821,9 @@ class SocketReaper:
         while True:
             with self._lock:
                 while not self._entries:
+                    self._idle = True
                     self._lock.wait()
+                self._idle = False
                 now = time.monotonic()
                 for key in [k for k, (deadline, _) in self._entries.items() if deadline <= now]:
                     _, sock = self._entries.pop(key)
@@ -3702,9 +3716,9 @@ class ConnectionTable:
                 del self._per_client[connection.client]
 
     def wait(self, connection: Connection) -> None:
-        """The connection has no request under way: it may be closed to make room."""
-        with self._lock:
-            connection.waiting, connection.since = True, time.monotonic()
+        """The connection has no request under way: it may be closed to make room. (No lock: an evictor that
+        reads these a moment late only picks another connection.)"""
+        connection.since, connection.waiting = time.monotonic(), True
 
     def busy(self, connection: Connection) -> bool:
         """A request has begun on the connection; False if it was closed to make room meanwhile."""
@@ -3895,9 +3909,10 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         settings, tracked = self.server.settings, self.tracked
         if tracked is not None:
             self.server.connections.wait(tracked)
-            if self.served:
-                REAPER.watch(tracked, tracked.sock, tracked.since + settings.idle_timeout)
-                self.connection.settimeout(settings.idle_timeout)
+        if self.served:  # idle: no bytes at all is all a timeout needs to catch, so no deadline to reap
+            if tracked is not None:
+                REAPER.forget(tracked)
+            self.connection.settimeout(settings.idle_timeout)
         try:
             started = cast(io.BufferedReader, self.rfile).peek(1)
         except (OSError, ValueError):  # idle timeout, evicted, reset
@@ -3964,9 +3979,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             if len(body) < length:
                 self.close_connection = True
                 return
-            if self.tracked is not None:  # deciding may take the fetch budget; then the reply must go out
-                REAPER.watch(self.tracked, self.tracked.sock, time.monotonic() + self.server.settings.fetch_budget
-                             + self.server.settings.request_timeout)
+            if self.tracked is not None:  # the request is in; deciding is bounded by the fetch budget
+                REAPER.forget(self.tracked)
             status, reply = self.server.webhook.handle(body)
             del body
             if status != 200:

@@ -2005,11 +2005,15 @@ def test_a_broken_local_artifact_stops_serve_at_start(tmp_path: Path) -> None:
 
 
 def test_disagreeing_candidates_are_denied_with_names_counts_and_a_pin() -> None:
-    decision = decide(pod_obj(), example_snapshot("nodes-heterogeneous.json"))
+    snapshot = example_snapshot("nodes-heterogeneous.json")
+    decision = decide(pod_obj(), snapshot)
     assert not decision.allowed and decision.reason == "disagreement"
     assert ("the 3 candidate nodes disagree on the image: 2 want debian:11 (ocifit-worker, ocifit-worker2), "
             "1 wants ubuntu:24.04 (ocifit-worker3)") in decision.message
     assert '{"feature.node.ocifit-k8s.flavor": "chocolate"} for ubuntu:24.04' in decision.message
+    assert decision.candidates == 3 and decision.log_fields["candidates"] == 3  # the log line's count too
+    again = decide(pod_obj(), snapshot)  # memoised on the snapshot: the count stays
+    assert again.candidates == 3 and again.message == decision.message
 
 
 def test_a_pinned_pod_on_a_mixed_cluster_gets_its_nodes_image() -> None:
@@ -2675,9 +2679,12 @@ def test_ocifit_starts_with_the_deployments_own_args_and_environment(tmp_path: P
     mounts = {"/etc/ocifit/tls/tls.crt": pki["crt"], "/etc/ocifit/tls/tls.key": pki["key"],
               "/etc/ocifit/registry/config.json": tmp_path / "absent-config.json"}
     env = {k: str(mounts.get(v, v)) for k, v in env.items()}
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     args = [a if a != "8443" else str(port) for a in container["args"]]
-    env.update(OCIFIT_NODES=str(EXAMPLE / "nodes-homogeneous.json"), OCIFIT_BIND="127.0.0.1")
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["OCIFIT_METRICS_BIND"] == f":{declared['metrics']}"  # the port the PodMonitor scrapes
+    env.update(OCIFIT_NODES=str(EXAMPLE / "nodes-homogeneous.json"), OCIFIT_BIND="127.0.0.1",
+               OCIFIT_METRICS_BIND=f"127.0.0.1:{metrics_port}")
     server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", *args],
                               env=dict(os.environ, **env), stderr=subprocess.PIPE, text=True)
     try:
@@ -2685,6 +2692,10 @@ def test_ocifit_starts_with_the_deployments_own_args_and_environment(tmp_path: P
         running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
         _wait_ready(running)
         assert running.request("GET", "/healthz")[0] == 200
+        scrape = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        scrape.request("GET", "/metrics")
+        assert b"ocifit_build_info" in scrape.getresponse().read()
+        scrape.close()
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0

@@ -8,7 +8,10 @@ Keep-alive HTTPS clients (wrk) post a realistic pod review for N seconds to, in 
 It prints req/s, p50, p99 and the server's CPU time per request for each, and the ratios the targets are set on:
   (a)/(b) >= 0.8 in throughput and <= 1.25 in p50;  (a) >= 20x (c) in throughput.
 
-    python3 bench/admission.py [--seconds 5] [--rounds 3] [--connections 1,4,16]
+    python3 bench/admission.py [--seconds 5] [--rounds 3] [--connections 1,4,16] [--baseline REV]
+
+--baseline REV also serves (a0), ocifit.py as of git revision REV, and alternates it with (a) and (b), so a
+change's effect is measured in one run: (a)/(a0) is the ratio to watch.
 
 Needs wrk, openssl, docker-registry and the test needs (`make test` installs them in .venv).
 """
@@ -23,10 +26,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from _support import EXAMPLE, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready, \
-    workdir
+from _support import (EXAMPLE, ROOT, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready,
+                      workdir)
 
 
 class FloorWebhook(ocifit.Webhook):
@@ -104,11 +107,12 @@ def median_run(runs: List[Dict[str, float]]) -> Dict[str, float]:
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
-def report(level: int, a: Dict[str, float], b: Dict[str, float], c: Dict[str, float]) -> None:
+def report(level: int, a: Dict[str, float], b: Dict[str, float], c: Dict[str, float],
+           a0: Optional[Dict[str, float]] = None) -> None:
     print(f"\n{level} connection{'s' if level > 1 else ''}")
     print(f"  {'':34} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8} {'registry GETs':>14}")
-    for label, r in (("(a) ocifit, warm cache", a), ("(b) no-op admit, same stack", b),
-                     ("(c) upstream: fetch per admission", c)):
+    rows = [("(a) ocifit, warm cache", a), ("(b) no-op admit, same stack", b), ("(c) upstream: fetch per admission", c)]
+    for label, r in rows + ([("(a0) ocifit at the baseline", a0)] if a0 else []):
         print(f"  {label:34} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['cpu_us']:11.0f} {r['errors']:8.0f} "
               f"{r['registry']:14.0f}")
     for name, value, sign, target in (("(a)/(b) throughput", a["rps"] / b["rps"], ">=", 0.8),
@@ -116,6 +120,9 @@ def report(level: int, a: Dict[str, float], b: Dict[str, float], c: Dict[str, fl
                                       ("(a)/(c) throughput", a["rps"] / c["rps"], ">=", 20.0)):
         ok = value >= target if sign == ">=" else value <= target
         print(f"  {name:34} {value:8.2f}   target {sign} {target:<5} {'met' if ok else 'MISSED'}")
+    if a0:
+        print(f"  {'(a)/(a0) throughput, p50, CPU':34} {a['rps'] / a0['rps']:8.2f} {a['p50'] / a0['p50']:8.2f} "
+              f"{'':8} {a['cpu_us'] / a0['cpu_us']:11.2f}   (1.00: no change)")
 
 
 def main() -> int:
@@ -125,6 +132,7 @@ def main() -> int:
                         help="runs of (a) and (b) per concurrency level, alternated; the median is reported")
     parser.add_argument("--connections", default="1,4,16", help="concurrency levels, comma-separated")
     parser.add_argument("--log-level", default="info", help="the servers' log level (info: a line per admission)")
+    parser.add_argument("--baseline", metavar="REV", help="also measure ocifit.py as of this git revision, as (a0)")
     parser.add_argument("--serve", nargs=5, metavar=("MODE", "PORT", "CERT", "KEY", "REGISTRY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -143,13 +151,25 @@ def main() -> int:
     body.write_text(json.dumps(review))
     servers: Dict[str, Tuple[subprocess.Popen, int]] = {}
     results: Dict[int, Dict[str, List[Dict[str, float]]]] = {}
+    scripts = {"ocifit": ROOT / "ocifit.py"}
+    if args.baseline:
+        scripts["baseline"] = work / "baseline" / "ocifit.py"
+        scripts["baseline"].parent.mkdir()
+        scripts["baseline"].write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:ocifit.py"],
+                                                       capture_output=True, check=True).stdout)
     try:
-        for mode in ("floor", "ocifit", "upstream"):  # all three up at once; an idle one costs the others nothing
+        for mode in ("floor", *scripts, "upstream"):  # all up at once; an idle one costs the others nothing
             port = free_port()
             log_file = open(work / f"{mode}.log", "w")  # where a container runtime would put stderr
-            servers[mode] = (subprocess.Popen([python(), __file__, "--log-level", args.log_level, "--serve", mode,
-                                               str(port), str(certs["crt"]), str(certs["key"]), registry.host],
-                                              stderr=log_file), port)
+            if mode in scripts:  # ocifit's own command line, exactly as deployed
+                command = [python(), str(scripts[mode]), "serve", "--port", str(port), "--bind", "127.0.0.1",
+                           "--cert", str(certs["crt"]), "--key", str(certs["key"]), "--nodes",
+                           str(EXAMPLE / "nodes-homogeneous.json"), "--insecure-registry", registry.host,
+                           "--allowed-registries", registry.host, "--log-level", args.log_level]
+            else:
+                command = [python(), __file__, "--log-level", args.log_level, "--serve", mode, str(port),
+                           str(certs["crt"]), str(certs["key"]), registry.host]
+            servers[mode] = (subprocess.Popen(command, stderr=log_file), port)
             log_file.close()
             wait_ready(port, certs["ca"])
             answer = post(port, certs["ca"], review)["response"]  # also warms the artifact cache
@@ -157,9 +177,9 @@ def main() -> int:
             if mode != "floor":
                 assert t.patch_of(answer)[0]["value"] == "debian:11", answer
         for level in levels:
-            runs = results[level] = {"floor": [], "ocifit": [], "upstream": []}
-            # (b) and (a) alternated, so drift in the machine's speed falls on both alike
-            for mode in ["floor", "ocifit"] * args.rounds + ["upstream"]:
+            runs = results[level] = {mode: [] for mode in servers}
+            # (b), (a) and (a0) alternated, so drift in the machine's speed falls on all alike
+            for mode in ["floor", *scripts] * args.rounds + ["upstream"]:
                 server, port = servers[mode]
                 runs[mode].append(measure(server, port, body, args.seconds, level, registry))
     finally:
@@ -169,10 +189,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"admission benchmark: keep-alive HTTPS (wrk), {args.seconds}s a run, median of {args.rounds} alternated "
           f"runs of (a) and (b), server log level {args.log_level}, CPython {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores" + (f"; (a0) is ocifit.py at {args.baseline}" if args.baseline else ""))
     for level in levels:
         runs = results[level]
-        report(level, median_run(runs["ocifit"]), median_run(runs["floor"]), median_run(runs["upstream"]))
+        report(level, median_run(runs["ocifit"]), median_run(runs["floor"]), median_run(runs["upstream"]),
+               median_run(runs["baseline"]) if args.baseline else None)
     return 0
 
 
