@@ -749,12 +749,14 @@ class BoundedCache:
         self._lock = threading.Lock()
 
     def get(self, key: Any, default: Any = None) -> Any:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return default
+        entry = self._data.get(key)  # no lock: each OrderedDict operation is atomic under the GIL
+        if entry is None:
+            return default
+        try:
             self._data.move_to_end(key)
-            return entry[0]
+        except KeyError:  # evicted in between: still a good answer
+            pass
+        return entry[0]
 
     def put(self, key: Any, value: Any, size: int = 64) -> None:
         """Keep value under key, evicting the least recently used past the bounds; too large: not kept."""
