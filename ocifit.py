@@ -375,13 +375,15 @@ def escape_controls(text: str) -> str:
 def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
     """`key=value ...`, leaving out empty values unless asked; a value that is not one plain word (spaces,
     quotes, `=`, control characters) and any message is JSON-quoted, so it cannot pass for other fields."""
-    parts = []
-    for key, value in pairs:
-        if value or keep_empty:
-            text = value if isinstance(value, str) else str(value)
-            plain = key != "message" and text.isprintable() and _LOGFMT_SPECIAL.isdisjoint(text)
-            parts.append(f"{key}={text}" if plain else f"{key}={json.dumps(cap_text(text))}")
-    return " ".join(parts)
+    return " ".join(logfmt_pair(key, value) for key, value in pairs if value or keep_empty)
+
+
+def logfmt_pair(key: str, value: Any) -> str:
+    """One `key=value` of logfmt (see logfmt)."""
+    text = value if isinstance(value, str) else str(value)
+    if key != "message" and text.isprintable() and _LOGFMT_SPECIAL.isdisjoint(text) and text:
+        return f"{key}={text}"
+    return f"{key}={json.dumps(cap_text(text))}"
 
 
 class AdmissionRecord(logging.LogRecord):
@@ -398,20 +400,19 @@ class AdmissionRecord(logging.LogRecord):
               "relativeCreated": 0.0}
 
     def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # no super(): see _FIXED
-        self.__dict__.update(self._FIXED)
-        self.namespace, self.pod, self.uid, self.ms = namespace, pod, uid, ms
+        fields = dict(self._FIXED)
+        allowed = decision.allowed
         # the decision's log fields and text, not the decision: a record kept by some handler keeps no patch
-        self.decision_fields, self.decision_text = decision.log_fields, decision.log_text
-        self.levelno = logging.INFO if decision.allowed else logging.WARNING
-        self.levelname = "INFO" if decision.allowed else "WARNING"
-        self.created = time.time()
-        self.args = (self,)
+        fields.update(namespace=namespace, pod=pod, uid=uid, ms=ms, decision_fields=decision.log_fields,
+                      decision_text=decision.log_text, levelno=logging.INFO if allowed else logging.WARNING,
+                      levelname="INFO" if allowed else "WARNING", created=time.time(), args=(self,))
+        self.__dict__ = fields
 
     def __str__(self) -> str:
         before, after = self.decision_text
-        parts = (logfmt((("namespace", self.namespace),)), logfmt((("pod", self.pod),), keep_empty=True),
-                 logfmt((("uid", self.uid),)), before, logfmt((("ms", self.ms),)), after)
-        return " ".join(part for part in parts if part)
+        text = (f"{logfmt_pair('namespace', self.namespace) + ' ' if self.namespace else ''}"
+                f"{logfmt_pair('pod', self.pod)} {logfmt_pair('uid', self.uid)} {before} ms={self.ms}")
+        return f"{text} {after}" if after else text
 
     def fields(self) -> Dict[str, Any]:
         """The fields of a structured log entry: the pod, the uid, the decision's own fields, the time taken."""
@@ -434,7 +435,10 @@ class TextLogFormatter(logging.Formatter):
         return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.stamp(record.created)} {record.levelname} {escape_controls(cap_text(record.getMessage()))}"
+        message = record.getMessage()
+        if not isinstance(record, AdmissionRecord):  # an admission line is logfmt: its values are quoted already
+            message = escape_controls(cap_text(message))
+        line = f"{self.stamp(record.created)} {record.levelname} {message}"
         return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
 
 
@@ -3932,7 +3936,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
               headers: Optional[Mapping[str, str]] = None) -> None:
         """Status line, headers and body in one write, so no response waits on Nagle's algorithm."""
         phrase = http.HTTPStatus(status).phrase
-        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
         head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{extra}" + ("Connection: close\r\n" if close else "") + "\r\n")
         self.wfile.write(head.encode("latin-1") + body)
@@ -3999,7 +4003,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         error = ""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             error = "chunked request bodies are not supported; send Content-Length"
-        elif len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,19}", lengths[0].strip()):
+        elif len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) < 20):
             error = "request needs exactly one Content-Length header of plain digits"
         elif int(lengths[0]) > self.server.settings.max_body:
             error = (f"request body of {int(lengths[0])} bytes exceeds the limit of {self.server.settings.max_body} "
