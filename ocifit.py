@@ -394,10 +394,17 @@ class AdmissionRecord(logging.LogRecord):
 
     # What LogRecord.__init__ would work out for each record, and admission lines never need; in the instance's
     # own dict, where %-style formats (pytest's, a library user's) look.
-    _FIXED = {"name": "ocifit", "msg": "admission %s", "pathname": "ocifit", "filename": "ocifit", "module": "ocifit",
-              "funcName": None, "lineno": 0, "threadName": None, "thread": 0, "processName": None, "process": 0,
-              "taskName": None, "stack_info": None, "exc_info": None, "exc_text": None, "msecs": 0.0,
-              "relativeCreated": 0.0}
+    namespace: str
+    pod: str
+    uid: str
+    ms: float
+    decision_fields: Dict[str, Any]
+    decision_text: Tuple[str, str]
+    _FIXED: Dict[str, Any] = {
+        "name": "ocifit", "msg": "admission %s", "pathname": "ocifit", "filename": "ocifit", "module": "ocifit",
+        "funcName": None, "lineno": 0, "threadName": None, "thread": 0, "processName": None, "process": 0,
+        "taskName": None, "stack_info": None, "exc_info": None, "exc_text": None, "msecs": 0.0,
+        "relativeCreated": 0.0}
 
     def __init__(self, namespace: str, pod: str, uid: str, decision: Any, ms: float):  # no super(): see _FIXED
         fields = dict(self._FIXED)
