@@ -212,6 +212,11 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
     "nodes": (
         Option("--nodes", ("OCIFIT_NODES",), str, "",
                "NodeList file as `kubectl get nodes -o json` prints it, instead of a cluster"),
+        Option("--node-features", ("OCIFIT_NODE_FEATURES",), str, "",
+               "with --nodes: NFD's NodeFeatures as `kubectl get nodefeatures -A -o json` prints them (or one "
+               "NodeFeature), for specs in NFD's dialect; re-read when it changes"),
+        Option("--nfd-namespace", ("OCIFIT_NFD_NAMESPACE",), str, "node-feature-discovery",
+               "NFD's own namespace: its NodeFeatures come first when a node has several"),
         Option("--kube-api", ("OCIFIT_KUBE_API",), str, "",
                "Kubernetes API URL (e.g. http://127.0.0.1:8001 from kubectl proxy); default: in-cluster"),
         Option("--kube-token-file", ("OCIFIT_KUBE_TOKEN_FILE",), str, "", "bearer token file for --kube-api"),
@@ -276,6 +281,8 @@ class Settings:
     shutdown_grace: float = DEFAULTS["shutdown_grace"]
     metrics_bind: str = DEFAULTS["metrics_bind"]
     nodes: str = DEFAULTS["nodes"]
+    node_features: str = DEFAULTS["node_features"]
+    nfd_namespace: str = DEFAULTS["nfd_namespace"]
     kube_api: str = DEFAULTS["kube_api"]
     kube_token_file: str = DEFAULTS["kube_token_file"]
     kube_ca: str = DEFAULTS["kube_ca"]
@@ -355,7 +362,7 @@ METAVARS: Dict[Callable[[str], Any], str] = {_seconds: "SECONDS", _seconds_or_ze
 
 
 # ============================================================================================
-# Logging and JSON: log lines that stay one line, a writer thread, untrusted JSON
+# Logging, JSON and YAML: log lines that stay one line, a writer thread, untrusted JSON and YAML
 # ============================================================================================
 
 _CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
@@ -503,6 +510,550 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
         raise ValueError("JSON nested too deeply") from None
 
 
+# ---- YAML: the subset specs use ----------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# Strict YAML-subset parser (stdlib only; CPython 3.9+).
+#
+# load_yaml(text) returns exactly what PyYAML's yaml.safe_load(text) returns
+# for the supported subset, and raises YAMLError ("line L, column C: ...")
+# for everything else.  Supported: one document (optional leading '---',
+# optional trailing '...'), block mappings/sequences (incl. compact "- k: v"
+# and indentless "key:\n- item"), flow collections, plain / single-quoted /
+# double-quoted scalars (PyYAML line folding), comments, YAML 1.1 implicit
+# types as resolved by PyYAML's SafeLoader.
+# Refused: anchors, aliases, tags, directives, block scalars (| >), complex
+# keys (?), merge keys (<<), timestamps, '=' values, multi-line plain
+# scalars, single-pair mappings inside flow sequences, empty keys, multiple
+# documents, tabs outside quoted scalars/comments, NEL/LS/PS line breaks.
+# Deliberate differences from PyYAML: duplicate mapping keys are an error
+# (PyYAML keeps the last value); inputs beyond the limits below are errors.
+# ---------------------------------------------------------------------------
+
+YAML_MAX_BYTES = 1 << 20  # UTF-8 size of the input
+YAML_MAX_DEPTH = 64  # nested collections
+YAML_MAX_NODES = 100000  # scalars + collections
+YAML_MAX_NUMBER_LEN = 4300  # longest plain scalar converted to int/float
+
+
+class YAMLError(ValueError):
+    """Parse error; str(err) is 'line L, column C: problem' (1-based)."""
+
+    def __init__(self, problem: str, line: int, column: int) -> None:
+        super().__init__("line %d, column %d: %s" % (line, column, problem))
+        self.problem, self.line, self.column = problem, line, column
+
+
+# Characters PyYAML's reader rejects, and line breaks we do not support.
+_YAML_NON_PRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+    "|[\x85\u2028\u2029\ufeff]"
+)
+_YAML_SPACES = re.compile(" *")
+# One "chunk" of a plain scalar: runs of non-space characters where ':' is
+# allowed only if not followed by a space (block) or a flow indicator (flow).
+_YAML_BLOCK_CHUNK = re.compile(r"[^ \t\n\0:]*(?::(?=[^ \t\n\0])[^ \t\n\0:]*)*")
+_YAML_FLOW_CHUNK = re.compile(
+    r"[^ \t\n\0:,?\[\]{}]*(?::(?=[^ \t\n\0,\[\]{}])[^ \t\n\0:,?\[\]{}]*)*"
+)
+_YAML_QUOTED_RUN = re.compile("[^'\"\\\\ \t\n\0]+")
+_YAML_ESCAPES = {
+    "0": "\0", "a": "\x07", "b": "\x08", "t": "\t", "\t": "\t", "n": "\n",
+    "v": "\x0b", "f": "\x0c", "r": "\r", "e": "\x1b", " ": " ", '"': '"',
+    "\\": "\\", "/": "/", "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029",
+}
+_YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_YAML_HEX = re.compile("[0-9A-Fa-f]*")
+
+# PyYAML's YAML 1.1 implicit resolvers (yaml/resolver.py), in the same order.
+_YAML_BOOL = re.compile(
+    r"(?:yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)\Z"
+)
+_YAML_FLOAT = re.compile(
+    r"""(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))\Z""",
+    re.X,
+)
+_YAML_INT = re.compile(
+    r"""(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+
+    |[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+)\Z""",
+    re.X,
+)
+_YAML_NULL = re.compile(r"(?:~|null|Null|NULL|)\Z")
+_YAML_TIMESTAMP = re.compile(
+    r"""(?:[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]
+    |[0-9][0-9][0-9][0-9] -[0-9][0-9]? -[0-9][0-9]?
+     (?:[Tt]|[ \t]+)[0-9][0-9]?
+     :[0-9][0-9] :[0-9][0-9] (?:\.[0-9]*)?
+     (?:[ \t]*(?:Z|[-+][0-9][0-9]?(?::[0-9][0-9])?))?)\Z""",
+    re.X,
+)
+_YAML_INF = float("inf")
+_YAML_NAN = -_YAML_INF / _YAML_INF  # one shared object, like PyYAML
+_YAML_BAD_START = {
+    "&": "anchors (&) are not supported",
+    "*": "aliases (*) are not supported",
+    "!": "tags (!) are not supported",
+    "|": "block scalars (| and >) are not supported",
+    ">": "block scalars (| and >) are not supported",
+    "%": "directives (%) are not supported",
+    "?": "complex keys (?) are not supported",
+    "@": "reserved indicator '@' cannot start a value",
+    "`": "reserved indicator '`' cannot start a value",
+    ":": "empty keys are not supported",
+    "-": "block sequence entries are not allowed here",
+    "\0": "unexpected end of input",
+    "\n": "expected a value",
+    "#": "expected a value",
+    "\t": "tabs are only allowed inside quoted scalars and comments",
+}
+
+
+def _yaml_number(text: str) -> Any:
+    """Construct an int/float exactly like PyYAML's SafeConstructor."""
+    value = text.replace("_", "")
+    is_float = _YAML_FLOAT.match(text) is not None
+    if is_float:
+        value = value.lower()
+    sign = -1 if value[0] == "-" else 1
+    if value[0] in "+-":
+        value = value[1:]
+    if is_float:
+        if value == ".inf":
+            return sign * _YAML_INF
+        if value == ".nan":
+            return _YAML_NAN
+    elif value == "0":
+        return 0
+    elif value.startswith("0b"):
+        return sign * int(value[2:], 2)
+    elif value.startswith("0x"):
+        return sign * int(value[2:], 16)
+    elif value[0] == "0":
+        return sign * int(value, 8)
+    if ":" in value:  # sexagesimal (base 60)
+        base, total = 1, 0.0 if is_float else 0
+        for part in reversed(value.split(":")):
+            total += (float(part) if is_float else int(part)) * base
+            base *= 60
+        return sign * total
+    return sign * (float(value) if is_float else int(value))
+
+
+class _YamlParser:
+    """Recursive-descent parser over the whole text; self.pos is the cursor."""
+
+    def __init__(self, text: str) -> None:
+        self.s = text + "\0"  # sentinel: s[pos] is valid up to len(text)
+        self.n = len(text)
+        self.pos = 0
+        self.depth = 0
+        self.nodes = 0
+        self.last_plain_end = -1
+
+    # -- helpers ----------------------------------------------------------
+    def error(self, problem: str, pos: int = -1) -> YAMLError:
+        p = self.pos if pos < 0 else pos
+        line_start = self.s.rfind("\n", 0, p) + 1
+        return YAMLError(problem, self.s.count("\n", 0, p) + 1, p - line_start + 1)
+
+    def col(self, p: int) -> int:
+        return p - (self.s.rfind("\n", 0, p) + 1)
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > YAML_MAX_DEPTH:
+            raise self.error("nesting deeper than %d levels" % YAML_MAX_DEPTH)
+        self.count_node()
+
+    def count_node(self) -> None:
+        self.nodes += 1
+        if self.nodes > YAML_MAX_NODES:
+            raise self.error("more than %d nodes" % YAML_MAX_NODES)
+
+    def skip_spaces(self) -> None:
+        self.pos = p = _YAML_SPACES.match(self.s, self.pos).end()  # type: ignore[union-attr]  # the pattern always matches
+        if self.s[p] == "\t":
+            if not self.s[self.s.rfind("\n", 0, p) + 1 : p].strip(" "):
+                raise self.error("tabs are not allowed for indentation")
+            raise self.error("tabs are only allowed inside quoted scalars and comments")
+
+    def skip_comment(self) -> None:
+        if self.s[self.pos] == "#":
+            p = self.s.find("\n", self.pos)
+            self.pos = self.n if p < 0 else p
+
+    def end_line(self) -> None:
+        """Consume trailing spaces, an optional comment and the line break."""
+        self.skip_spaces()
+        self.skip_comment()
+        if self.s[self.pos] == "\n":
+            self.pos += 1
+        elif self.pos < self.n:
+            raise self.error("unexpected %r after the value" % self.s[self.pos])
+
+    def next_content(self) -> int:
+        """Skip blank/comment lines; return the next content's column or -1 at the end."""
+        while True:
+            self.skip_spaces()
+            self.skip_comment()
+            if self.s[self.pos] != "\n":
+                return -1 if self.pos >= self.n else self.col(self.pos)
+            self.pos += 1
+
+    def at_marker(self) -> str:
+        """Return '---' or '...' if a document marker starts at self.pos."""
+        s, p = self.s, self.pos
+        if s.startswith(("---", "..."), p) and s[p + 3] in " \t\n\0" and self.col(p) == 0:
+            return s[p : p + 3]
+        return ""
+
+    def at_indicator(self, ch: str) -> bool:
+        """'-' or ':' followed by white space or the end (block context)."""
+        return self.s[self.pos] == ch and self.s[self.pos + 1] in " \t\n\0"
+
+    def unexpected(self, what: str) -> YAMLError:
+        gap = self.s[self.last_plain_end : self.pos]
+        if self.last_plain_end >= 0 and "\n" in gap and not gap.strip(" \n"):
+            return self.error("multi-line plain scalars are not supported")
+        return self.error(what)
+
+    def check_key(self, start: int, kind: str) -> None:
+        """Validate an implicit key spanning start..self.pos (the ':')."""
+        if kind == "flow":
+            raise self.error("collections cannot be mapping keys", start)
+        if self.s.find("\n", start, self.pos) >= 0:
+            raise self.error("mapping keys must be on a single line", start)
+        if self.pos - start > 1024:
+            raise self.error("mapping keys longer than 1024 characters are not supported", start)
+
+    def store(self, mapping: Dict[Any, Any], key: Any, value: Any, start: int) -> None:
+        if key in mapping:
+            raise self.error("duplicate mapping key %r" % (key,), start)
+        mapping[key] = value
+
+    # -- document and block structure --------------------------------------
+    def parse_document(self) -> Any:
+        value = None
+        col = self.next_content()
+        if col == 0 and self.s[self.pos] == "%":
+            raise self.error("directives (%) are not supported")
+        if self.at_marker() == "---":
+            self.pos += 3
+            self.skip_spaces()
+            if self.s[self.pos] not in "#\n\0":
+                value = self.parse_inline_value()
+            else:
+                self.end_line()
+                if self.next_content() >= 0 and not self.at_marker():
+                    value = self.parse_block_node()
+        elif col >= 0:
+            if self.at_marker():
+                raise self.error("document marker %r without a document" % self.at_marker())
+            value = self.parse_block_node()
+        col = self.next_content()
+        if col >= 0 and self.at_marker() == "...":
+            self.pos += 3
+            self.end_line()
+            if self.next_content() >= 0:
+                raise self.error("content after the document end marker '...'")
+        elif col >= 0:
+            if self.at_marker() == "---":
+                raise self.error("multiple documents are not supported")
+            raise self.unexpected("unexpected content (wrong indentation?)")
+        return value
+
+    def parse_block_node(self) -> Any:
+        """Parse the block node at self.pos (a line's first content, or after '- ')."""
+        col = self.col(self.pos)
+        if self.at_indicator("-"):
+            return self.parse_block_sequence(col)
+        start = self.pos
+        value, kind = self.parse_node(flow=False)
+        self.skip_spaces()
+        if self.at_indicator(":"):
+            return self.parse_block_mapping(col, start, value, kind)
+        self.end_line()
+        return value
+
+    def parse_inline_value(self) -> Any:
+        """A scalar or flow collection filling the rest of the line."""
+        value, _ = self.parse_node(flow=False)
+        self.skip_spaces()
+        if self.at_indicator(":"):
+            raise self.error("mapping values are not allowed here")
+        self.end_line()
+        return value
+
+    def parse_indented_value(self, col: int, indentless: bool) -> Any:
+        """The value after 'key:' or '-' ending its line: on the next lines, or null."""
+        ind = self.next_content()
+        if ind > col:
+            return self.parse_block_node()
+        if indentless and ind == col and self.at_indicator("-"):
+            return self.parse_block_sequence(col)
+        return None
+
+    def parse_block_mapping(self, col: int, start: int, key: Any, kind: str) -> Dict[Any, Any]:
+        self.enter()
+        result: Dict[Any, Any] = {}
+        while True:
+            self.check_key(start, kind)
+            self.pos += 1  # ':'
+            self.skip_spaces()
+            if self.s[self.pos] in "#\n\0":
+                self.end_line()
+                value = self.parse_indented_value(col, indentless=True)
+            else:
+                value = self.parse_inline_value()
+            self.store(result, key, value, start)
+            ind = self.next_content()
+            if ind < col or self.at_marker():
+                self.last_plain_end = -1  # a dedent ends any plain scalar
+                break
+            if ind > col:
+                raise self.unexpected("unexpected indentation")
+            start = self.pos
+            if self.at_indicator("-"):
+                raise self.error("expected a mapping key, found a sequence entry")
+            key, kind = self.parse_node(flow=False)
+            self.skip_spaces()
+            if not self.at_indicator(":"):
+                raise self.error("expected ':' after the mapping key")
+        self.depth -= 1
+        return result
+
+    def parse_block_sequence(self, col: int) -> List[Any]:
+        self.enter()
+        result: List[Any] = []
+        while True:
+            self.pos += 1  # '-'
+            self.skip_spaces()
+            if self.s[self.pos] in "#\n\0":
+                self.end_line()
+                result.append(self.parse_indented_value(col, indentless=False))
+            else:
+                result.append(self.parse_block_node())
+            ind = self.next_content()
+            if ind < col or self.at_marker() or (ind == col and not self.at_indicator("-")):
+                self.last_plain_end = -1
+                break
+            if ind > col:
+                raise self.unexpected("unexpected indentation")
+        self.depth -= 1
+        return result
+
+    # -- nodes --------------------------------------------------------------
+    def parse_node(self, flow: bool) -> Tuple[Any, str]:
+        """Parse a flow collection or scalar; return (value, kind)."""
+        s, p = self.s, self.pos
+        ch = s[p]
+        if ch in "[{":
+            return self.parse_flow_collection(), "flow"
+        if ch in "\"'":
+            return self.parse_quoted(), "quoted"
+        if ch not in "\0 \t\n-?:,[]{}#&*!|>'\"%@`" or (
+            s[p + 1] not in "\0 \t\n" and (ch == "-" or (not flow and ch in "?:"))
+        ):
+            return self.parse_plain(flow), "plain"
+        raise self.error(_YAML_BAD_START.get(ch, "unexpected %r" % ch))
+
+    def parse_flow_collection(self) -> Any:
+        s = self.s
+        is_map = s[self.pos] == "{"
+        close = "}" if is_map else "]"
+        self.enter()
+        self.pos += 1
+        result: Any = {} if is_map else []
+        first = True
+        while True:
+            self.skip_flow_space()
+            if s[self.pos] == close:
+                break
+            if not first:
+                if s[self.pos] != ",":
+                    raise self.unexpected("expected ',' or %r" % close)
+                self.pos += 1
+                self.skip_flow_space()
+                if s[self.pos] == close:
+                    break
+            first = False
+            start = self.pos
+            node, kind = self.parse_node(flow=True)
+            self.skip_spaces()
+            if not is_map:
+                if s[self.pos] == ":":
+                    raise self.error("mappings inside flow sequences are not supported")
+                result.append(node)
+                continue
+            value = None
+            if s[self.pos] == ":":
+                self.check_key(start, kind)
+                self.pos += 1
+                self.skip_flow_space()
+                if s[self.pos] not in ",}":
+                    value = self.parse_node(flow=True)[0]
+            elif kind == "flow":
+                raise self.error("collections cannot be mapping keys", start)
+            self.store(result, node, value, start)
+        self.pos += 1
+        self.depth -= 1
+        return result
+
+    def skip_flow_space(self) -> None:
+        """Skip spaces, comments and line breaks inside a flow collection."""
+        while True:
+            self.skip_spaces()
+            self.skip_comment()
+            if self.s[self.pos] != "\n":
+                break
+            self.pos += 1
+            if self.at_marker():
+                raise self.error("document markers are not allowed inside flow collections")
+        if self.pos >= self.n:
+            raise self.error("unexpected end of input inside a flow collection")
+
+    def parse_plain(self, flow: bool) -> Any:
+        """A single-line plain scalar, resolved like PyYAML's SafeLoader."""
+        s, chunk = self.s, _YAML_FLOW_CHUNK if flow else _YAML_BLOCK_CHUNK
+        start = end = p = self.pos
+        while True:
+            m = chunk.match(s, p)
+            if m.end() == p:  # type: ignore[union-attr]  # the pattern always matches
+                break
+            end = p = m.end()  # type: ignore[union-attr]  # the pattern always matches
+            q = _YAML_SPACES.match(s, p).end()  # type: ignore[union-attr]  # the pattern always matches
+            if q == p or s[q] == "#":
+                break
+            p = q
+        self.pos = self.last_plain_end = end
+        self.count_node()
+        return self.resolve(s[start:end], start)
+
+    def resolve(self, text: str, start: int) -> Any:
+        if _YAML_BOOL.match(text):
+            return text.lower() in ("yes", "true", "on")
+        if _YAML_FLOAT.match(text) or _YAML_INT.match(text):
+            if len(text) > YAML_MAX_NUMBER_LEN:
+                raise self.error("numbers longer than %d characters are not supported"
+                                 % YAML_MAX_NUMBER_LEN, start)
+            try:
+                return _yaml_number(text)
+            except ValueError:
+                raise self.error("invalid number %r" % text, start) from None
+        if text == "<<":
+            raise self.error("merge keys (<<) are not supported", start)
+        if _YAML_NULL.match(text):
+            return None
+        if _YAML_TIMESTAMP.match(text):
+            raise self.error("timestamps are not supported (quote the value)", start)
+        if text == "=":
+            raise self.error("the value indicator '=' is not supported", start)
+        return text
+
+    def parse_quoted(self) -> str:
+        """A single- or double-quoted scalar with PyYAML's escapes and line folding."""
+        s = self.s
+        start = self.pos
+        quote = s[start]
+        double = quote == '"'
+        p = start + 1
+        chunks: List[str] = []
+        while True:
+            m = _YAML_QUOTED_RUN.match(s, p)
+            if m:
+                chunks.append(m.group())
+                p = m.end()
+            ch = s[p]
+            if ch == quote:
+                if double or s[p + 1] != "'":
+                    break
+                chunks.append("'")
+                p += 2
+            elif ch in "'\"" or (ch == "\\" and not double):
+                chunks.append(ch)
+                p += 1
+            elif ch == "\\":
+                ch = s[p + 1]
+                p += 2
+                if ch in _YAML_ESCAPES:
+                    chunks.append(_YAML_ESCAPES[ch])
+                elif ch in _YAML_HEX_ESCAPES:
+                    size = _YAML_HEX_ESCAPES[ch]
+                    digits = _YAML_HEX.match(s, p, p + size).group()  # type: ignore[union-attr]  # the pattern always matches
+                    if len(digits) != size:
+                        raise self.error("expected %d hex digits in escape" % size, p)
+                    if int(digits, 16) > 0x10FFFF:
+                        raise self.error("escape \\%s%s is out of range" % (ch, digits), p - 2)
+                    chunks.append(chr(int(digits, 16)))
+                    p += size
+                elif ch == "\n":
+                    p = self.fold_breaks(p, chunks, start)
+                elif p > self.n:
+                    raise self.error("unterminated quoted scalar", start)
+                else:
+                    raise self.error("unknown escape character %r" % ch, p - 1)
+            else:  # white space, line break or end of input
+                q = p
+                while s[p] in " \t":
+                    p += 1
+                if s[p] == "\n":
+                    breaks: List[str] = []
+                    p = self.fold_breaks(p + 1, breaks, start)
+                    chunks.extend(breaks or [" "])
+                elif p >= self.n:
+                    raise self.error("unterminated quoted scalar", start)
+                else:
+                    chunks.append(s[q:p])
+        self.pos = p + 1
+        self.count_node()
+        return "".join(chunks)
+
+    def fold_breaks(self, p: int, chunks: List[str], start: int) -> int:
+        """At a line start inside a quoted scalar: skip indentation, keep empty lines."""
+        s = self.s
+        while True:
+            if s.startswith(("---", "..."), p) and s[p + 3] in " \t\n\0":
+                raise self.error("document marker inside a quoted scalar", p)
+            while s[p] in " \t":
+                p += 1
+            if s[p] != "\n":
+                return p
+            chunks.append("\n")
+            p += 1
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one document of the YAML subset into dict/list/str/int/float/bool/None.
+
+    Matches yaml.safe_load for supported input, else raises YAMLError.
+    """
+    if not isinstance(text, str):
+        raise TypeError("load_yaml() expects str, not %s" % type(text).__name__)
+    if len(text) > YAML_MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > YAML_MAX_BYTES:
+        raise _YamlParser(text[:YAML_MAX_BYTES]).error(
+            "document larger than %d bytes" % YAML_MAX_BYTES, min(len(text), YAML_MAX_BYTES))
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    parser = _YamlParser(text)
+    bad = _YAML_NON_PRINTABLE.search(text)
+    if bad:
+        ch = bad.group()
+        what = "line break" if ch in "\x85\u2028\u2029" else (
+            "byte order mark" if ch == "\ufeff" else "non-printable character")
+        raise parser.error("unsupported %s U+%04X" % (what, ord(ch)), bad.start())
+    return parser.parse_document()
+
+# ---- end of YAML ---------------------------------------------------------------------------
+
+
 class _EnqueueHandler(logging.handlers.QueueHandler):
     """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
 
@@ -609,10 +1160,13 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 def flush_logging() -> None:
-    """Write out every queued log record (at exit, and before a subcommand returns)."""
+    """Write out every queued log record and take the writer away (at exit, and before a subcommand returns)."""
     global _log_writer
     if _log_writer is not None:
         _log_writer.stop()
+        root = logging.getLogger()
+        if _log_writer.enqueue in root.handlers:
+            root.removeHandler(_log_writer.enqueue)
         _log_writer = None
 
 
@@ -848,6 +1402,14 @@ class SocketReaper:
 
 
 REAPER = SocketReaper()
+
+
+_interned: Dict[str, str] = {}
+
+
+def _intern(text: str) -> str:
+    """One shared copy of each label string: thousands of nodes repeat the same few hundred."""
+    return _interned.setdefault(text, text) if len(_interned) < 200000 else text
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -1206,22 +1768,54 @@ class Expression:
 
 @dataclass(frozen=True)
 class Compatibility:
-    """One candidate image (`tag`) and the expressions a node must satisfy for it."""
+    """One candidate image (`tag`) and what a node must satisfy for it: in ocifit's dialect, expressions on the
+    node's labels; in NFD's, rules on its feature sets (and the tag may be empty)."""
 
     index: int
     tag: str
     description: str
     weight: int
-    expressions: Tuple[Expression, ...]
+    expressions: Tuple[Expression, ...] = ()
+    rules: Tuple["FeatureRule", ...] = ()  # NFD's dialect
 
     @property
     def name(self) -> str:
-        return f"compatibilities[{self.index}] ({self.tag})"
+        return f"compatibilities[{self.index}] ({self.tag or 'no tag'})"
 
-    def failure(self, labels: Mapping[str, str]) -> Optional[str]:
-        """None when every expression holds, else the first that fails and why."""
+    def report(self, facts: Any) -> Dict[str, Any]:
+        """What held and what did not on the node's facts, and why, as data: for `match --explain` (text) and
+        `--output json`. NFD's dialect reports each rule and each expression, as `nfd compat validate-node`."""
+        entry: Dict[str, Any] = {"index": self.index, "tag": self.tag, "weight": self.weight}
+        if self.description:
+            entry["description"] = self.description
+        if self.rules:
+            entry["rules"] = []
+            for rule in self.rules:
+                holds, outcomes = rule.evaluate(facts)
+                entry["rules"].append({"name": rule.name, "matched": holds,
+                                       "expressions": [dataclasses.asdict(o) for o in outcomes]})
+            entry["matched"] = all(r["matched"] for r in entry["rules"])
+        else:
+            entry["expressions"] = [{"path": e.path, "key": e.key, "op": e.op, "value": list(e.values),
+                                     "matched": (why := e.failure(facts)) is None, "why": why or "holds"}
+                                    for e in self.expressions]
+            entry["matched"] = all(e["matched"] for e in entry["expressions"])
+        return entry
+
+    def failure(self, facts: Any) -> Optional[str]:
+        """None when it holds on the node's facts (labels, or NodeFeatures for NFD's dialect), else the first
+        thing that fails and why."""
+        if self.rules:
+            for r, rule in enumerate(self.rules):
+                holds, outcomes = rule.evaluate(facts)
+                if not holds:
+                    first = next((o for o in outcomes if not o.holds), None)
+                    where = f"rules[{r}]" + (f" ({rule.name})" if rule.name else "")
+                    return where + (f": {first.feature}" + (f".{first.element}" if first.element else "")
+                                    + f" {first.expression}: {first.why}" if first else ": no matchAny block holds")
+            return None
         for expression in self.expressions:
-            reason = expression.failure(labels)
+            reason = expression.failure(facts)
             if reason is not None:
                 return f"{expression.path.split('.', 1)[-1]}: {reason}"
         return None
@@ -1243,8 +1837,21 @@ class Selection:
     chosen: Optional[Compatibility]
     verdicts: Tuple[Verdict, ...]
 
-    def explain(self) -> str:
-        lines = [str(v) for v in self.verdicts]
+    def explain(self, facts: Any = None) -> str:
+        """Why each compatibility matched or not; for NFD's dialect (given the node's facts), every rule and
+        expression with its result, as `nfd compat validate-node` shows them."""
+        lines = []
+        for verdict in self.verdicts:
+            compatibility = verdict.compatibility
+            if not compatibility.rules or facts is None:
+                lines.append(str(verdict))
+                continue
+            lines.append(f"{compatibility.name}: " + ("matched" if verdict.failure is None else "not matched"))
+            for rule in compatibility.report(facts)["rules"]:
+                lines.append(f"  rule {rule['name'] or '(unnamed)'}: {'matched' if rule['matched'] else 'failed'}")
+                lines.extend(f"    {'OK  ' if o['holds'] else 'FAIL'}  {o['feature']}"
+                             + (f".{o['element']}" if o["element"] else " matchName")
+                             + f" {o['expression']}: {o['why']}" for o in rule["expressions"])
         if self.chosen is not None:
             lines.append(f"chosen: {self.chosen.name} weight {self.chosen.weight}")
         else:
@@ -1257,15 +1864,18 @@ class Selection:
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated compatibility spec."""
+    """A validated compatibility spec, in ocifit's dialect (on node labels) or NFD's (on node features)."""
 
     version: str
     compatibilities: Tuple[Compatibility, ...]
-    keys: frozenset  # every label key the spec looks at
+    keys: frozenset  # every label key the spec looks at (ocifit's dialect)
+    features: frozenset = frozenset()  # every feature set the spec looks at (NFD's dialect)
+    nfd: bool = False
 
-    def select(self, labels: Mapping[str, str]) -> Selection:
-        """Evaluate every compatibility; the highest weight wins, the first listed on a tie."""
-        verdicts = tuple(Verdict(c, c.failure(labels)) for c in self.compatibilities)
+    def select(self, facts: Any) -> Selection:
+        """Evaluate every compatibility on a node's facts (its labels, or its NodeFeatures for NFD's dialect);
+        the highest weight wins, the first listed on a tie."""
+        verdicts = tuple(Verdict(c, c.failure(facts)) for c in self.compatibilities)
         chosen = None
         for verdict in verdicts:
             if verdict.failure is None and (chosen is None or verdict.compatibility.weight > chosen.weight):
@@ -1366,14 +1976,442 @@ def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibili
     return Compatibility(index, tag, description, weight, tuple(expressions))
 
 
+# ---- NFD's dialect: image-compatibility specs over a node's feature sets ---------------------
+#
+# Node Feature Discovery (kubernetes-sigs/node-feature-discovery) publishes each node's features as NodeFeature
+# objects, and its image-compatibility spec (api/image-compatibility/v1alpha1) matches rules against them: every
+# rule of a compatibility must match; a rule's matchFeatures terms must all match and, when matchAny is there,
+# one of its blocks; a term names a feature set and tests its elements. Semantics follow NFD's
+# pkg/apis/nfd/nodefeaturerule (expression.go, rule.go), but a malformed spec is refused whole, and a node
+# value that does not parse (a non-integer for Gt, a non-version) is a non-match with the reason, not an error.
+
+NFD_OPERATORS = ("", "In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", "Ge", "Lt", "Le", "GtLt", "GeLe",
+                 "IsTrue", "IsFalse")
+NFD_ALIASES = {"Gte": "Ge", "Lte": "Le"}  # ocifit's names for NFD's Ge and Le
+RANGE_OPERATORS = ("Gt", "Ge", "Lt", "Le", "GtLt", "GeLe")
+_VERSION = re.compile(r"v?([0-9]{1,9})(?:\.([0-9]{1,9}))?(?:\.([0-9]{1,9}))?"  # major, minor, patch
+                      r"(?:-[0-9A-Za-z.-]*)?(?:\+[0-9A-Za-z.-]*)?\Z")  # pre-release and build metadata, ignored
+_STRICT_INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
+
+
+def parse_version(text: str) -> Optional[Tuple[int, int, int]]:
+    """`v?MAJOR[.MINOR[.PATCH]][-pre][+meta]` as (major, minor, patch), missing parts 0, pre-release and build
+    metadata ignored (`6.8.0-45-generic` is 6.8.0); None if it is not one."""
+    m = _VERSION.match(text)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+
+
+def parse_strict_integer(text: str) -> Optional[int]:
+    """A sign and digits only, within int64 (Go's strconv.Atoi); None otherwise."""
+    if not _STRICT_INTEGER.match(text):
+        return None
+    value = int(text)
+    return value if _INT64[0] <= value <= _INT64[1] else None
+
+
+class NodeFeatures:
+    """A node's feature sets as NFD publishes them (its NodeFeature objects merged): flags (element names),
+    attributes (name -> value) and instances (a list of attribute maps), by lowercased feature name. Each feature
+    set is an interned, read-only object, so nodes of one hardware kind share them, and a decision can group
+    nodes by the identity of the sets it reads."""
+
+    __slots__ = ("flags", "attributes", "instances")
+
+    def __init__(self, flags: Mapping[str, frozenset], attributes: Mapping[str, Mapping[str, str]],
+                 instances: Mapping[str, Tuple[Mapping[str, str], ...]]):
+        self.flags, self.attributes, self.instances = flags, attributes, instances
+
+    def names(self) -> frozenset:
+        return frozenset(self.flags) | frozenset(self.attributes) | frozenset(self.instances)
+
+    def projection(self, names: Iterable[str]) -> tuple:
+        """What a spec reading `names` sees of this node, as identities of interned sets: equal for nodes alike."""
+        return tuple((id(self.flags.get(n)), id(self.attributes.get(n)), id(self.instances.get(n))) for n in names)
+
+    def __repr__(self) -> str:
+        return f"NodeFeatures({len(self.flags)} flag, {len(self.attributes)} attribute, {len(self.instances)} " \
+               "instance sets)"
+
+
+NO_FEATURES = NodeFeatures({}, {}, {})
+_feature_sets: Dict[Any, Any] = {}
+
+
+def _intern_set(key: Any, value: Any) -> Any:
+    """One shared copy of each distinct feature set (bounded: past the bound, sets are simply not shared)."""
+    shared = _feature_sets.get(key)
+    if shared is not None:
+        return shared
+    if len(_feature_sets) < 200000:
+        _feature_sets[key] = value
+    return value
+
+
+def _string_map(raw: Any, where: str) -> Dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ValueError(f"{where} is not an object of strings")
+    return {_intern(str(k)): _intern(v) for k, v in raw.items()}
+
+
+def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
+    """NodeFeatures from NFD's `spec.features` shape: {flags: {set: {elements: {name: {}}}}, attributes: {set:
+    {elements: {name: value}}}, instances: {set: {elements: [{attributes: {...}}]}}}; ValueError naming the
+    place if the shape is wrong."""
+    if raw is None:
+        return NO_FEATURES
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} is not an object")
+    flags: Dict[str, frozenset] = {}
+    attributes: Dict[str, Mapping[str, str]] = {}
+    instances: Dict[str, Tuple[Mapping[str, str], ...]] = {}
+    for kind in ("flags", "attributes", "instances"):
+        sets = raw.get(kind) or {}
+        if not isinstance(sets, dict):
+            raise ValueError(f"{where}.{kind} is not an object")
+        for name, body in sets.items():
+            path = f"{where}.{kind}.{name}"
+            elements = body.get("elements") if isinstance(body, dict) else None
+            key = _intern(str(name).lower())
+            if kind == "flags":
+                if elements is None:
+                    elements = {}
+                if not isinstance(elements, dict):
+                    raise ValueError(f"{path}.elements is not an object")
+                names = frozenset(_intern(str(k)) for k in elements)
+                flags[key] = _intern_set(("f", names), names)
+            elif kind == "attributes":
+                values = _string_map(elements or {}, f"{path}.elements")
+                attributes[key] = _intern_set(("a", frozenset(values.items())), values)
+            else:
+                if not isinstance(elements or [], list):
+                    raise ValueError(f"{path}.elements is not a list")
+                items = tuple(_string_map((item or {}).get("attributes") or {} if isinstance(item, dict) else None,
+                                          f"{path}.elements[{i}].attributes") for i, item in enumerate(elements or []))
+                instances[key] = _intern_set(("i", tuple(frozenset(i.items()) for i in items)), items)
+    return NodeFeatures(flags, attributes, instances)
+
+
+def merge_features(parts: Sequence[NodeFeatures]) -> NodeFeatures:
+    """NodeFeatures of several objects for one node, merged as nfd-master does (in the order given): flags are
+    united, later attributes overwrite earlier ones, instances are appended."""
+    if not parts:
+        return NO_FEATURES
+    if len(parts) == 1:
+        return parts[0]
+    flags: Dict[str, frozenset] = {}
+    attributes: Dict[str, Dict[str, str]] = {}
+    instances: Dict[str, Tuple[Mapping[str, str], ...]] = {}
+    for part in parts:
+        for name, names in part.flags.items():
+            flags[name] = flags.get(name, frozenset()) | names
+        for name, values in part.attributes.items():
+            attributes.setdefault(name, {}).update(values)
+        for name, items in part.instances.items():
+            instances[name] = instances.get(name, ()) + tuple(items)
+    return NodeFeatures({k: _intern_set(("f", v), v) for k, v in flags.items()},
+                        {k: _intern_set(("a", frozenset(v.items())), v) for k, v in attributes.items()},
+                        {k: _intern_set(("i", tuple(frozenset(i.items()) for i in v)), v)
+                         for k, v in instances.items()})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one expression (or matchName) fared on a node, for explanations and denials."""
+
+    path: str  # where in the spec
+    feature: str
+    element: str  # "" for matchName
+    expression: str
+    holds: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class FeatureExpression:
+    """One NFD expression: an operator on one element of a feature set (or, as matchName, on element names)."""
+
+    path: str
+    op: str
+    values: Tuple[str, ...] = ()
+    patterns: Tuple["re.Pattern[str]", ...] = ()
+    bounds: Tuple[Any, ...] = ()  # ints, or (major, minor, patch) with type: version
+    version: bool = False
+
+    def __str__(self) -> str:
+        op = self.op or '""'
+        shown = f"{{op: {op}" + (f", value: {_quote_values(self.values)}" if self.values else "")
+        return shown + (", type: version}" if self.version else "}")
+
+    def holds(self, value: Optional[str]) -> Tuple[bool, str]:
+        """(whether it holds, why) on an element's value; None: the element is missing."""
+        op = self.op
+        if op == "":
+            return True, "no operator: always holds"
+        if op == "Exists":
+            return (True, "present") if value is not None else (False, "missing")
+        if op == "DoesNotExist":
+            return (True, "missing") if value is None else (False, "present")
+        if value is None:
+            return False, "missing"
+        if op == "In":
+            return (True, f"{json.dumps(value)} is listed") if value in self.values else \
+                (False, f"{json.dumps(value)} not in {_quote_values(self.values)}")
+        if op == "NotIn":
+            return (False, f"{json.dumps(value)} is in {_quote_values(self.values)}") if value in self.values else \
+                (True, f"{json.dumps(value)} not listed")
+        if op == "InRegexp":
+            return (True, f"{json.dumps(value)} matches") if any(p.search(value) for p in self.patterns) else \
+                (False, f"{json.dumps(value)} matches none of {_quote_values(self.values)}")
+        if op in ("IsTrue", "IsFalse"):
+            want = "true" if op == "IsTrue" else "false"
+            return (value == want), f"{json.dumps(value)}" + (" is" if value == want else " is not") + f" {want}"
+        number = parse_version(value) if self.version else parse_strict_integer(value)
+        if number is None:
+            return False, f"{json.dumps(value)} is not {'a version' if self.version else 'an integer'}"
+        low = self.bounds[0]
+        high = self.bounds[-1]
+        holds = {"Gt": number > low, "Ge": number >= low, "Lt": number < low, "Le": number <= low,
+                 "GtLt": low < number < high, "GeLe": low <= number <= high}[op]
+        return holds, f"{json.dumps(value)}" + (" is" if holds else " is not") + f" {_RANGE_WORDS[op]} " + \
+            " and ".join(self.values)
+
+
+_RANGE_WORDS = {"Gt": ">", "Ge": ">=", "Lt": "<", "Le": "<=", "GtLt": "between (exclusive)",
+                "GeLe": "between (inclusive)"}
+
+
+@dataclass(frozen=True)
+class FeatureTerm:
+    """One matchFeatures term: a feature set, expressions on its elements (by name) and an optional matchName."""
+
+    path: str
+    feature: str  # lowercased, as NFD looks it up
+    expressions: Tuple[Tuple[str, FeatureExpression], ...]  # (element, expression)
+    match_name: Optional[FeatureExpression] = None
+
+    def evaluate(self, features: NodeFeatures) -> Tuple[bool, Tuple[Outcome, ...]]:
+        """As NFD's MatchMulti: the expressions hold on the flags or attributes together, or all on one single
+        instance; then matchName on any element name. A feature set the node lacks fails the term."""
+        name = self.feature
+        flags, attrs, insts = features.flags.get(name), features.attributes.get(name), features.instances.get(name)
+        if flags is None and attrs is None and insts is None:
+            return False, tuple(Outcome(f"{self.path}.matchExpressions.{element}", name, element, str(e), False,
+                                        f"the node has no feature set {name}") for element, e in self.expressions) \
+                or (Outcome(self.path, name, "", "", False, f"the node has no feature set {name}"),)
+        outcomes: List[Outcome] = []
+        matched = True
+        if self.expressions:
+            set_matched = flags is not None or attrs is not None
+            for element, expression in self.expressions:
+                holds, why = self._on_sets(expression, element, flags, attrs)
+                set_matched = set_matched and holds
+                outcomes.append(Outcome(f"{self.path}.matchExpressions.{element}", name, element, str(expression),
+                                        holds, why))
+            if not set_matched and insts:  # then the instances: all expressions on one of them
+                best = max(range(len(insts)), key=lambda i: sum(o.holds for o in self._on_instance(insts, i)))
+                outcomes = self._on_instance(insts, best)
+                matched = all(o.holds for o in outcomes)
+            else:
+                matched = set_matched
+        if matched and self.match_name is not None:
+            every = sorted(set(flags or ()) | set(attrs or ()) | {k for i in insts or () for k in i})
+            hit = next((n for n in every if self.match_name.holds(n)[0]), None)
+            matched = hit is not None
+            outcomes.append(Outcome(f"{self.path}.matchName", name, "", str(self.match_name), matched,
+                                    f"element {json.dumps(hit)} matches" if hit is not None else
+                                    f"no element name of {name} matches"))
+        return matched, tuple(outcomes)
+
+    @staticmethod
+    def _on_sets(expression: FeatureExpression, element: str, flags: Optional[frozenset],
+                 attrs: Optional[Mapping[str, str]]) -> Tuple[bool, str]:
+        """One expression on the flags and attributes of the set: it holds if it holds on either (DoesNotExist:
+        on both); a flag has no value, so only Exists, DoesNotExist and no operator can hold on one."""
+        in_flags = flags is not None and element in flags
+        value = attrs.get(element) if attrs is not None else None
+        if expression.op == "DoesNotExist":
+            present = in_flags or value is not None
+            return (not present), ("present" if present else "missing")
+        if value is not None:
+            holds, why = expression.holds(value)
+            if holds or not in_flags:
+                return holds, why
+        if in_flags:
+            return (expression.op in ("", "Exists")), ("a flag (no value)" if expression.op not in ("", "Exists")
+                                                       else "present")
+        return expression.holds(None)
+
+    def _on_instance(self, insts: Tuple[Mapping[str, str], ...], index: int) -> List[Outcome]:
+        """The expressions on one instance (the first on which all hold wins the max above, being first)."""
+        attributes = insts[index]
+        return [Outcome(f"{self.path}.matchExpressions.{element}", self.feature, element, str(e),
+                        *_with_instance(e.holds(attributes.get(element)), index)) for element, e in self.expressions]
+
+
+def _with_instance(result: Tuple[bool, str], index: int) -> Tuple[bool, str]:
+    return result[0], f"{result[1]} (instance {index})"
+
+
+@dataclass(frozen=True)
+class FeatureRule:
+    """One rule: its matchFeatures terms must all match and, when matchAny is there, one of its blocks."""
+
+    path: str
+    name: str
+    terms: Tuple[FeatureTerm, ...]
+    any_of: Tuple[Tuple[FeatureTerm, ...], ...] = ()
+
+    def evaluate(self, features: NodeFeatures) -> Tuple[bool, Tuple[Outcome, ...]]:
+        outcomes: List[Outcome] = []
+        matched = True
+        for term in self.terms:
+            holds, found = term.evaluate(features)
+            matched = matched and holds
+            outcomes.extend(found)
+        if self.any_of:
+            any_matched = False
+            for block in self.any_of:
+                block_holds = True
+                for term in block:
+                    holds, found = term.evaluate(features)
+                    block_holds = block_holds and holds
+                    outcomes.extend(found)
+                any_matched = any_matched or block_holds
+            matched = matched and any_matched
+        return matched, tuple(outcomes)
+
+    @property
+    def features(self) -> frozenset:
+        return frozenset(t.feature for t in self.terms + tuple(t for block in self.any_of for t in block))
+
+
+def _parse_feature_expression(raw: Any, path: str, budget: List[int]) -> FeatureExpression:
+    """One NFD expression, validated whole: operator, value count, integers or versions, regexes."""
+    _require(raw, dict, path, "an object with op and value")
+    _only_keys(raw, ("op", "value", "type"), path)
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError(f"{path}: the spec has more than {MAX_EXPRESSIONS} expressions")
+    op = _string(raw.get("op", ""), f"{path}.op")
+    op = NFD_ALIASES.get(op, op)
+    if op not in NFD_OPERATORS:
+        raise SpecError(f"{path}.op: unknown operator {json.dumps(op)} (expected one of "
+                        f"{', '.join(o for o in NFD_OPERATORS if o)}, or none)")
+    kind = _string(raw.get("type", ""), f"{path}.type")
+    if kind not in ("", "version"):
+        raise SpecError(f"{path}.type: unknown type {json.dumps(kind)} (expected version)")
+    if kind and op not in RANGE_OPERATORS:
+        raise SpecError(f"{path}.type: type version goes only with {', '.join(RANGE_OPERATORS)}, not {op}")
+    values = _parse_values(raw.get("value"), f"{path}.value")
+    wanted = {"": 0, "Exists": 0, "DoesNotExist": 0, "IsTrue": 0, "IsFalse": 0, "Gt": 1, "Ge": 1, "Lt": 1, "Le": 1,
+              "GtLt": 2, "GeLe": 2}.get(op)
+    if wanted is not None and len(values) != wanted:
+        raise SpecError(f"{path}.value: operator {op or '(none)'} takes "
+                        + ("no value" if not wanted else f"exactly {wanted} value" + "s" * (wanted > 1))
+                        + f", got {len(values)}")
+    if wanted is None and not values:
+        raise SpecError(f"{path}.value: operator {op} needs at least one value")
+    patterns = tuple(compile_pattern(v, f"{path}.value[{i}]") for i, v in enumerate(values)) \
+        if op == "InRegexp" else ()
+    bounds: Tuple[Any, ...] = ()
+    if op in RANGE_OPERATORS:
+        parse = parse_version if kind else parse_strict_integer
+        parsed = [parse(v) for v in values]
+        for i, (text, bound) in enumerate(zip(values, parsed)):
+            if bound is None:
+                raise SpecError(f"{path}.value[{i}]: {json.dumps(text)} is not "
+                                + ("a version (v?MAJOR[.MINOR[.PATCH]])" if kind else "an integer"))
+        bounds = tuple(parsed)
+        if len(bounds) == 2 and not bounds[0] < bounds[1]:
+            raise SpecError(f"{path}.value: {op} needs the lower bound first, got {values[0]} and {values[1]}")
+    return FeatureExpression(path, op, values, patterns, bounds, bool(kind))
+
+
+def _parse_term(raw: Any, path: str, budget: List[int]) -> FeatureTerm:
+    _require(raw, dict, path, "an object with feature and matchExpressions or matchName")
+    _only_keys(raw, ("feature", "matchExpressions", "matchName"), path)
+    feature = _string(raw.get("feature"), f"{path}.feature", "a feature name (a string)").lower()
+    if not feature:
+        raise SpecError(f"{path}.feature: empty feature name")
+    expressions = raw.get("matchExpressions")
+    if expressions is None:
+        expressions = {}
+    _require(expressions, dict, f"{path}.matchExpressions", "a mapping of element name to expression")
+    parsed = tuple((_string(element, f"{path}.matchExpressions", "element names (strings)"),
+                    _parse_feature_expression(e, f"{path}.matchExpressions.{element}", budget))
+                   for element, e in expressions.items())
+    match_name = raw.get("matchName")
+    return FeatureTerm(path, feature, parsed, None if match_name is None
+                       else _parse_feature_expression(match_name, f"{path}.matchName", budget))
+
+
+def _parse_terms(raw: Any, path: str, budget: List[int]) -> Tuple[FeatureTerm, ...]:
+    if raw is None:
+        return ()
+    _require(raw, list, path, "a list of terms")
+    return tuple(_parse_term(t, f"{path}[{i}]", budget) for i, t in enumerate(raw))
+
+
+def _parse_feature_rule(raw: Any, path: str, budget: List[int]) -> FeatureRule:
+    _require(raw, dict, path, "an object with matchFeatures or matchAny")
+    _only_keys(raw, ("name", "matchFeatures", "matchAny"), path)
+    name = _string(raw.get("name", ""), f"{path}.name")
+    terms = _parse_terms(raw.get("matchFeatures"), f"{path}.matchFeatures", budget)
+    blocks = raw.get("matchAny")
+    any_of: List[Tuple[FeatureTerm, ...]] = []
+    if blocks is not None:
+        _require(blocks, list, f"{path}.matchAny", "a list of {matchFeatures: [...]} blocks")
+        for b, block in enumerate(blocks):
+            where = f"{path}.matchAny[{b}]"
+            _require(block, dict, where, "an object with matchFeatures")
+            _only_keys(block, ("matchFeatures",), where)
+            any_of.append(_parse_terms(block.get("matchFeatures"), f"{where}.matchFeatures", budget))
+    return FeatureRule(path, name, terms, tuple(any_of))
+
+
+def is_nfd_dialect(data: Mapping[str, Any]) -> bool:
+    """Whether a spec is in NFD's dialect: a term with `feature` or matchName, a matchExpressions mapping, or
+    matchAny; SpecError if it also has ocifit's (matchExpressions lists). With neither, what ocifit's dialect
+    requires left out (a tag, a rule's matchFeatures) makes it NFD's."""
+    nfd, ocifit, loose = [], [], []
+    for c, compatibility in enumerate(_as_list(data.get("compatibilities"))):
+        if not isinstance(compatibility, dict):
+            continue
+        if "tag" not in compatibility:
+            loose.append(c)
+        for r, rule in enumerate(_as_list(compatibility.get("rules"))):
+            if not isinstance(rule, dict):
+                continue
+            where = f"compatibilities[{c}].rules[{r}]"
+            if "matchAny" in rule:
+                nfd.append(f"{where}.matchAny")
+            if "matchFeatures" not in rule:
+                loose.append(c)
+            for f, term in enumerate(_as_list(rule.get("matchFeatures"))):
+                if not isinstance(term, dict):
+                    continue
+                expressions = term.get("matchExpressions")
+                if "feature" in term or isinstance(expressions, dict) or "matchName" in term:
+                    nfd.append(f"{where}.matchFeatures[{f}]")
+                elif isinstance(expressions, list):
+                    ocifit.append(f"{where}.matchFeatures[{f}]")
+    if nfd and ocifit:
+        raise SpecError(f"{ocifit[0]}: the spec mixes two dialects: ocifit's (a list of matchExpressions with "
+                        f"keys, here) and NFD's (feature sets, at {nfd[0]}); write it in one")
+    return bool(nfd) or (not ocifit and bool(loose))
+
+
+def _as_list(value: Any) -> List[Any]:
+    return value if isinstance(value, list) else []
+
+
 def parse_spec(data: Any) -> Spec:
     """Validate a compatibility spec (bytes, text or parsed JSON) as a whole, or raise SpecError."""
     if isinstance(data, (bytes, str)):
-        try:
-            data = load_json(data)
-        except ValueError as exc:
-            raise SpecError(f"spec is not valid JSON: {exc}") from None
-    _require(data, dict, "spec", "a JSON object with compatibilities")
+        data = load_document(data, "spec")
+    _require(data, dict, "spec", "an object with compatibilities")
     version = _string(data.get("version", ""), "version")
     items = _require(data.get("compatibilities"), list, "compatibilities", "a list")
     if not items:
@@ -1381,22 +2419,46 @@ def parse_spec(data: Any) -> Spec:
     if len(items) > MAX_COMPATIBILITIES:
         raise SpecError(f"compatibilities: more than {MAX_COMPATIBILITIES} entries")
     budget = [MAX_EXPRESSIONS]
+    if is_nfd_dialect(data):
+        compatibilities = tuple(_parse_nfd_compatibility(raw, i, budget) for i, raw in enumerate(items))
+        features = frozenset(f for c in compatibilities for rule in c.rules for f in rule.features)
+        return Spec(version, compatibilities, frozenset(), features, nfd=True)
     compatibilities = tuple(_parse_compatibility(raw, i, budget) for i, raw in enumerate(items))
     keys = frozenset(e.key for c in compatibilities for e in c.expressions)
     return Spec(version, compatibilities, keys)
 
 
+def load_document(data: Any, what: str) -> Any:
+    """JSON or YAML text (the subset load_yaml reads) as plain values; SpecError saying which and where."""
+    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return load_json(text)
+        except ValueError as exc:
+            raise SpecError(f"{what} is not valid JSON: {exc}") from None
+    try:
+        return load_yaml(text)
+    except YAMLError as exc:
+        raise SpecError(f"{what} is neither JSON nor YAML that ocifit reads: {exc}") from None
+
+
+def _parse_nfd_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
+    path = f"compatibilities[{index}]"
+    _require(raw, dict, path, "an object")
+    _only_keys(raw, ("tag", "weight", "description", "rules"), path)
+    tag = _string(raw.get("tag", ""), f"{path}.tag", "the image to use (a string)")
+    if tag and (not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag)):
+        raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
+    description = _string(raw.get("description", ""), f"{path}.description")
+    weight = _require(raw.get("weight", 0), int, f"{path}.weight", "an integer")
+    rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
+    parsed = tuple(_parse_feature_rule(rule, f"{path}.rules[{r}]", budget) for r, rule in enumerate(rules))
+    return Compatibility(index, tag, description, weight, rules=parsed)
+
+
 # ============================================================================================
 # Node view: nodes, snapshots, which nodes a pod can land on, and where nodes come from
 # ============================================================================================
-
-_interned: Dict[str, str] = {}
-
-
-def _intern(text: str) -> str:
-    """One shared copy of each label string: thousands of nodes repeat the same few hundred."""
-    return _interned.setdefault(text, text) if len(_interned) < 200000 else text
-
 
 @dataclass(frozen=True)
 class Taint:
@@ -1470,6 +2532,7 @@ class Node:
     labels: Mapping[str, str]
     unschedulable: bool = False
     taints: Tuple[Taint, ...] = ()  # NoSchedule and NoExecute only: the ones that keep pods off
+    features: Optional[NodeFeatures] = None  # from NFD's NodeFeature objects, when there are any
 
     @property
     def control_plane(self) -> bool:
@@ -1539,6 +2602,59 @@ def nodes_from_document(doc: Any) -> List[Node]:
     return [node_from_object(item) for item in items]
 
 
+NODE_NAME_LABEL = "nfd.node.kubernetes.io/node-name"  # NFD: the node a NodeFeature object describes
+
+
+@dataclass(frozen=True)
+class FeatureObject:
+    """What ocifit keeps of one NodeFeature object: where it is, its node, its features."""
+
+    namespace: str
+    name: str
+    node: str
+    features: NodeFeatures
+
+
+def feature_object(obj: Any) -> FeatureObject:
+    """A FeatureObject from a NodeFeature (nfd.k8s-sigs.io/v1alpha1); ValueError naming the object and field."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        raise ValueError("a NodeFeature without metadata")
+    meta = obj["metadata"]
+    name, namespace = str(meta.get("name") or ""), str(meta.get("namespace") or "")
+    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+    node = labels.get(NODE_NAME_LABEL)
+    if not isinstance(node, str) or not node:
+        raise ValueError(f"NodeFeature {namespace}/{name} has no {NODE_NAME_LABEL} label naming its node")
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"NodeFeature {namespace}/{name}: spec is not an object")
+    return FeatureObject(_intern(namespace), _intern(name), _intern(node),
+                         features_from_object(spec.get("features"), f"NodeFeature {namespace}/{name} spec.features"))
+
+
+def merge_by_node(objects: Iterable[FeatureObject], nfd_namespace: str) -> Dict[str, NodeFeatures]:
+    """Each node's features, its NodeFeature objects merged as nfd-master does: those in NFD's own namespace
+    first, then by name, then by namespace."""
+    by_node: Dict[str, List[FeatureObject]] = collections.defaultdict(list)
+    for obj in objects:
+        by_node[obj.node].append(obj)
+    return {node: merge_features([o.features for o in sorted(objs, key=lambda o: (o.namespace != nfd_namespace,
+                                                                                    o.name, o.namespace))])
+            for node, objs in by_node.items()}
+
+
+def features_from_document(doc: Any, nfd_namespace: str) -> Dict[str, NodeFeatures]:
+    """Features by node name from `kubectl get nodefeatures -A -o json` output (a List), one NodeFeature, or a
+    bare {flags, attributes, instances} object (as the features of a node named "")."""
+    if isinstance(doc, dict) and isinstance(doc.get("items"), list):
+        return merge_by_node((feature_object(item) for item in doc["items"]), nfd_namespace)
+    if isinstance(doc, dict) and (doc.get("kind") == "NodeFeature" or "spec" in doc):
+        return merge_by_node([feature_object(doc)], nfd_namespace)
+    if isinstance(doc, dict) and set(doc) <= {"flags", "attributes", "instances"}:
+        return {"": features_from_object(doc)}
+    raise ValueError("expected a NodeFeature list, a NodeFeature, or an object of flags, attributes and instances")
+
+
 @dataclass(frozen=True)
 class NodeGroup:
     """Nodes that look alike to a decision: same values for the keys asked about, same taints."""
@@ -1547,6 +2663,7 @@ class NodeGroup:
     control_plane: bool
     taints: Tuple[Taint, ...]
     names: Tuple[str, ...]  # in no particular order: messages sort what they show
+    features: NodeFeatures = NO_FEATURES  # one member's: alike, for the feature sets asked about, in all
 
 
 class NodeSnapshot:
@@ -1611,25 +2728,32 @@ class NodeSnapshot:
             self._shapes = shapes
         return self._shapes
 
-    def partition(self, keys: frozenset) -> Tuple[NodeGroup, ...]:
-        """The nodes grouped by their values for `keys`, their taints and their role; cached."""
-        cached = self._partitions.get(keys)
+    def partition(self, keys: frozenset, features: frozenset = frozenset()) -> Tuple[NodeGroup, ...]:
+        """The nodes grouped by their values for the label `keys`, by the feature sets named in `features` (as
+        interned objects: nodes of one hardware kind share them), by their taints and their role; cached."""
+        cached = self._partitions.get((keys, features))
         if cached is not None:
             return cached
-        ordered = sorted(keys)
+        ordered, feature_names = sorted(keys), sorted(features)
         buckets: Dict[tuple, List[str]] = collections.defaultdict(list)
+        samples: Dict[tuple, NodeFeatures] = {}
         for (_, own_keys, control_plane, taints), members in self.shapes().items():
-            if keys.isdisjoint(own_keys):  # every member answers alike: ask one
+            if keys.isdisjoint(own_keys) and not features:  # every member answers alike: ask one
                 labels = next(iter(members.values())).labels
-                buckets[(tuple(labels.get(k) for k in ordered), control_plane, taints)].extend(members)
-            else:
-                for node in members.values():
-                    values = tuple(node.labels.get(k) for k in ordered)
-                    buckets[(values, control_plane, taints)].append(node.name)
+                buckets[(tuple(labels.get(k) for k in ordered), (), control_plane, taints)].extend(members)
+                continue
+            for node in members.values():
+                node_features = node.features or NO_FEATURES
+                bucket = (tuple(node.labels.get(k) for k in ordered), node_features.projection(feature_names),
+                          control_plane, taints)
+                buckets[bucket].append(node.name)
+                samples.setdefault(bucket, node_features)
         groups = tuple(
-            NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints, tuple(names))
-            for (values, control_plane, taints), names in buckets.items())
-        self._partitions.put(keys, groups, 64 * (len(keys) + 1) * len(groups) + 8 * len(self.nodes))
+            NodeGroup({k: v for k, v in zip(ordered, values) if v is not None}, control_plane, taints, tuple(names),
+                      samples.get((values, projection, control_plane, taints), NO_FEATURES))
+            for (values, projection, control_plane, taints), names in buckets.items())
+        self._partitions.put((keys, features), groups,
+                             64 * (len(keys) + len(features) + 1) * len(groups) + 8 * len(self.nodes))
         return groups
 
     def label_sets(self) -> int:
@@ -1849,15 +2973,22 @@ class NodeSource(Protocol):
 
 
 class StaticNodes:
-    """Nodes from a NodeList file, re-read when the file changes (a ConfigMap update, say)."""
+    """Nodes from a NodeList file, and their NFD features from a NodeFeature list if one is given, both re-read
+    when they change (a ConfigMap update, say)."""
 
-    def __init__(self, path: str, interval: float = 2.0):
-        self.path = path
-        self.file = WatchedFile([path], self._load, "nodes", interval)
+    def __init__(self, path: str, interval: float = 2.0, features_path: str = "",
+                 nfd_namespace: str = DEFAULTS["nfd_namespace"]):
+        self.path, self.nfd_namespace = path, nfd_namespace
+        paths = [path] + ([features_path] if features_path else [])
+        self.file = WatchedFile(paths, self._load, "nodes" + (" and node features" if features_path else ""),
+                                interval)
 
-    @staticmethod
-    def _load(contents: List[bytes]) -> NodeSnapshot:
-        return NodeSnapshot(nodes_from_document(load_json(contents[0], slim_node)))
+    def _load(self, contents: List[bytes]) -> NodeSnapshot:
+        nodes = nodes_from_document(load_json(contents[0], slim_node))
+        if len(contents) > 1:
+            features = features_from_document(load_json(contents[1]), self.nfd_namespace)
+            nodes = [dataclasses.replace(n, features=features.get(n.name, NO_FEATURES)) for n in nodes]
+        return NodeSnapshot(nodes)
 
     def snapshot(self) -> NodeSnapshot:
         return self.file.value
@@ -3214,6 +4345,10 @@ class Disagreement(Denial):
     reason = "disagreement"
 
 
+class NoTag(Denial):
+    reason, code = "no-tag", 422
+
+
 @dataclass(frozen=True)
 class Decision:
     """What ocifit answers for one review, and what it logs about it. Made by its named constructors,
@@ -3378,15 +4513,15 @@ class Choice:
     candidates: int
 
 
-def choose(spec: Spec, groups: Sequence[Tuple[Mapping[str, str], Tuple[str, ...]]], placement: Placement
-           ) -> Choice:
+def choose(spec: Spec, groups: Sequence[Tuple[Any, Tuple[str, ...]]], placement: Placement) -> Choice:
     """The one image all candidate groups select; NoCandidates, NoMatch or Disagreement otherwise."""
     if not groups:
         raise NoCandidates(f"no node matches the pod's {placement.describe()}; nothing to choose an image for")
     by_tag: Dict[Optional[str], List[Tuple[Mapping[str, str], Tuple[str, ...], Selection]]] = {}
     for labels, names in groups:
         selection = spec.select(labels)
-        tag = selection.chosen.tag if selection.chosen else None
+        chosen = selection.chosen
+        tag = (chosen.tag or chosen.name) if chosen else None  # NFD's dialect: a compatibility may have no tag
         by_tag.setdefault(tag, []).append((labels, names, selection))
     total = sum(len(names) for _, names in groups)
     if len(by_tag) == 1:
@@ -3428,7 +4563,7 @@ def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> An
         outcome = hit[1]
     else:
         try:
-            outcome = choose(spec, candidate_groups(snapshot, placement, spec.keys), placement)
+            outcome = choose(spec, candidate_groups(snapshot, placement, spec), placement)
         except Denial as denial:
             outcome = denial
         snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
@@ -3438,14 +4573,16 @@ def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> An
     return outcome
 
 
-def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec_keys: frozenset
-                     ) -> List[Tuple[Mapping[str, str], Tuple[str, ...]]]:
-    """(labels the spec sees, node names) for each kind of node the pod can land on."""
-    result: List[Tuple[Mapping[str, str], Tuple[str, ...]]] = []
-    for group in snapshot.partition(frozenset(spec_keys | placement.keys)):
+def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec: Spec
+                     ) -> List[Tuple[Any, Tuple[str, ...]]]:
+    """(what the spec sees of them, node names) for each kind of node the pod can land on: the labels the spec
+    reads, or (NFD's dialect) the node features."""
+    result: List[Tuple[Any, Tuple[str, ...]]] = []
+    for group in snapshot.partition(frozenset(spec.keys | placement.keys), spec.features if spec.nfd else frozenset()):
         names = placement.select(group)
         if names:
-            result.append(({k: v for k, v in group.labels.items() if k in spec_keys}, names))
+            result.append((group.features if spec.nfd else {k: v for k, v in group.labels.items() if k in spec.keys},
+                           names))
     return result
 
 
@@ -3523,6 +4660,10 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         choice = choose_for(snapshot, artifact.spec, pod.placement)
     except Denial as denial:
         raise denial.again(f"artifact {ref}: ") from None
+    if not choice.compatibility.tag:
+        raise NoTag(f"artifact {ref}: {choice.compatibility.name} matches the {choice.candidates} candidate nodes "
+                    "but names no image (no tag); in NFD's dialect a compatibility without a tag only says that an "
+                    "image can run, so to select an image by it, give it a tag", choice.candidates)
     return mutation(pod, targets, choice, artifact)
 
 
@@ -4114,8 +5255,11 @@ def build_kube_client(settings: Settings) -> KubeClient:
 def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> NodeSource:
     """Where nodes come from: a NodeList file, else the cluster (--kube-api, or in-cluster config)."""
     if settings.nodes:
-        source: NodeSource = StaticNodes(settings.nodes)
+        source: NodeSource = StaticNodes(settings.nodes, features_path=settings.node_features,
+                                         nfd_namespace=settings.nfd_namespace)
     else:
+        if settings.node_features:
+            raise ValueError("--node-features goes with --nodes (in a cluster, NodeFeatures are watched)")
         source = KubeNodes(build_kube_client(settings), settings, metrics).start()
     if metrics is not None:
         metrics.gauge("ocifit_nodes", lambda: len(source.snapshot()))
@@ -4202,12 +5346,18 @@ def return_memory_eagerly() -> None:
 
 
 def run_match(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the image the spec chooses: for one label set (--labels), or for the nodes a pod with the given
+    --node-selector can land on (--nodes and, for NFD's dialect, --node-features). Exit 0 chosen (nothing printed
+    for a chosen compatibility without a tag), 1 none or the nodes disagree, 2 a malformed spec or input."""
     try:
         spec = parse_spec(_read_input(args.spec, "--spec"))
     except SpecError as exc:
         print(f"ocifit: invalid spec {args.spec}: {exc}", file=sys.stderr)
         return 2
     if args.labels:
+        if spec.nfd:
+            raise ValueError(f"--spec {args.spec} is in NFD's dialect: it matches node features, so give "
+                             "--node-features (with --nodes, or alone)")
         try:
             labels = load_json(_read_input(args.labels, "--labels"))
         except UnicodeDecodeError:
@@ -4215,14 +5365,20 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise ValueError(f"--labels {args.labels}: expected a JSON object of label name to string value")
         selection = spec.select(labels)
-        if args.explain:
+        if args.output == "json":
+            print(json.dumps({"chosen": selection.chosen.tag if selection.chosen else None,
+                              "compatibilities": [c.report(labels) for c in spec.compatibilities]}, indent=2))
+        elif args.explain:
             print(selection.explain(), file=sys.stderr)
         if selection.chosen is None:
             print(f"ocifit: no compatibility matches: {selection.why_none()}", file=sys.stderr)
             return 1
-        print(selection.chosen.tag)
+        if args.output != "json":
+            print(selection.chosen.tag)
         return 0
-    snapshot = StaticNodes(args.nodes).snapshot()
+    if not (args.nodes or args.node_features):
+        raise ValueError("give --labels, --nodes or --node-features: what to match the spec against")
+    snapshot = _match_snapshot(args, settings, spec)
     selector = []
     for item in args.node_selector or ():
         key, sep, value = item.partition("=")
@@ -4230,17 +5386,45 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
             raise ValueError(f"--node-selector wants KEY=VALUE, got {item!r}")
         selector.append((key, value))
     placement = Placement(node_selector=tuple(sorted(selector)))
-    groups = candidate_groups(snapshot, placement, spec.keys)
-    if args.explain:
-        for labels, names in groups:
-            print(f"# nodes {_names(list(names))}:\n{spec.select(labels).explain()}", file=sys.stderr)
+    groups = candidate_groups(snapshot, placement, spec)
+    report = [{"nodes": sorted(names), "compatibilities": [c.report(facts) for c in spec.compatibilities]}
+              for facts, names in groups] if args.output == "json" else []
+    if args.explain and args.output != "json":
+        for facts, names in groups:
+            print(f"# nodes {_names(sorted(names))}:\n{spec.select(facts).explain(facts)}", file=sys.stderr)
     try:
         choice = choose(spec, groups, placement)
     except Denial as exc:
+        if args.output == "json":
+            print(json.dumps({"chosen": None, "reason": str(exc), "groups": report}, indent=2))
         print(f"ocifit: {exc}", file=sys.stderr)
         return 1
-    print(choice.compatibility.tag)
+    if args.output == "json":
+        print(json.dumps({"chosen": choice.compatibility.tag or None, "compatibility": choice.compatibility.index,
+                          "groups": report}, indent=2))
+    elif choice.compatibility.tag:
+        print(choice.compatibility.tag)
     return 0
+
+
+def _match_snapshot(args: argparse.Namespace, settings: Settings, spec: Spec) -> NodeSnapshot:
+    """The nodes `match` weighs: --nodes, their features from --node-features; or, with --node-features alone,
+    a label-less worker for each node it describes (the bare feature object describes one, named `node`)."""
+    if spec.nfd and not args.node_features:
+        raise ValueError(f"--spec {args.spec} is in NFD's dialect: it matches node features, so give "
+                         "--node-features (with --nodes, or alone)")
+    if args.nodes:
+        return StaticNodes(args.nodes, features_path=args.node_features or "",
+                           nfd_namespace=settings.nfd_namespace).snapshot()
+    if not spec.nfd:
+        raise ValueError(f"--spec {args.spec} is in ocifit's dialect: it matches node labels, so give --labels or "
+                         "--nodes")
+    try:
+        by_node = features_from_document(load_json(_read_input(args.node_features, "--node-features")),
+                                         settings.nfd_namespace)
+    except ValueError as exc:
+        raise ValueError(f"--node-features {args.node_features}: {exc}") from None
+    return NodeSnapshot(Node(name or "node", {}, features=features) for name, features in by_node.items())
 
 
 def run_review(args: argparse.Namespace, settings: Settings) -> int:
@@ -4311,14 +5495,21 @@ def build_parser() -> argparse.ArgumentParser:
     match = commands.add_parser("match", help="evaluate a spec against node labels",
                                 description="Print the image a spec chooses (exit 0), or why none (exit 1 with the "
                                 "reason on stderr). A malformed spec exits 2.")
-    match.add_argument("--spec", required=True, metavar="FILE", help="compatibility spec JSON ('-' for stdin)")
-    source = match.add_mutually_exclusive_group(required=True)
+    match.add_argument("--spec", required=True, metavar="FILE",
+                       help="compatibility spec, JSON or YAML, in ocifit's dialect or NFD's ('-' for stdin)")
+    source = match.add_mutually_exclusive_group()
     source.add_argument("--labels", metavar="FILE", help="JSON object of label name to value")
     source.add_argument("--nodes", metavar="FILE", help="NodeList (kubectl get nodes -o json): candidates as for "
                         "a pod with the given --node-selector, or every schedulable worker")
+    match.add_argument("--node-features", metavar="FILE", help="NFD's NodeFeatures (kubectl get nodefeatures -A -o "
+                       "json, one NodeFeature, or a bare {flags, attributes, instances} object) for a spec in NFD's "
+                       "dialect: with --nodes, the features of those nodes; alone, the nodes it describes")
     match.add_argument("--node-selector", action="append", metavar="KEY=VALUE", help="with --nodes: the pod's "
                        "nodeSelector (repeatable)")
-    match.add_argument("--explain", action="store_true", help="say on stderr why each compatibility matched or not")
+    match.add_argument("--explain", action="store_true", help="say on stderr why each compatibility matched or not "
+                       "(for NFD's dialect: each rule and expression, with its feature set, element and result)")
+    match.add_argument("--output", choices=("text", "json"), default="text",
+                       help="json: the choice and the whole explanation as one JSON object on stdout")
     add_options(match, "logging")
     match.set_defaults(run=run_match)
 

@@ -367,7 +367,7 @@ MALFORMED = [
     (lambda d: d["compatibilities"][0].update(weight="high"), "compatibilities[0].weight: expected an integer"),
     (lambda d: d["compatibilities"][0].update(weight=True), "compatibilities[0].weight: expected an integer"),
     (lambda d: d["compatibilities"][0].pop("rules"), "compatibilities[0].rules: expected a list of rules"),
-    (lambda d: d["compatibilities"][0]["rules"][0].update(matchAny=[]), 'unsupported key "matchAny"'),
+    (lambda d: d["compatibilities"][0]["rules"][0].update(matchAny=[]), "the spec mixes two dialects"),
     (lambda d: d.update(compatibilities=[]), "lists no compatibilities"),
     (lambda d: d.update(compatibilities={"tag": "x"}), "compatibilities: expected a list"),
 ]
@@ -382,7 +382,7 @@ def test_a_malformed_spec_is_rejected_whole_naming_the_place(mutate: Any, messag
 
 @pytest.mark.parametrize("data,message", [
     (b"{not json", "spec is not valid JSON"), (b"[" * 100000, "spec is not valid JSON"),
-    (b"[]", "spec: expected a JSON object"),
+    (b"[]", "spec: expected an object with compatibilities"),
 ])
 def test_a_spec_that_is_not_a_json_object_is_rejected(data: bytes, message: str) -> None:
     with pytest.raises(ocifit.SpecError, match=message):
@@ -408,6 +408,237 @@ def test_ordinary_regexes_are_accepted(pattern: str) -> None:
     ocifit.compile_pattern(pattern, "p")
 
 
+# ---- NFD's dialect: its own test tables, its example, explanations ----
+
+NFD_CASES = json.loads((HERE / "testdata" / "nfd-cases.json").read_text())
+
+
+def match_nfd(tmp_path: Path, spec: Any, features: Any, *extra: str,
+              capsys: Optional[pytest.CaptureFixture] = None) -> "tuple[int, str, str]":
+    """`match --spec S --node-features F` run in this process (hundreds of cases), with (exit, stdout, stderr)."""
+    spec_file, features_file = tmp_path / "spec.yaml", tmp_path / "features.json"
+    spec_file.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    features_file.write_text(features if isinstance(features, str) else json.dumps(features))
+    root = logging.getLogger()
+    level = root.level
+    try:
+        code = ocifit.main(["match", "--spec", str(spec_file), "--node-features", str(features_file), "--log-level",
+                            "error", *extra])
+    finally:
+        root.setLevel(level)  # main() set up logging for a process of its own
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+def one_expression_spec(feature: str, element: str, case: Dict[str, Any]) -> Dict[str, Any]:
+    expression: Dict[str, Any] = {"op": case["op"]}
+    if case["value"]:
+        expression["value"] = case["value"]
+    if case.get("type"):
+        expression["type"] = case["type"]
+    return {"version": "v1alpha1", "compatibilities": [{"tag": "ok", "rules": [
+        {"name": "r", "matchFeatures": [{"feature": feature, "matchExpressions": {element: expression}}]}]}]}
+
+
+def expression_case_features(case: Dict[str, Any]) -> "tuple[str, Dict[str, Any]]":
+    """(element, bare features) putting the case's input where NFD's test put it."""
+    if case["level"] == "keys":
+        return case["key"], {"flags": {"t.set": {"elements": {k: {} for k in case["input"] or []}}}}
+    if case["level"] == "values":
+        return case["key"], {"attributes": {"t.set": {"elements": dict(case["input"] or {})}}}
+    if case["valid"] and case["input"] is None:  # present with no value: a flag
+        return "e", {"flags": {"t.set": {"elements": {"e": {}}}}}
+    elements = {"e": case["input"]} if case["valid"] else {}
+    return "e", {"attributes": {"t.set": {"elements": elements}}}
+
+
+def refused_up_front(case: Dict[str, Any]) -> bool:
+    """Where ocifit is stricter than NFD, by design: a spec it refuses whole, where NFD's code only errs (or not)
+    once an element is there to test: a value count or bound order that is wrong, a `type` on an operator that
+    ignores it, a value that is no integer or version."""
+    op, values, kind = case["op"], case["value"], case.get("type")
+    counts = {"": 0, "Exists": 0, "DoesNotExist": 0, "IsTrue": 0, "IsFalse": 0, "Gt": 1, "Ge": 1, "Lt": 1, "Le": 1,
+              "GtLt": 2, "GeLe": 2}
+    if op not in counts and op not in ("In", "NotIn", "InRegexp"):
+        return True
+    if (op in counts and len(values) != counts[op]) or (op in ("In", "NotIn", "InRegexp") and not values):
+        return True
+    if kind and op not in ocifit.RANGE_OPERATORS:
+        return True
+    if op in ocifit.RANGE_OPERATORS:
+        parse = ocifit.parse_version if kind == "version" else ocifit.parse_strict_integer
+        bounds: List[Any] = [parse(v) for v in values]
+        return None in bounds or (len(bounds) == 2 and not bounds[0] < bounds[1])
+    if op == "InRegexp":
+        try:
+            [ocifit.compile_pattern(v, "v") for v in values]
+        except ocifit.SpecError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("case", NFD_CASES["expressions"], ids=[c["id"] for c in NFD_CASES["expressions"]])
+def test_nfd_expression_table_through_match(case: Dict[str, Any], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    element, features = expression_case_features(case)
+    code, out, err = match_nfd(tmp_path, one_expression_spec("t.set", element, case), features, capsys=capsys)
+    if refused_up_front(case):
+        assert code == 2 and "invalid spec" in err, (code, err)
+        return
+    # NFD errs at run time on a node value that is no integer or version: ocifit calls that a non-match
+    want = case["expect"] and not case["error"]
+    assert (code, out) == ((0, "ok\n") if want else (1, "")), (case, err)
+
+
+@pytest.mark.parametrize("case", NFD_CASES["rules"], ids=[c["id"] for c in NFD_CASES["rules"]])
+def test_nfd_rule_table_through_match(case: Dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rule = {k: v for k, v in case["rule"].items() if k in ("name", "matchFeatures", "matchAny")}
+    spec = {"version": "v1alpha1", "compatibilities": [{"tag": "ok", "rules": [rule]}]}
+    code, out, err = match_nfd(tmp_path, spec, case["features"], capsys=capsys)
+    if case["expect_error"]:
+        assert code in (1, 2), (code, err)  # refused up front, or (a node value) a non-match
+        return
+    assert (code, out) == ((0, "ok\n") if case["expect_match"] else (1, "")), (case, err)
+
+
+NFD_EXAMPLE = """\
+# NFD's examples/image-compatibility.yaml
+version: v1alpha1
+compatibilities:
+- description: "my image requirements"
+  rules:
+  - name: "kernel and cpu"
+    matchFeatures:
+    - feature: kernel.loadedmodule
+      matchExpressions:
+        vfio-pci: {op: Exists}
+        ip_tables: {op: Exists}
+    - feature: cpu.model
+      matchExpressions:
+        vendor_id: {op: In, value: ["Intel", "AMD"]}
+    - feature: cpu.cpuid
+      matchName: {op: InRegexp, value: ["^AVX"]}
+  - name: "one of available nics"
+    matchAny:
+    - matchFeatures:
+      - feature: pci.device
+        matchExpressions:
+          vendor: {op: In, value: ["0eee"]}
+          class: {op: In, value: ["0200"]}
+    - matchFeatures:
+      - feature: pci.device
+        matchExpressions:
+          vendor: {op: In, value: ["0fff"]}
+          class: {op: In, value: ["0200"]}
+"""
+
+
+def node_feature(node: str, features: Dict[str, Any], name: str = "", namespace: str = "node-feature-discovery"
+                 ) -> Dict[str, Any]:
+    """A NodeFeature object as nfd-worker writes it (api/nfd/v1alpha1)."""
+    return {"apiVersion": "nfd.k8s-sigs.io/v1alpha1", "kind": "NodeFeature",
+            "metadata": {"name": name or node, "namespace": namespace,
+                         "labels": {"nfd.node.kubernetes.io/node-name": node}},
+            "spec": {"features": features}}
+
+
+def intel_node_features(nic_vendor: str = "0fff") -> Dict[str, Any]:
+    return {"flags": {"kernel.loadedmodule": {"elements": {"vfio-pci": {}, "ip_tables": {}}},
+                      "cpu.cpuid": {"elements": {"AVX": {}, "AVX2": {}, "SSE4": {}}}},
+            "attributes": {"cpu.model": {"elements": {"vendor_id": "Intel", "family": "6"}},
+                           "kernel.version": {"elements": {"full": "6.8.0-45-generic", "major": "6"}}},
+            "instances": {"pci.device": {"elements": [{"attributes": {"vendor": "8086", "class": "0300"}},
+                                                      {"attributes": {"vendor": nic_vendor, "class": "0200"}}]}}}
+
+
+def test_nfds_own_example_parses_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = ocifit.parse_spec(NFD_EXAMPLE.encode())
+    assert spec.nfd and spec.features == {"kernel.loadedmodule", "cpu.model", "cpu.cpuid", "pci.device"}
+    assert spec.compatibilities[0].tag == "" and len(spec.compatibilities[0].rules) == 2
+    features = {"kind": "List", "items": [node_feature("fits", intel_node_features()),
+                                          node_feature("other-nic", intel_node_features("1234"))]}
+    code, out, err = match_nfd(tmp_path, NFD_EXAMPLE, features, "--explain", capsys=capsys)
+    assert code == 1 and out == "" and "disagree" in err  # fits matches, other-nic matches nothing
+    assert "1 wants compatibilities[0] (no tag) (fits), 1 matches no compatibility (other-nic)" in err
+    # of a failing term on instances, the instance that came closest is shown
+    assert "FAIL  pci.device.vendor {op: In, value: [\"0fff\"]}: \"1234\" not in [\"0fff\"] (instance 1)" in err
+    assert 'OK    cpu.cpuid matchName {op: InRegexp, value: ["^AVX"]}: element "AVX" matches' in err
+    code, out, _ = match_nfd(tmp_path, NFD_EXAMPLE, node_feature("fits", intel_node_features()), capsys=capsys)
+    assert (code, out) == (0, "")  # the winning compatibility has no tag: nothing to print, exit 0
+
+
+def test_nfd_explanations_as_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = NFD_EXAMPLE.replace('- description: "my image requirements"', '- tag: fast\n  description: "mine"')
+    code, out, _ = match_nfd(tmp_path, spec, intel_node_features(), "--output", "json", capsys=capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["chosen"] == "fast"
+    (group,) = answer["groups"]
+    rules = group["compatibilities"][0]["rules"]
+    assert [r["matched"] for r in rules] == [True, True] and group["nodes"] == ["node"]
+    row = next(e for e in rules[0]["expressions"] if e["element"] == "vendor_id")
+    assert row == {"path": "compatibilities[0].rules[0].matchFeatures[1].matchExpressions.vendor_id",
+                   "feature": "cpu.model", "element": "vendor_id", "expression": '{op: In, value: ["Intel", "AMD"]}',
+                   "holds": True, "why": '"Intel" is listed'}
+
+
+@pytest.mark.parametrize("expression,value,holds,why", [
+    ({"op": "Ge", "value": ["6.1"], "type": "version"}, "6.8.0-45-generic", True, '"6.8.0-45-generic" is >= 6.1'),
+    ({"op": "Ge", "value": ["6.10"], "type": "version"}, "6.8.0", False, '"6.8.0" is not >= 6.10'),
+    ({"op": "GeLe", "value": ["v5.4", "6.1.0+build7"], "type": "version"}, "5.15", True, "is between (inclusive)"),
+    ({"op": "Gt", "value": ["5"], "type": "version"}, "-11", False, '"-11" is not a version'),
+    ({"op": "Gt", "value": ["5"]}, "6.0", False, '"6.0" is not an integer'),
+    ({"op": "Gte", "value": ["5"]}, "5", True, '"5" is >= 5'),  # ocifit's name for Ge
+    ({"op": "NotIn", "value": ["x"]}, None, False, "missing"),  # NFD: NotIn on a missing element is false
+    ({}, None, True, "no operator: always holds"),
+])
+def test_nfd_operators_versions_and_missing_elements(expression: Dict[str, Any], value: Optional[str], holds: bool,
+                                                    why: str) -> None:
+    spec = ocifit.parse_spec({"compatibilities": [{"tag": "t", "rules": [{"matchFeatures": [
+        {"feature": "Kernel.Version", "matchExpressions": {"full": expression}}]}]}]})
+    elements = {} if value is None else {"full": value}
+    features = ocifit.features_from_object({"attributes": {"kernel.version": {"elements": elements}}})
+    (outcome,) = spec.compatibilities[0].rules[0].evaluate(features)[1]
+    assert outcome.holds is holds and why in outcome.why, outcome
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"compatibilities": [{"rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {"e": {
+        "op": "Gt", "value": ["1", "2"]}}}]}]}]}, "operator Gt takes exactly 1 value, got 2"),
+    ({"compatibilities": [{"rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {"e": {
+        "op": "GeLe", "value": ["6.1", "5"], "type": "version"}}}]}]}]}, "GeLe needs the lower bound first"),
+    ({"compatibilities": [{"rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {"e": {
+        "op": "In", "value": ["x"], "type": "version"}}}]}]}]}, "type version goes only with Gt"),
+    ({"compatibilities": [{"rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {"e": {
+        "op": "Lt", "value": ["1_0"]}}}]}]}]}, '"1_0" is not an integer'),
+    ({"compatibilities": [{"rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {"e": {
+        "op": "Lt", "value": ["six"], "type": "version"}}}]}]}]}, '"six" is not a version'),
+    ({"compatibilities": [{"tag": "a", "rules": [{"matchFeatures": [{"feature": "a", "matchExpressions": {}}]}]},
+                          {"tag": "b", "rules": [{"matchFeatures": [{"matchExpressions": [
+                              {"op": "Exists", "key": "k"}]}]}]}]}, "the spec mixes two dialects"),
+])
+def test_a_malformed_nfd_spec_is_refused_whole_naming_the_place(spec: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ocifit.SpecError, match=re.escape(message)):
+        ocifit.parse_spec(spec)
+
+
+def test_node_features_merge_as_nfd_master_does() -> None:
+    worker = node_feature("n1", {"flags": {"cpu.cpuid": {"elements": {"AVX": {}}}},
+                                 "attributes": {"kernel.version": {"elements": {"full": "6.1", "major": "6"}}},
+                                 "instances": {"pci.device": {"elements": [{"attributes": {"vendor": "8086"}}]}}})
+    extension = node_feature("n1", {"flags": {"cpu.cpuid": {"elements": {"AVX2": {}}}},
+                                    "attributes": {"kernel.version": {"elements": {"full": "6.8"}}},
+                                    "instances": {"pci.device": {"elements": [{"attributes": {"vendor": "10de"}}]}}},
+                             name="a-vendor-extension", namespace="vendor")
+    merged = ocifit.features_from_document({"items": [extension, worker]}, "node-feature-discovery")["n1"]
+    assert merged.flags["cpu.cpuid"] == {"AVX", "AVX2"}  # united
+    assert merged.attributes["kernel.version"] == {"full": "6.8", "major": "6"}  # NFD's own first, then overwritten
+    assert [i["vendor"] for i in merged.instances["pci.device"]] == ["8086", "10de"]  # appended
+    same = ocifit.features_from_document({"items": [worker]}, "node-feature-discovery")["n1"]
+    again = ocifit.features_from_document({"items": [node_feature("n2", worker["spec"]["features"])]},
+                                          "node-feature-discovery")["n2"]
+    assert same.attributes["kernel.version"] is again.attributes["kernel.version"]  # one shared copy
+
+
 # --------------------------------------------------------------------------------------------
 # Node view: which nodes a pod can land on
 # --------------------------------------------------------------------------------------------
@@ -425,7 +656,7 @@ def _mixed_cluster() -> ocifit.NodeSnapshot:
 
 def candidates(pod_spec: Dict[str, Any], snapshot: Optional[ocifit.NodeSnapshot] = None) -> List[str]:
     placement = ocifit.parse_placement(pod_spec)
-    groups = ocifit.candidate_groups(snapshot or _mixed_cluster(), placement, frozenset({FLAVOR_KEY}))
+    groups = ocifit.candidate_groups(snapshot or _mixed_cluster(), placement, flavor_spec())
     return sorted(n for _, names in groups for n in names)
 
 
@@ -482,7 +713,7 @@ def test_affinity_terms_are_ored_and_fields_select_names() -> None:
 def test_the_spec_is_evaluated_once_per_kind_of_node_not_per_node() -> None:
     nodes = [node_obj(f"n{i}", {FLAVOR_KEY: "vanilla" if i % 2 else "chocolate", "zone": f"z{i % 3}"})
              for i in range(3000)]  # every node has its own hostname label
-    groups = ocifit.candidate_groups(snapshot_of(*nodes), ocifit.Placement(), frozenset({FLAVOR_KEY}))
+    groups = ocifit.candidate_groups(snapshot_of(*nodes), ocifit.Placement(), flavor_spec())
     assert len(groups) == 2 and sum(len(names) for _, names in groups) == 3000
 
 

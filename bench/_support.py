@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -11,7 +14,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from types import ModuleType
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,3 +123,60 @@ def stop(process: subprocess.Popen) -> None:
 
 def python() -> str:
     return os.environ.get("BENCH_PYTHON", sys.executable)
+
+
+# ---- the ocifit versions a benchmark compares (--baseline REV) ---------------------------------------
+
+def versions(baseline: Optional[str], work: Path) -> Dict[str, Path]:
+    """The ocifit.py files to measure, by label: the working tree's and, with a baseline, `git show REV:ocifit.py`
+    written to work/baseline/ocifit.py."""
+    scripts = {"working tree": ROOT / "ocifit.py"}
+    if baseline:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{baseline}:ocifit.py"], capture_output=True,
+                               timeout=60)
+        if shown.returncode != 0:
+            raise SystemExit(f"git show {baseline}:ocifit.py: {shown.stderr.decode().strip()}")
+        old = work / "baseline" / "ocifit.py"
+        old.parent.mkdir(exist_ok=True)
+        old.write_bytes(shown.stdout)
+        scripts[baseline] = old
+    return scripts
+
+
+@functools.lru_cache(maxsize=None)
+def serve_flags(script: Path) -> FrozenSet[str]:
+    """The `serve` flags this ocifit.py accepts, read from its `serve --help`."""
+    done = subprocess.run([python(), str(script), "serve", "--help"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} serve --help failed: {done.stderr.strip()[-500:]}")
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]+", done.stdout))
+
+
+def serve_command(script: Path, flags: Sequence[Tuple[str, str]], required: Sequence[str] = ()) -> List[str]:
+    """`python3 SCRIPT serve` with those of flags this version knows; a flag in required that it does not know
+    is an error (the measurement would mean something else), any other unknown one is left out."""
+    known = serve_flags(script)
+    missing = [flag for flag in required if flag not in known]
+    if missing:
+        raise SystemExit(f"{script} serve takes none of {', '.join(missing)}")
+    argv = [python(), str(script), "serve"]
+    for flag, value in flags:
+        if flag in known:
+            argv += [flag, value]
+    return argv
+
+
+def load_module(script: Path, name: str) -> ModuleType:
+    """An ocifit.py imported from its file under another module name, beside the working tree's `ocifit`."""
+    spec = importlib.util.spec_from_file_location(name, script)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {script}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their class's module up there while it is being made
+    spec.loader.exec_module(module)
+    return module
+
+
+def ratio(new: float, old: float) -> str:
+    """new/old as text, 1.00 meaning no change; "-" where old is 0."""
+    return f"{new / old:.2f}" if old else "-"

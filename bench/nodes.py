@@ -6,7 +6,12 @@ nodes into a live `ocifit serve` and prints: time to ready, the ocifit process's
 5,000 nodes), how long a relabel takes to reach admissions, and decision time per admission (target <= 1 ms),
 cold (first pod after a node change) and warm.
 
-    python3 bench/nodes.py [--sizes 500,5000]
+    python3 bench/nodes.py [--sizes 500,5000] [--baseline REV]
+
+--baseline REV also measures ocifit.py as of git revision REV (`git show REV:ocifit.py`): its `serve` for the
+server-side figures and, for the decision times, that file imported in-process under another module name. At
+each size the two versions are measured one after the other (alternated over the sizes), and each size gets a
+ratio row, working tree / baseline; the growth and targets lines are given for each version.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import random
 import shutil
 import subprocess
 import sys
+import os
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict, List
 
-from _support import (EXAMPLE, free_port, ocifit, percentile, pki, post, proc_status, python, stop, t, wait_ready,
-                      workdir)
+from _support import (EXAMPLE, free_port, load_module, ocifit, percentile, pki, post, proc_status, ratio,
+                      serve_command, stop, t, versions, wait_ready, workdir)
 
 CPU_FLAGS = ("ADX AESNI AVX AVX2 AVX512BW AVX512CD AVX512DQ AVX512F AVX512VL AVX512VNNI BMI1 BMI2 CETIBT CETSS "
              "CLFLUSHOPT CLWB CMPXCHG8 FLUSH_L1D FMA3 FSRM FXSR FXSROPT GFNI HYPERVISOR IBPB IBRSPB LAHF MD_CLEAR "
@@ -102,64 +110,87 @@ def ebpf_pod(i: int) -> Dict[str, Any]:
         "feature.node.kubernetes.io/system-os_release.VERSION_ID": version}})
 
 
-def decision_times(source: Any, artifacts: Any, pods: List[Dict[str, Any]]) -> Dict[str, float]:
-    """Per-admission decide() time: cold (first after a node change) and warm, in microseconds."""
+# Adapters for what differs between ocifit versions in the in-process API this benchmark uses; each is chosen by
+# what the module has, not by revision, so any baseline works that has one or the other:
+#   NodeSnapshot.with_node(name, node) was called NodeSnapshot.changed(name, node) before 7d0cc3c;
+#   Decision.allowed was a field before 9477b91 and is a property since; both read alike, so that needs none.
+
+def snapshot_with_node(snapshot: Any, name: str, node: Any) -> Any:
+    """A new snapshot with one node replaced, as after a watch event, in either version's spelling."""
+    if hasattr(snapshot, "with_node"):
+        return snapshot.with_node(name, node)
+    return snapshot.changed(name, node)  # the old name
+
+
+def decision_times(module: ModuleType, source: Any, artifacts: Any, pods: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Per-admission decide() time of one ocifit module: cold (first after a node change) and warm, in
+    microseconds."""
     requests = [t.review_of(p)["request"] for p in pods]
     get = lambda ref: artifacts.get(ref, time.monotonic() + 5)  # noqa: E731
     cold = []
     some_node = next(iter(source.snapshot().nodes.values()))
     for request in requests[:20]:
-        snapshot = source.snapshot().with_node(some_node.name, some_node)  # as after a watch event
+        snapshot = snapshot_with_node(source.snapshot(), some_node.name, some_node)  # as after a watch event
         started = time.perf_counter()
-        decision = ocifit.decide(request, snapshot, get)
+        decision = module.decide(request, snapshot, get)
         cold.append(time.perf_counter() - started)
         assert decision.allowed, decision.message
     snapshot = source.snapshot()
     warm = []
     for request in requests:
         started = time.perf_counter()
-        ocifit.decide(request, snapshot, get)
+        module.decide(request, snapshot, get)
         warm.append(time.perf_counter() - started)
     return {"cold_p50": percentile(cold, 0.5) * 1e6, "warm_p50": percentile(warm, 0.5) * 1e6,
             "warm_p99": percentile(warm, 0.99) * 1e6}
 
 
-def measure(count: int, certs: Dict[str, Any], work: Any) -> Dict[str, float]:
+def measure(count: int, certs: Dict[str, Any], work: Path, script: Path, module: ModuleType,
+            label: str) -> Dict[str, float]:
+    """All figures at one cluster size for one ocifit version: script is served, module decides in-process."""
     api = t.FakeKubeAPI(certs)
     load_cluster(api, count)
     token = work / "token"
     token.write_text(api.token)
     spec_ref = {"bench/ebpf:v1": str(EXAMPLE / "ebpf-compatibility-spec.json")}
     port = free_port()
-    log_file = open(work / f"serve-{count}.log", "w")
+    log_file = open(work / f"serve-{count}-{label.replace(' ', '-')}.log", "w")
     started = time.monotonic()
-    server = subprocess.Popen([python(), str(t.HERE / "ocifit.py"), "serve", "--port", str(port), "--bind", "127.0.0.1",
-                               "--cert", str(certs["crt"]), "--key", str(certs["key"]), "--kube-api", api.url,
-                               "--kube-token-file", str(token), "--kube-ca", str(certs["ca"]),
-                               "--artifact", f"bench/ebpf:v1={spec_ref['bench/ebpf:v1']}"], stderr=log_file)
+    required = ("--port", "--bind", "--cert", "--key", "--kube-api", "--kube-token-file", "--kube-ca", "--artifact")
+    server = subprocess.Popen(serve_command(script, [
+        ("--port", str(port)), ("--bind", "127.0.0.1"), ("--cert", str(certs["crt"])), ("--key", str(certs["key"])),
+        ("--kube-api", api.url), ("--kube-token-file", str(token)), ("--kube-ca", str(certs["ca"])),
+        ("--artifact", f"bench/ebpf:v1={spec_ref['bench/ebpf:v1']}")], required=required), stderr=log_file)
     try:
         wait_ready(port, certs["ca"])
         ready = time.monotonic() - started
         pod = ebpf_pod(0)
         assert t.patch_of(post(port, certs["ca"], t.review_of(pod))["response"])[0]["value"].endswith("ubuntu2204")
         rss = proc_status(server.pid)
-        source = ocifit.KubeNodes(ocifit.KubeClient(api.url, str(token), str(certs["ca"])), ocifit.Settings()).start()
-        source.wait_synced(120)
-        times = decision_times(source, ocifit.LocalArtifacts(spec_ref), [ebpf_pod(i) for i in range(2000)])
-        source.stop()
+        source = module.KubeNodes(module.KubeClient(api.url, str(token), str(certs["ca"])), module.Settings()).start()
+        try:
+            if not source.wait_synced(120):
+                raise SystemExit(f"{label}: the in-process node watch did not sync in 120 s")
+            times = decision_times(module, source, module.LocalArtifacts(spec_ref),
+                                   [ebpf_pod(i) for i in range(2000)])
+        finally:
+            source.stop()
         # a relabel: every ubuntu 22.04 node's kernel minor drops below 1; the next pod must be denied
         relabelled = time.monotonic()
         for name, node in list(api.nodes.items()):
             if node["metadata"]["labels"]["feature.node.kubernetes.io/system-os_release.VERSION_ID"] == "22.04":
                 api.modify(name, labels={"feature.node.kubernetes.io/kernel-version.major": "5"})
         changes = time.monotonic() - relabelled
+        deadline = relabelled + 120
         while post(port, certs["ca"], t.review_of(pod))["response"]["allowed"]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label}: the relabel did not reach admissions in 120 s")
             time.sleep(0.01)
         seen = time.monotonic() - relabelled
     finally:
         stop(server)
         log_file.close()
-    api.stop()
+        api.stop()
     return dict(times, ready=ready, rss=rss["VmRSS"] / 1024, peak=rss["VmHWM"] / 1024, relabel=seen,
                 relabel_events=changes, label_sets=len({json.dumps(n["metadata"]["labels"], sort_keys=True)
                                                         for n in api.nodes.values()}))
@@ -168,31 +199,54 @@ def measure(count: int, certs: Dict[str, Any], work: Any) -> Dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="500,5000")
+    parser.add_argument("--baseline", metavar="REV", help="also measure ocifit.py as of this git revision")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = workdir()
-    certs = pki(work)
+    results: Dict[str, Dict[int, Dict[str, float]]] = {}
     try:
-        results = {n: measure(n, certs, work) for n in sizes}
+        scripts = versions(args.baseline, work)
+        # the working tree's module is _support's `ocifit`; a baseline's is its file imported as ocifit_baseline
+        modules = {label: ocifit if index == 0 else load_module(script, "ocifit_baseline")
+                   for index, (label, script) in enumerate(scripts.items())}
+        certs = pki(work)
+        for index, n in enumerate(sizes):
+            order = list(scripts) if index % 2 == 0 else list(reversed(scripts))  # alternated: neither always first
+            for label in order:
+                results.setdefault(label, {})[n] = measure(n, certs, work, scripts[label], modules[label], label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    labels = list(scripts)
+    columns = [("ready", "ready s", 8, ".2f"), ("rss", "RSS MB", 7, ".1f"), ("peak", "peak MB", 8, ".1f"),
+               ("relabel", "relabel→admission s", 20, ".2f"), ("cold_p50", "decide cold us", 15, ".0f"),
+               ("warm_p50", "warm p50 us", 12, ".1f"), ("warm_p99", "warm p99 us", 12, ".1f")]
+    width = max(len(label) for label in labels + ["ratio"]) if args.baseline else 0
     print(f"node view: NFD-labelled nodes (~90 labels, 20 shapes, full status) by list+watch, "
-          f"CPython {sys.version.split()[0]}")
-    print(f"  {'nodes':>6} {'ready s':>8} {'RSS MB':>7} {'peak MB':>8} {'relabel→admission s':>20} "
-          f"{'decide cold us':>15} {'warm p50 us':>12} {'warm p99 us':>12}")
-    for n, r in results.items():
-        print(f"  {n:>6} {r['ready']:8.2f} {r['rss']:7.1f} {r['peak']:8.1f} {r['relabel']:20.2f} "
-              f"{r['cold_p50']:15.0f} {r['warm_p50']:12.1f} {r['warm_p99']:12.1f}")
-    big, small = results[max(sizes)], results[min(sizes)]
-    if len(sizes) > 1:
-        print(f"  growth {min(sizes)} -> {max(sizes)} nodes: ready x{big['ready'] / small['ready']:.1f}, "
-              f"RSS x{big['rss'] / small['rss']:.1f}, cold decision x{big['cold_p50'] / small['cold_p50']:.1f}, "
-              f"warm decision x{big['warm_p50'] / small['warm_p50']:.1f}")
-    print(f"  targets at {max(sizes)} nodes: RSS <= 80 MB {'met' if big['peak'] <= 80 else 'MISSED'} "
-          f"(peak {big['peak']:.0f} MB); decision <= 1 ms "
-          f"{'met' if max(big['cold_p50'], big['warm_p99']) <= 1000 else 'MISSED'}")
+          f"CPython {sys.version.split()[0]}, {os.cpu_count()} cores"
+          + (f"; {args.baseline} is ocifit.py at that revision, ratio is working tree / baseline" if args.baseline
+             else ""))
+    print(f"  {'nodes':>6}" + (f" {'':{width}}" if width else "")
+          + "".join(f" {head:>{w}}" for _, head, w, _ in columns))
+    for n in sizes:
+        for label in labels:
+            r = results[label][n]
+            print(f"  {n:>6}" + (f" {label:{width}}" if width else "")
+                  + "".join(f" {r[key]:{w}{fmt}}" for key, _, w, fmt in columns))
+        if args.baseline:
+            new, old = results[labels[0]][n], results[labels[-1]][n]
+            print(f"  {n:>6} {'ratio':{width}}" + "".join(f" {ratio(new[key], old[key]):>{w}}"
+                                                          for key, _, w, _ in columns))
+    for label in labels:
+        big, small = results[label][max(sizes)], results[label][min(sizes)]
+        who = f"{label}: " if args.baseline else ""
+        if len(sizes) > 1:
+            print(f"  {who}growth {min(sizes)} -> {max(sizes)} nodes: ready x{big['ready'] / small['ready']:.1f}, "
+                  f"RSS x{big['rss'] / small['rss']:.1f}, cold decision x{big['cold_p50'] / small['cold_p50']:.1f}, "
+                  f"warm decision x{big['warm_p50'] / small['warm_p50']:.1f}")
+        print(f"  {who}targets at {max(sizes)} nodes: RSS <= 80 MB {'met' if big['peak'] <= 80 else 'MISSED'} "
+              f"(peak {big['peak']:.0f} MB); decision <= 1 ms "
+              f"{'met' if max(big['cold_p50'], big['warm_p99']) <= 1000 else 'MISSED'}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

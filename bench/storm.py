@@ -5,7 +5,11 @@ Against the real local registry (docker-registry), through a live HTTPS `serve`.
 the registry got for that artifact (target <= 3: ocifit makes one fetch for everyone), how many pods got
 the right image, and the total time.
 
-    python3 bench/storm.py [--pods 500]
+    python3 bench/storm.py [--pods 500] [--rounds 1] [--baseline REV]
+
+--baseline REV also storms ocifit.py as of git revision REV (`git show REV:ocifit.py`), alternated with the
+working tree's, each storm on a fresh server and a tag pushed for it, and prints both side by side with the
+ratio (working tree / baseline). The exit status is the working tree's: all pods right, registry target met.
 """
 
 from __future__ import annotations
@@ -13,43 +17,52 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any, Dict, List
 
-from _support import EXAMPLE, free_port, pki, python, registry_with_flavor, stop, t, wait_ready, workdir
+from _support import (EXAMPLE, free_port, pki, ratio, registry_with_flavor, serve_command, stop, t, versions,
+                      wait_ready, workdir)
+
+REGISTRY_TARGET = 3
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pods", type=int, default=500)
-    args = parser.parse_args()
-    work = workdir()
-    certs = pki(work)
-    tag = f"storm-{int(time.time())}"
-    registry = registry_with_flavor(work, f"storm:{tag}")
-    ref = f"{registry.host}/storm:{tag}"
+def storm(script: Path, pods: int, registry: "t.DockerRegistry", ref: str, certs: Dict[str, Path],
+          log: Path) -> Dict[str, Any]:
+    """One storm against a fresh `serve` of one ocifit.py: pods given the right image, errors, the registry
+    requests it caused for the storm repository, seconds from the gate to the last answer."""
     port = free_port()
-    log_file = open(work / "serve.log", "w")
-    server = subprocess.Popen([python(), str(t.HERE / "ocifit.py"), "serve", "--port", str(port), "--bind", "127.0.0.1",
-                               "--cert", str(certs["crt"]), "--key", str(certs["key"]), "--nodes",
-                               str(EXAMPLE / "nodes-homogeneous.json"), "--insecure-registry", registry.host],
-                              stderr=log_file)
+    # ocifit's own command line, with only the flags this version knows. Newer versions fetch from a loopback
+    # registry only when it is named in both --insecure-registry and --allowed-registries, and take at most
+    # --max-connections-per-client (256 by default) from one address: the storm's clients all come from
+    # 127.0.0.1, so the cap is raised to the storm's size, and the request deadline (counted from connecting)
+    # is made long enough for all the connections to be set up before the first request is sent.
+    command = serve_command(script, [
+        ("--port", str(port)), ("--bind", "127.0.0.1"), ("--cert", str(certs["crt"])), ("--key", str(certs["key"])),
+        ("--nodes", str(EXAMPLE / "nodes-homogeneous.json")), ("--insecure-registry", registry.host),
+        ("--allowed-registries", registry.host), ("--max-connections", str(max(1024, pods + 64))),
+        ("--max-connections-per-client", str(pods + 8)), ("--request-timeout", "120")],
+        required=("--port", "--bind", "--cert", "--key", "--nodes", "--insecure-registry"))
     context = ssl.create_default_context(cafile=str(certs["ca"]))
-    images: list = []
-    errors: list = []
+    images: List[str] = []
+    errors: List[str] = []
+    connections: List[http.client.HTTPSConnection] = []
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(command, stderr=log_file)
     try:
         wait_ready(port, certs["ca"])
-        connections = []
-        for _ in range(args.pods):  # connected and TLS-ready first, so the storm itself is only admissions
+        for _ in range(pods):  # connected and TLS-ready first, so the storm itself is only admissions
             conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=60)
             conn.connect()
             connections.append(conn)
         before = len(registry.requests("/v2/storm/"))
-        gate = threading.Barrier(args.pods + 1)
+        gate = threading.Barrier(pods + 1, timeout=120)
 
         def admit(i: int, conn: http.client.HTTPSConnection) -> None:
             review = t.review_of(t.pod_obj(name=f"storm-{i}", ref=ref), uid=f"storm-{i}")
@@ -70,22 +83,65 @@ def main() -> int:
             thread.join()
         elapsed = time.monotonic() - started
         registry_requests = registry.requests("/v2/storm/")[before:]
+    finally:
         for conn in connections:
             conn.close()
-    finally:
         stop(server)
-        log_file.close()
-        registry.stop()
+    return {"right": images.count("debian:11"), "errors": errors, "requests": registry_requests, "seconds": elapsed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pods", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="storms per version, alternated between versions; the median time is reported")
+    parser.add_argument("--baseline", metavar="REV", help="also storm ocifit.py as of this git revision")
+    args = parser.parse_args()
+    work = workdir()
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    registry = None
+    try:
+        scripts = versions(args.baseline, work)
+        certs = pki(work)
+        stamp = int(time.time())
+        registry = registry_with_flavor(work, f"storm:s{stamp}-warmup")  # the repository and blob exist already
+        for round_number in range(args.rounds):
+            for index, (label, script) in enumerate(scripts.items()):  # alternated: drift falls on both alike
+                tag = f"s{stamp}-r{round_number}-v{index}"  # a ref no server has fetched yet
+                registry.push(f"storm:{tag}", work / "compatibility-test.json")
+                runs.setdefault(label, []).append(storm(script, args.pods, registry, f"{registry.host}/storm:{tag}",
+                                                        certs, work / f"serve-{index}-{round_number}.log"))
+    finally:
+        if registry is not None:
+            registry.stop()
         shutil.rmtree(work, ignore_errors=True)
-    right = images.count("debian:11")
-    print(f"pod storm: {args.pods} concurrent admissions of one new image-ref, CPython {sys.version.split()[0]}")
-    print(f"  pods given debian:11        {right} of {args.pods}" + (f"  ({len(errors)} errors: {errors[:2]})"
-                                                                    if errors else ""))
-    print(f"  registry requests           {len(registry_requests)}   target <= 3   "
-          f"{'met' if len(registry_requests) <= 3 else 'MISSED'}   "
-          f"({', '.join(sorted({u.rsplit('/', 2)[1] for u in registry_requests}))})")
-    print(f"  total time                  {elapsed:.2f} s  ({args.pods / elapsed:.0f} admissions/s)")
-    return 0 if right == args.pods and len(registry_requests) <= 3 else 1
+    results = {label: sorted(r, key=lambda run: run["seconds"])[len(r) // 2] for label, r in runs.items()}
+    labels = list(results)
+    print(f"pod storm: {args.pods} concurrent admissions of one new image-ref, CPython {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores" + (f", median of {args.rounds} alternated storms" if args.rounds > 1 else "")
+          + (f"; {args.baseline} is ocifit.py at that revision" if args.baseline else ""))
+    width = 18
+    print(f"  {'':26}" + "".join(f" {label[:width]:>{width}}" for label in labels)
+          + (f" {'ratio':>7}" if args.baseline else ""))
+
+    def row(name: str, cells: List[str], new_old: str = "") -> None:
+        print(f"  {name:26}" + "".join(f" {cell:>{width}}" for cell in cells) + (f" {new_old:>7}" if new_old else ""))
+    new, old = results[labels[0]], results[labels[-1]]
+    row("pods given debian:11", [f"{r['right']} of {args.pods}" for r in results.values()])
+    row(f"registry requests (<= {REGISTRY_TARGET})",
+        [f"{len(r['requests'])} {'met' if len(r['requests']) <= REGISTRY_TARGET else 'MISSED'}"
+         for r in results.values()])
+    row("total time s", [f"{r['seconds']:.2f}" for r in results.values()],
+        ratio(new["seconds"], old["seconds"]) if args.baseline else "")
+    row("admissions/s", [f"{args.pods / r['seconds']:.0f}" for r in results.values()],
+        ratio(old["seconds"], new["seconds"]) if args.baseline else "")
+    for label, r in results.items():
+        kinds = ", ".join(sorted({u.rsplit("/", 2)[1] for u in r["requests"]}))
+        print(f"  {label}: registry requests for {kinds or 'nothing'}"
+              + (f"; {len(r['errors'])} errors: {r['errors'][:2]}" if r["errors"] else ""))
+    if args.baseline:
+        print("  ratio: working tree / baseline (1.00: no change)")
+    return 0 if new["right"] == args.pods and len(new["requests"]) <= REGISTRY_TARGET else 1
 
 
 if __name__ == "__main__":
