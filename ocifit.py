@@ -2677,22 +2677,27 @@ class NodeSnapshot:
     spec object and the pod's Placement, both immutable). Since the nodes never change under a snapshot, a
     cached answer is the answer; a node change makes a new snapshot with empty partitions and memo."""
 
-    def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None):
+    def __init__(self, nodes: Iterable[Node] = (), synced_at: Optional[float] = None, features_note: str = ""):
         self.nodes: Dict[str, Node] = {n.name: n for n in nodes}
         self.synced_at = time.time() if synced_at is None else synced_at
+        self.features_note = features_note  # why the nodes carry no NFD features, if they may not
         self._shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
         self._partitions = BoundedCache(CACHE_BOUNDS["partitions"])
         self._label_sets: Optional[int] = None
         self.memo = BoundedCache(CACHE_BOUNDS["decisions"])  # decisions on this snapshot (see choose_for)
 
     @classmethod
-    def from_dict(cls, nodes: Mapping[str, Node], shapes: Optional[Dict[tuple, Dict[str, Node]]] = None
-                  ) -> "NodeSnapshot":
+    def from_dict(cls, nodes: Mapping[str, Node], shapes: Optional[Dict[tuple, Dict[str, Node]]] = None,
+                  features_note: str = "") -> "NodeSnapshot":
         """A snapshot of a name -> Node map, copied at C speed."""
-        snapshot = cls()
+        snapshot = cls(features_note=features_note)
         snapshot.nodes = dict(nodes)
         snapshot._shapes = shapes
         return snapshot
+
+    def with_note(self, features_note: str) -> "NodeSnapshot":
+        """The same nodes, saying otherwise why they may carry no NFD features."""
+        return NodeSnapshot.from_dict(self.nodes, self._shapes, features_note)
 
     def with_node(self, name: str, node: Optional[Node]) -> "NodeSnapshot":
         """A new snapshot with one node added, replaced or (None) removed; the shape index is carried over,
@@ -2715,7 +2720,7 @@ class NodeSnapshot:
                 members = dict(shapes.get(node.shape, {}))
                 members[name] = node
                 shapes[node.shape] = members
-        return NodeSnapshot.from_dict(nodes, shapes)
+        return NodeSnapshot.from_dict(nodes, shapes, self.features_note)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -2985,10 +2990,11 @@ class StaticNodes:
 
     def _load(self, contents: List[bytes]) -> NodeSnapshot:
         nodes = nodes_from_document(load_json(contents[0], slim_node))
-        if len(contents) > 1:
-            features = features_from_document(load_json(contents[1]), self.nfd_namespace)
-            nodes = [dataclasses.replace(n, features=features.get(n.name, NO_FEATURES)) for n in nodes]
-        return NodeSnapshot(nodes)
+        if len(contents) == 1:
+            return NodeSnapshot(nodes, features_note="no NodeFeatures: ocifit reads nodes from a file, and no "
+                                                     "--node-features file was given")
+        features = features_from_document(load_json(contents[1]), self.nfd_namespace)
+        return NodeSnapshot(dataclasses.replace(n, features=features.get(n.name, NO_FEATURES)) for n in nodes)
 
     def snapshot(self) -> NodeSnapshot:
         return self.file.value
@@ -3103,9 +3109,10 @@ class KubeClient:
         return KubeAPIError(f"API server answered HTTP {err.code}" + (f": {message}" if message else "") + hint,
                             err.code, _retry_after(err.headers.get("Retry-After")))
 
-    def list_nodes(self, convert: Callable[[Dict[str, Any]], Any] = lambda item: item, page_size: int = 500,
-                   timeout: float = 30.0) -> Tuple[List[Any], str]:
-        """Every node, page by page, each item converted as its page lands (so a large list is never held
+    def list_objects(self, path: str, convert: Callable[[Dict[str, Any]], Any], page_size: int,
+                     object_hook: Optional[Callable[[Dict[str, Any]], Any]] = None, timeout: float = 30.0
+                     ) -> Tuple[List[Any], str]:
+        """Every object at path, page by page, each converted as its page lands (so a large list is never held
         raw); (items, the list's resourceVersion). Starts over if a page token expires."""
         for _ in range(3):
             items: List[Any] = []
@@ -3115,8 +3122,8 @@ class KubeClient:
                     query = {"limit": str(page_size)}
                     if token:
                         query["continue"] = token
-                    with self.open("/api/v1/nodes", query, timeout) as response:
-                        page = load_json(_read_capped_plain(response, 256 * MiB), slim_node)
+                    with self.open(path, query, timeout) as response:
+                        page = load_json(_read_capped_plain(response, 256 * MiB), object_hook)
                     items.extend(convert(i) for i in page.get("items") or [] if isinstance(i, dict))
                     meta = page.get("metadata") or {}
                     token = meta.get("continue") or ""
@@ -3125,16 +3132,17 @@ class KubeClient:
             except KubeAPIError as exc:
                 if exc.status != 410 or not token:
                     raise
-                log.info("node list page token expired; listing again from the start")
-        raise KubeAPIError("node list kept expiring mid-way", 410)
+                log.info("list of %s: page token expired; listing again from the start", path)
+        raise KubeAPIError(f"list of {path} kept expiring mid-way", 410)
 
-    def watch_nodes(self, resource_version: str, timeout_seconds: int,
-                    on_open: Callable[[], None] = lambda: None) -> Iterator[Dict[str, Any]]:
-        """Watch events after resource_version until the server ends the stream; bookmarks asked for."""
+    def watch_objects(self, path: str, resource_version: str, timeout_seconds: int,
+                      object_hook: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                      on_open: Callable[[], None] = lambda: None) -> Iterator[Dict[str, Any]]:
+        """Watch events at path after resource_version until the server ends the stream; bookmarks asked for."""
         query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(timeout_seconds)}
         try:
-            response = self.open("/api/v1/nodes", query, timeout_seconds + 30.0)
+            response = self.open(path, query, timeout_seconds + 30.0)
         except KubeAPIError as exc:
             if exc.status == 410:
                 raise _WatchExpired(str(exc)) from None
@@ -3148,7 +3156,7 @@ class KubeClient:
                 if len(line) > MAX_EVENT_BYTES:
                     raise KubeAPIError(f"watch event larger than {MAX_EVENT_BYTES} bytes")
                 if line.strip():
-                    event = load_json(line, slim_node)
+                    event = load_json(line, object_hook)
                     if isinstance(event, dict):
                         yield event
 
@@ -3182,45 +3190,64 @@ def _describe_change(old: Optional[Node], new: Optional[Node]) -> str:
     return f"node {new.name} " + "; ".join(parts)
 
 
-class KubeNodes:
-    """The cluster's nodes by list+watch, held as an immutable snapshot that a new one replaces on change.
+class ListWatch:
+    """One kind of object kept by list+watch in a thread of its own: paged lists, a watch with bookmarks, an
+    expired resourceVersion (410) relisted at once, a full relist every --resync seconds, other errors retried with
+    jittered backoff (honouring Retry-After), and a health report. Subclasses say what a list and an event mean."""
 
-    Request threads only read `snapshot()`: the API server is never called inside an admission."""
+    path = ""
+    what = ""  # for log lines and readiness: "node", "NodeFeature"
+    page_size = 500
 
     def __init__(self, client: KubeClient, settings: Settings, metrics: Optional[Metrics] = None):
         self.client, self.settings = client, settings
         self.metrics = metrics or Metrics()
-        self._snapshot = NodeSnapshot()
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._failing_since: Optional[float] = None
         self._last_error = ""
         self._heard = 0.0
-        self._thread = threading.Thread(target=self._run, name="node-watch", daemon=True)
-        self.metrics.gauge("ocifit_node_sync_age_seconds",
-                           lambda: time.monotonic() - self._heard if self._heard else None)
+        self._thread = threading.Thread(target=self._run, name=f"{self.what}-watch", daemon=True)
 
-    def start(self) -> "KubeNodes":
+    def start(self) -> "ListWatch":
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
 
-    def snapshot(self) -> NodeSnapshot:
-        return self._snapshot
-
     def wait_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
 
-    def health(self) -> Tuple[bool, str]:
+    def failing(self) -> Optional[str]:
+        """Why the view is not to be trusted: not listed yet, or the watch failing past the threshold."""
         if not self._synced.is_set():
-            return False, "waiting for the first node list" + (f" ({self._last_error})" if self._last_error else "")
+            return f"waiting for the first {self.what} list" + (f" ({self._last_error})" if self._last_error else "")
         if self._failing_since is not None:
             failing = time.monotonic() - self._failing_since
             if failing > self.settings.watch_failure_threshold:
-                return False, f"node watch failing for {failing:.0f}s: {self._last_error}"
-        return True, f"{len(self._snapshot)} nodes from {self.client.base_url}"
+                return f"{self.what} watch failing for {failing:.0f}s: {self._last_error}"
+        return None
+
+    # -- what subclasses say --
+    def object_hook(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        """A json object_hook that keeps of each object only what convert() reads."""
+        return obj
+
+    def convert(self, item: Dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def replace(self, items: List[Any]) -> None:
+        """A full list's converted items (None for skipped ones) replace what was known."""
+        raise NotImplementedError
+
+    def apply(self, kind: str, obj: Dict[str, Any]) -> None:
+        """One ADDED, MODIFIED or DELETED event."""
+        raise NotImplementedError
+
+    def unavailable(self, exc: KubeAPIError) -> bool:
+        """Whether an error means the kind is not there to list (and so no failure); False by default."""
+        return False
 
     # -- the watcher thread --
     def _run(self) -> None:
@@ -3232,55 +3259,57 @@ class KubeNodes:
                 resource_version = self._watch(resource_version, listed_at + self.settings.resync)
                 backoff = 0.5
             except _WatchExpired as expired:
-                log.info("node watch expired (%s); listing again", expired)
+                log.info("%s watch expired (%s); listing again", self.what, expired)
                 resource_version = ""
+            except KubeAPIError as exc:
+                if self.unavailable(exc):
+                    self._healthy()
+                    self._synced.set()
+                    resource_version = ""
+                    self._stop.wait(min(60.0, self.settings.resync))  # look again now and then: it may come
+                    continue
+                backoff = self._back_off(exc, backoff)
             except Exception as exc:  # the watcher must outlive any error; it reports through readiness
-                self._failed(exc)
-                delay = getattr(exc, "retry_after", None)
-                delay = backoff * random.uniform(0.5, 1.5) if delay is None else delay
-                backoff = min(backoff * 2, 30.0)
-                self._stop.wait(delay)
+                backoff = self._back_off(exc, backoff)
+
+    def _back_off(self, exc: Exception, backoff: float) -> float:
+        self._failed(exc)
+        delay = getattr(exc, "retry_after", None)
+        self._stop.wait(backoff * random.uniform(0.5, 1.5) if delay is None else delay)
+        return min(backoff * 2, 30.0)
 
     def _failed(self, exc: Exception) -> None:
         self._last_error = str(exc) if isinstance(exc, KubeAPIError) else f"{type(exc).__name__}: {exc}"
         if self._failing_since is None:
             self._failing_since = time.monotonic()
-        log.warning("node view: %s", self._last_error)
+        log.warning("%s view: %s", self.what, self._last_error)
 
     def _healthy(self) -> None:
         self._failing_since, self._last_error, self._heard = None, "", time.monotonic()
 
-    @staticmethod
-    def _node_or_none(item: Dict[str, Any]) -> Optional[Node]:
+    def _convert_or_none(self, item: Dict[str, Any]) -> Any:
         try:
-            return node_from_object(item)
+            return self.convert(item)
         except ValueError as exc:
-            log.warning("skipping a node in the list: %s", exc)
+            log.warning("skipping a %s in the list: %s", self.what, exc)
             return None
 
     def _relist(self) -> str:
-        listed, resource_version = self.client.list_nodes(self._node_or_none)
-        nodes = {node.name: node for node in listed if node is not None}
-        previous = self._snapshot.nodes
-        for name in sorted(set(nodes) | set(previous)):
-            old, new = previous.get(name), nodes.get(name)
-            if old != new and self._synced.is_set():
-                log.info("%s", _describe_change(old, new))
-        snapshot = NodeSnapshot(nodes.values())
-        snapshot.shapes()  # built here, off the request path; watch events then carry it over
-        self._snapshot = snapshot
-        self.metrics.count("ocifit_node_relists_total")
+        items, resource_version = self.client.list_objects(self.path, self._convert_or_none, self.page_size,
+                                                           self.object_hook)
+        self.replace(items)
         self._healthy()
-        log.info("listed %d nodes (%d label sets) at resourceVersion %s", len(nodes),
-                 self._snapshot.label_sets(), resource_version)
+        log.info("listed %d %ss at resourceVersion %s", sum(i is not None for i in items), self.what,
+                 resource_version)
         self._synced.set()
         return resource_version
 
     def _watch(self, resource_version: str, resync_at: float) -> str:
         """Apply watch events until the stream ends; returns the last resourceVersion seen."""
         timeout = int(max(1.0, min(resync_at - time.monotonic(), random.uniform(240, 360))))
-        self.metrics.count("ocifit_node_watch_restarts_total")
-        for event in self.client.watch_nodes(resource_version, timeout, on_open=self._healthy):
+        self.metrics.count(f"ocifit_{self.what.lower()}_watch_restarts_total")
+        for event in self.client.watch_objects(self.path, resource_version, timeout, self.object_hook,
+                                               on_open=self._healthy):
             if self._stop.is_set():
                 break
             kind, obj = event.get("type"), event.get("object") or {}
@@ -3289,24 +3318,197 @@ class KubeNodes:
             self._healthy()
             meta = obj.get("metadata") or {} if isinstance(obj, dict) else {}
             resource_version = str(meta.get("resourceVersion") or resource_version)
-            if kind in ("ADDED", "MODIFIED"):
-                self._apply(node_from_object(obj))
-            elif kind == "DELETED":
-                self._remove(str(meta.get("name") or ""))
+            if kind in ("ADDED", "MODIFIED", "DELETED") and isinstance(obj, dict):
+                try:
+                    self.apply(str(kind), obj)
+                except ValueError as exc:
+                    log.warning("skipping a %s event: %s", self.what, exc)
         return resource_version
 
-    def _apply(self, node: Node) -> None:
-        old = self._snapshot.nodes.get(node.name)
-        if old == node:
-            return  # a status heartbeat: nothing a decision looks at
-        self._snapshot = self._snapshot.with_node(node.name, node)
+
+class KubeNodes(ListWatch):
+    """The cluster's nodes by list+watch, held as an immutable snapshot that a new one replaces on change; with
+    NFD's NodeFeatures, when the cluster has them, attached to their nodes.
+
+    Request threads only read `snapshot()`: the API server is never called inside an admission."""
+
+    path, what = "/api/v1/nodes", "node"
+
+    def __init__(self, client: KubeClient, settings: Settings, metrics: Optional[Metrics] = None,
+                 watch_features: bool = True):
+        super().__init__(client, settings, metrics)
+        self._snapshot = NodeSnapshot(features_note="NodeFeatures not listed yet")
+        self._lock = threading.Lock()  # two watchers write the snapshot; readers never wait
+        self._features: Dict[str, NodeFeatures] = {}
+        self.features = KubeNodeFeatures(client, settings, self.metrics, self) if watch_features else None
+        self.metrics.gauge("ocifit_node_sync_age_seconds",
+                           lambda: time.monotonic() - self._heard if self._heard else None)
+
+    def start(self) -> "KubeNodes":
+        super().start()
+        if self.features is not None:
+            self.features.start()
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        if self.features is not None:
+            self.features.stop()
+
+    def snapshot(self) -> NodeSnapshot:
+        return self._snapshot
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return self._synced.wait(timeout) and (self.features is None or self.features.wait_synced(
+            max(0.0, deadline - time.monotonic())))
+
+    def health(self) -> Tuple[bool, str]:
+        why = self.failing() or (self.features.failing() if self.features is not None else None)
+        if why:
+            return False, why
+        note = f"; {self._snapshot.features_note}" if self._snapshot.features_note else ""
+        return True, f"{len(self._snapshot)} nodes from {self.client.base_url}{note}"
+
+    # -- nodes --
+    def object_hook(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        return slim_node(obj)
+
+    def convert(self, item: Dict[str, Any]) -> Node:
+        return node_from_object(item)
+
+    def replace(self, items: List[Any]) -> None:
+        with self._lock:
+            nodes = {n.name: self._with_features(n) for n in items if n is not None}
+            previous = self._snapshot.nodes
+            if self._synced.is_set():
+                for name in sorted(set(nodes) | set(previous)):
+                    old, new = previous.get(name), nodes.get(name)
+                    if old != new:
+                        log.info("%s", _describe_change(old, new))
+            snapshot = NodeSnapshot(nodes.values(), features_note=self._snapshot.features_note)
+            snapshot.shapes()  # built here, off the request path; watch events then carry it over
+            self._snapshot = snapshot
+        self.metrics.count("ocifit_node_relists_total")
+        log.info("%d nodes carry %d label sets", len(nodes), snapshot.label_sets())
+
+    def apply(self, kind: str, obj: Dict[str, Any]) -> None:
+        if kind == "DELETED":
+            name = str((obj.get("metadata") or {}).get("name") or "")
+            with self._lock:
+                old = self._snapshot.nodes.get(name)
+                if old is not None:
+                    self._snapshot = self._snapshot.with_node(name, None)
+            if old is not None:
+                log.info("%s", _describe_change(old, None))
+            return
+        node = node_from_object(obj)
+        with self._lock:
+            node = self._with_features(node)
+            old = self._snapshot.nodes.get(node.name)
+            if old == node:
+                return  # a status heartbeat: nothing a decision looks at
+            self._snapshot = self._snapshot.with_node(node.name, node)
         log.info("%s", _describe_change(old, node))
 
-    def _remove(self, name: str) -> None:
-        old = self._snapshot.nodes.get(name)
-        if old is not None:
-            self._snapshot = self._snapshot.with_node(name, None)
-            log.info("%s", _describe_change(old, None))
+    def _with_features(self, node: Node) -> Node:
+        features = self._features.get(node.name)
+        return node if features is None else dataclasses.replace(node, features=features)
+
+    # -- their features, from the NodeFeature watcher --
+    def set_features(self, changed: Mapping[str, Optional[NodeFeatures]], note: Optional[str] = None,
+                     everything: bool = False) -> None:
+        """New features for some nodes (None: none any more), or for all (`everything`); `note` says why the
+        features may be missing ("" once they are listed)."""
+        with self._lock:
+            if everything:
+                self._features = {k: v for k, v in changed.items() if v is not None}
+            else:
+                for name, features in changed.items():
+                    if features is None:
+                        self._features.pop(name, None)
+                    else:
+                        self._features[name] = features
+            snapshot = self._snapshot
+            note = snapshot.features_note if note is None else note
+            if everything:  # one new snapshot (and shape index), not one per node
+                snapshot = NodeSnapshot((self._with_features(n) for n in snapshot.nodes.values()),
+                                        features_note=note)
+                snapshot.shapes()
+            else:
+                for name in changed:
+                    node = snapshot.nodes.get(name)
+                    if node is not None:
+                        snapshot = snapshot.with_node(name, self._with_features(
+                            dataclasses.replace(node, features=None)))
+                if note != snapshot.features_note:
+                    snapshot = snapshot.with_note(note)
+            self._snapshot = snapshot
+
+
+class KubeNodeFeatures(ListWatch):
+    """NFD's NodeFeature objects, across namespaces, by list+watch; each node's objects merged as nfd-master does
+    and handed to the node view. Pages are small (NodeFeatures are large: kernel config, PCI devices), and each is
+    converted as it lands. A cluster without NFD (no such resource) or an RBAC that forbids reading them is not a
+    failure: the node view says so, and specs in NFD's dialect are denied saying so."""
+
+    path, what, page_size = "/apis/nfd.k8s-sigs.io/v1alpha1/nodefeatures", "NodeFeature", 100
+
+    def __init__(self, client: KubeClient, settings: Settings, metrics: Metrics, nodes: KubeNodes):
+        super().__init__(client, settings, metrics)
+        self.nodes = nodes
+        self._objects: Dict[Tuple[str, str], FeatureObject] = {}
+        self._warned = ""
+
+    def object_hook(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        return slim_feature_object(obj)
+
+    def convert(self, item: Dict[str, Any]) -> FeatureObject:
+        return feature_object(item)
+
+    def replace(self, items: List[Any]) -> None:
+        self._objects = {(o.namespace, o.name): o for o in items if o is not None}
+        merged = merge_by_node(self._objects.values(), self.settings.nfd_namespace)
+        self.nodes.set_features(merged, note="", everything=True)
+
+    def apply(self, kind: str, obj: Dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        old = self._objects.pop(key, None)
+        touched = {old.node} if old is not None else set()
+        if kind != "DELETED":
+            new = feature_object(obj)
+            self._objects[key] = new
+            touched.add(new.node)
+        objects = [o for o in self._objects.values() if o.node in touched]
+        merged = merge_by_node(objects, self.settings.nfd_namespace)
+        self.nodes.set_features({node: merged.get(node) for node in touched})
+
+    def unavailable(self, exc: KubeAPIError) -> bool:
+        if exc.status == 404:
+            why = "no NodeFeatures: the cluster has no nodefeatures.nfd.k8s-sigs.io resource (NFD not installed)"
+        elif exc.status == 403:
+            why = ("no NodeFeatures: ocifit may not read them (RBAC: get, list and watch on "
+                   "nodefeatures.nfd.k8s-sigs.io)")
+        else:
+            return False
+        if why != self._warned:
+            (log.warning if exc.status == 403 else log.info)("%s", why)
+            self._warned = why
+        self.nodes.set_features({}, note=why, everything=True)
+        return True
+
+
+def slim_feature_object(obj: Dict[str, Any]) -> Dict[str, Any]:
+    """A json object_hook that keeps of a NodeFeature only what feature_object reads (not its managed fields)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "spec" not in obj or "items" in obj or obj.get("kind", "NodeFeature") != \
+            "NodeFeature":
+        return obj
+    spec = obj.get("spec")
+    return {"kind": "NodeFeature", "metadata": {k: meta[k] for k in ("name", "namespace", "labels",
+                                                                     "resourceVersion") if k in meta},
+            "spec": {"features": spec.get("features")} if isinstance(spec, dict) else spec}
 
 
 # ============================================================================================
@@ -4349,6 +4551,10 @@ class NoTag(Denial):
     reason, code = "no-tag", 422
 
 
+class NoFeatures(Denial):
+    reason, code = "no-node-features", 503
+
+
 @dataclass(frozen=True)
 class Decision:
     """What ocifit answers for one review, and what it logs about it. Made by its named constructors,
@@ -4656,6 +4862,9 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         raise SpecInvalid(f"artifact {ref} is not a valid compatibility spec: {exc}") from None
     except ArtifactError as exc:
         raise ArtifactUnavailable(str(exc)) from None
+    if artifact.spec.nfd and snapshot.features_note:
+        raise NoFeatures(f"artifact {ref} is in NFD's dialect, which matches node features, but there are "
+                         f"{snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}")
     try:
         choice = choose_for(snapshot, artifact.spec, pod.placement)
     except Denial as denial:

@@ -621,6 +621,26 @@ def test_a_malformed_nfd_spec_is_refused_whole_naming_the_place(spec: Dict[str, 
         ocifit.parse_spec(spec)
 
 
+def test_review_chooses_by_node_features_from_files(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(NFD_SPEC)
+    features = tmp_path / "features.json"
+    features.write_text(json.dumps({"kind": "List", "items": [
+        node_feature(name, cpu_features()) for name in ("ocifit-worker", "ocifit-worker2", "ocifit-worker3")]}))
+    args = [str(EXAMPLE / "reviews" / "pod.json"), "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"),
+            "--artifact", f"{FLAVOR_REF}={spec}", "--patch"]
+    done = run_cli("review", *args, "--node-features", str(features))
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["value"] == "fast:1", done.stderr
+    denied = run_cli("review", *args)  # no features at all: denied, saying why
+    assert denied.returncode == 1 and "is in NFD's dialect, which matches node features, but there are none: " \
+        "ocifit reads nodes from a file, and no --node-features file was given" in denied.stderr
+    spec.write_text(NFD_EXAMPLE)  # a winner without a tag names no image
+    features.write_text(json.dumps({"kind": "List", "items": [
+        node_feature(name, intel_node_features()) for name in ("ocifit-worker", "ocifit-worker2", "ocifit-worker3")]}))
+    no_tag = run_cli("review", *args, "--node-features", str(features))
+    assert no_tag.returncode == 1 and "names no image (no tag)" in no_tag.stderr
+
+
 def test_node_features_merge_as_nfd_master_does() -> None:
     worker = node_feature("n1", {"flags": {"cpu.cpuid": {"elements": {"AVX": {}}}},
                                  "attributes": {"kernel.version": {"elements": {"full": "6.1", "major": "6"}}},
@@ -788,6 +808,10 @@ def status_object(code: int, reason: str, message: str) -> Dict[str, Any]:
             "reason": reason, "code": code}
 
 
+NFD_GROUP_VERSION = {"groupVersion": "nfd.k8s-sigs.io/v1alpha1", "version": "v1alpha1"}
+KUBE_KINDS = {"nodes": ("v1", "Node"), "nodefeatures": ("nfd.k8s-sigs.io/v1alpha1", "NodeFeature")}
+
+
 class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
     """FakeKubeAPI's request handler: the routes kubectl and ocifit use, in the API server's wire format."""
 
@@ -808,15 +832,34 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {self.api.token}":
             return self.status(401, "Unauthorized", "Unauthorized")
         kind = "watch" if query.get("watch") in ("1", "true") else "list"
-        for fault in list(self.api.faults):
-            if fault[0] in (kind, "any") and path.startswith("/api/v1/nodes"):
+        for fault in list(self.api.faults):  # (list|watch|any, status, headers[, path prefix: nodes by default])
+            if fault[0] in (kind, "any") and path.startswith(fault[3] if len(fault) > 3 else "/api/v1/nodes"):
                 self.api.faults.remove(fault)
                 return self.status(fault[1], "injected fault", "InternalError", fault[2])
         if path == "/api":
             return self.json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.api.port}"}]})
         if path == "/apis":
-            return self.json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            groups = [] if self.api.nfd == "absent" else [{"name": "nfd.k8s-sigs.io", "versions": [NFD_GROUP_VERSION],
+                                                           "preferredVersion": NFD_GROUP_VERSION}]
+            return self.json({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        if path == "/apis/nfd.k8s-sigs.io/v1alpha1" and self.api.nfd != "absent":
+            return self.json({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "nfd.k8s-sigs.io/v1alpha1",
+                              "resources": [{"name": "nodefeatures", "singularName": "nodefeature", "namespaced": True,
+                                             "kind": "NodeFeature", "verbs": ["delete", "deletecollection", "get",
+                                                                              "list", "patch", "create", "update",
+                                                                              "watch"]}]})
+        feature_path = re.fullmatch(r"/apis/nfd\.k8s-sigs\.io/v1alpha1/(?:namespaces/([^/]+)/)?nodefeatures", path)
+        if feature_path:
+            if self.api.nfd == "absent":
+                return self.status(404, "the server could not find the requested resource", "NotFound")
+            if self.api.nfd == "forbidden":
+                return self.status(403, 'nodefeatures.nfd.k8s-sigs.io is forbidden: User "system:serviceaccount:'
+                                   'ocifit-system:ocifit" cannot list resource "nodefeatures" in API group '
+                                   '"nfd.k8s-sigs.io" at the cluster scope', "Forbidden")
+            namespace = feature_path.group(1)
+            return self.watch(query, "nodefeatures") if kind == "watch" else self.list(query, "nodefeatures",
+                                                                                        namespace)
         if path == "/api/v1":
             return self.json({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
                 {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
@@ -824,7 +867,7 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
         if path == "/version":
             return self.json({"major": "1", "minor": "32", "gitVersion": "v1.32.2"})
         if path == "/api/v1/nodes":
-            return self.watch(query) if kind == "watch" else self.list(query)
+            return self.watch(query, "nodes") if kind == "watch" else self.list(query, "nodes")
         if path.startswith("/api/v1/nodes/"):
             node = self.api.nodes.get(path.rsplit("/", 1)[1])
             return self.json(node) if node else self.status(404, "node not found", "NotFound")
@@ -843,7 +886,7 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
     def status(self, code: int, message: str, reason: str, headers: Optional[Dict[str, str]] = None) -> None:
         self.json(status_object(code, reason, message), code, headers)
 
-    def list(self, query: Dict[str, str]) -> None:
+    def list(self, query: Dict[str, str], resource: str, namespace: Optional[str] = None) -> None:
         limit = int(query.get("limit") or 0) or 10 ** 9
         with self.api.cond:
             if query.get("continue"):
@@ -852,20 +895,22 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
                     return self.status(410, "The provided continue parameter is too old", "Expired")
             else:
                 list_rv, start = self.api.rv, 0
-            names = sorted(self.api.nodes)
-            page = [self.api.nodes[n] for n in names[start:start + limit]]
+            store = self.api.store(resource)
+            keys = sorted(k for k in store if namespace is None or k[0] == namespace)
+            page = [store[k] for k in keys[start:start + limit]]
             meta: Dict[str, Any] = {"resourceVersion": str(list_rv)}
-            if start + limit < len(names):
+            if start + limit < len(keys):
                 meta["continue"] = base64.b64encode(json.dumps([list_rv, start + limit]).encode()).decode()
-                meta["remainingItemCount"] = len(names) - start - limit
-        self.json({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": page})
+                meta["remainingItemCount"] = len(keys) - start - limit
+        api_version, kind = KUBE_KINDS[resource]
+        self.json({"kind": kind + "List", "apiVersion": api_version, "metadata": meta, "items": page})
 
     def chunk(self, payload: Dict[str, Any]) -> None:
         data = json.dumps(payload).encode() + b"\n"
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def watch(self, query: Dict[str, str]) -> None:
+    def watch(self, query: Dict[str, str], resource: str) -> None:
         since = int(query.get("resourceVersion") or 0)
         ends = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         self.send_response(200)
@@ -879,38 +924,39 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
                 self.chunk({"type": "ERROR", "object": status_object(
                     410, "Expired", f"too old resource version: {since} ({self.api.oldest_rv})")})
             else:
-                self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true")
+                self.stream(since, generation, ends, query.get("allowWatchBookmarks") == "true", resource)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:
             pass
 
-    def stream(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+    def stream(self, since: int, generation: int, ends: float, bookmarks: bool, resource: str) -> None:
         with self.api.cond:
             self.api.open_streams += 1
         try:
-            self.stream_events(since, generation, ends, bookmarks)
+            self.stream_events(since, generation, ends, bookmarks, resource)
         finally:
             with self.api.cond:
                 self.api.open_streams -= 1
 
-    def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool) -> None:
+    def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool, resource: str) -> None:
         while time.monotonic() < ends:
             with self.api.cond:
-                pending = [e for e in self.api.events if e[0] > since]
+                pending = [e for e in self.api.events if e[0] > since and e[3] == resource]
                 if not pending:
                     self.api.cond.wait(self.api.bookmark_every)
-                    pending = [e for e in self.api.events if e[0] > since]
+                    pending = [e for e in self.api.events if e[0] > since and e[3] == resource]
                 if self.api.generation != generation or self.api.stopped:
                     if self.api.stream_error:
                         self.chunk({"type": "ERROR", "object": self.api.stream_error})
                     return
                 current = self.api.rv
-            for rv, kind, obj in pending:
+            for rv, kind, obj, _ in pending:
                 self.chunk({"type": kind, "object": obj})
                 since = rv
             if not pending and bookmarks:
-                self.chunk({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
+                api_version, kind = KUBE_KINDS[resource]
+                self.chunk({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
                                                            "metadata": {"resourceVersion": str(current)}}})
 
 
@@ -922,13 +968,15 @@ class FakeKubeAPI:
     def __init__(self, pki: Dict[str, Path], port: int = 0, bookmark_every: float = 0.5):
         self.token = "token-1"
         self.nodes: Dict[str, Dict[str, Any]] = {}
+        self.features: Dict["tuple[str, str]", Dict[str, Any]] = {}  # NodeFeatures by (namespace, name)
+        self.nfd = "installed"  # or "absent" (no such resource: 404) or "forbidden" (RBAC: 403)
         self.rv = 1000
         self.oldest_rv = 0  # watches from before this get 410 Gone
-        self.events: List["tuple[int, str, Dict[str, Any]]"] = []
+        self.events: List["tuple[int, str, Dict[str, Any], str]"] = []  # (rv, type, object, resource)
         self.cond = threading.Condition()
         self.generation = 0  # bumped to end every open watch stream
         self.stream_error: Optional[Dict[str, Any]] = None  # sent into open streams, then they end
-        self.faults: List["tuple[str, int, Dict[str, str]]"] = []  # (list|watch|any, status, headers)
+        self.faults: List[tuple] = []  # (list|watch|any, status, headers[, path prefix])
         self.seen: List["tuple[str, Dict[str, str]]"] = []
         self.bookmark_every = bookmark_every
         self.open_streams = 0
@@ -945,17 +993,35 @@ class FakeKubeAPI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     # -- the cluster changing --
-    def _event(self, kind: str, obj: Dict[str, Any]) -> None:
+    def store(self, resource: str) -> Dict[Any, Dict[str, Any]]:
+        """Objects of a resource by sort key: (namespace, name) for NodeFeatures, ("", name) for nodes."""
+        if resource == "nodes":
+            return {("", name): node for name, node in self.nodes.items()}
+        return self.features
+
+    def _event(self, kind: str, obj: Dict[str, Any], resource: str = "nodes") -> None:
         with self.cond:
             self.rv += 1
             obj = copy.deepcopy(obj)
             obj["metadata"]["resourceVersion"] = str(self.rv)
+            meta = obj["metadata"]
+            store: Dict[Any, Any] = self.nodes if resource == "nodes" else self.features
+            key = meta["name"] if resource == "nodes" else (meta["namespace"], meta["name"])
             if kind == "DELETED":
-                self.nodes.pop(obj["metadata"]["name"], None)
+                store.pop(key, None)
             else:
-                self.nodes[obj["metadata"]["name"]] = obj
-            self.events.append((self.rv, kind, obj))
+                store[key] = obj
+            self.events.append((self.rv, kind, obj, resource))
             self.cond.notify_all()
+
+    def add_features(self, *objects: Dict[str, Any]) -> None:
+        """Create or replace NodeFeature objects (ADDED for new ones, MODIFIED for known ones)."""
+        for obj in objects:
+            known = (obj["metadata"]["namespace"], obj["metadata"]["name"]) in self.features
+            self._event("MODIFIED" if known else "ADDED", obj, "nodefeatures")
+
+    def delete_features(self, namespace: str, name: str) -> None:
+        self._event("DELETED", self.features[(namespace, name)], "nodefeatures")
 
     def add(self, *nodes: Dict[str, Any]) -> None:
         for node in nodes:
@@ -1097,7 +1163,7 @@ def test_the_first_full_list_gates_readiness(kube_api: FakeKubeAPI, pki: Dict[st
         ready, why = source.health()
         assert not ready and why.startswith("waiting for the first node list")
         assert source.wait_synced(15)
-        assert source.health() == (True, f"4 nodes from {kube_api.url}")
+        assert source.health()[0] and source.health()[1].startswith(f"4 nodes from {kube_api.url}")
         assert len(kube_api.lists()) >= 3
     finally:
         source.stop()
@@ -1277,6 +1343,130 @@ def test_readiness_fails_when_the_watch_keeps_failing(kube_api: FakeKubeAPI, pki
         assert why.startswith("node watch failing for") and "500" in why
         kube_api.faults.clear()
         eventually(lambda: source.health()[0], 40)
+    finally:
+        source.stop()
+
+
+NFD_SPEC = """\
+version: v1alpha1
+compatibilities:
+- tag: fast:1
+  weight: 10
+  description: AVX2 and a recent kernel
+  rules:
+  - name: cpu-kernel
+    matchFeatures:
+    - feature: cpu.cpuid
+      matchName: {op: InRegexp, value: ["^AVX2$"]}
+    - feature: kernel.version
+      matchExpressions:
+        full: {op: Ge, value: ["6.1"], type: version}
+- tag: generic:1
+  rules:
+  - name: any
+    matchFeatures:
+    - feature: kernel.version
+      matchExpressions:
+        major: {op: Exists}
+"""
+FEATURES_PATH = "/apis/nfd.k8s-sigs.io/v1alpha1/nodefeatures"
+
+
+def cpu_features(avx2: bool = True, kernel: str = "6.8.0-45-generic") -> Dict[str, Any]:
+    return {"flags": {"cpu.cpuid": {"elements": {"AVX": {}, **({"AVX2": {}} if avx2 else {})}}},
+            "attributes": {"kernel.version": {"elements": {"full": kernel, "major": kernel.split(".")[0]}},
+                           "system.name": {"elements": {"nodename": "unique-per-node"}}}}
+
+
+def nfd_decision(source: Any, pod: Optional[Dict[str, Any]] = None) -> ocifit.Decision:
+    artifacts = FileArtifacts(**{FLAVOR_REF: ocifit.parse_spec(NFD_SPEC.encode())})
+    return ocifit.decide(review_of(pod or pod_obj())["request"], source.snapshot(), artifacts)
+
+
+def feature_cluster(api: FakeKubeAPI) -> None:
+    flavor_cluster(api)
+    api.add_features(*[node_feature(f"kind-worker{i or ''}", cpu_features()) for i in range(3)])
+
+
+def test_kubectl_reads_node_features_from_the_api_double(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    feature_cluster(kube_api)
+    kube_api.add_features(node_feature("kind-worker", cpu_features(), name="vendor-ext", namespace="vendor"))
+    done = subprocess.run(kubectl_against(kube_api, pki, tmp_path, "get", "nodefeatures", "-A", "-o", "json"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)["items"]
+    assert len(listed) == 4 and listed[0]["kind"] == "NodeFeature"
+    assert ocifit.features_from_document(json.loads(done.stdout), "node-feature-discovery")["kind-worker1"].flags[
+        "cpu.cpuid"] == {"AVX", "AVX2"}  # what kubectl prints, --node-features reads
+    watcher = subprocess.Popen(kubectl_against(kube_api, pki, tmp_path, "get", "nodefeatures", "-n", "vendor",
+                                               "--watch", "-o", "name"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "nodefeature.nfd.k8s-sigs.io/vendor-ext"
+        kube_api.add_features(node_feature("kind-worker2", cpu_features(), name="late", namespace="vendor"))
+        assert watcher.stdout.readline().strip() == "nodefeature.nfd.k8s-sigs.io/late"
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+def test_node_features_are_watched_and_decide_nfd_specs(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    feature_cluster(kube_api)
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        assert source.wait_synced(30) and source.health()[0]
+        assert nfd_decision(source).image == "fast:1"
+        kube_api.add_features(node_feature("kind-worker2", cpu_features(avx2=False)))  # MODIFIED
+        decision = eventually(lambda: (lambda d: d if d.reason == "disagreement" else None)(nfd_decision(source)))
+        assert "2 want fast:1" in decision.message and "1 wants generic:1 (kind-worker2)" in decision.message
+        kube_api.delete_features("node-feature-discovery", "kind-worker2")  # no features: matches nothing
+        decision = eventually(lambda: (lambda d: d if "matches no compatibility" in d.message else None)(
+            nfd_decision(source)))
+        assert "1 matches no compatibility (kind-worker2)" in decision.message
+        kube_api.compact()  # history gone: the NodeFeature watch relists too
+        kube_api.add_features(node_feature("kind-worker2", cpu_features()))
+        kube_api.end_streams()
+        assert eventually(lambda: nfd_decision(source).image == "fast:1")
+        # nodes of one hardware kind are one kind for the decision, though each has its own nodename
+        groups = ocifit.candidate_groups(source.snapshot(), ocifit.Placement(), ocifit.parse_spec(NFD_SPEC))
+        assert [sorted(names) for _, names in groups] == [["kind-worker", "kind-worker1", "kind-worker2"]]
+    finally:
+        source.stop()
+
+
+def test_the_first_node_feature_list_gates_readiness(kube_api: FakeKubeAPI, pki: Dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    feature_cluster(kube_api)
+    kube_api.faults += [("list", 500, {}, FEATURES_PATH), ("list", 500, {}, FEATURES_PATH)]
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        ready, why = eventually(lambda: (lambda h: h if "NodeFeature" in h[1] else None)(source.health()))
+        assert not ready and why.startswith("waiting for the first NodeFeature list")
+        assert source.wait_synced(30) and source.health()[0]
+        assert nfd_decision(source).image == "fast:1"
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("state,why", [
+    ("absent", "the cluster has no nodefeatures.nfd.k8s-sigs.io resource (NFD not installed)"),
+    ("forbidden", "ocifit may not read them (RBAC: get, list and watch on nodefeatures.nfd.k8s-sigs.io)"),
+])
+def test_without_node_features_nfd_specs_are_denied_saying_why(state: str, why: str, kube_api: FakeKubeAPI,
+                                                               pki: Dict[str, Path], tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ocifit")
+    flavor_cluster(kube_api)
+    kube_api.nfd = state
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        assert source.wait_synced(30) and source.health()[0]  # readiness does not depend on NFD
+        decision = nfd_decision(source)
+        assert not decision.allowed and decision.reason == "no-node-features" and why in decision.message
+        assert live_decision(source).image == "debian:11"  # ocifit's dialect: labels, as ever
+        assert caplog.text.count(why) == 1  # said once, not at every retry
+        assert ("WARNING" in caplog.text.split(why)[0].rsplit("\n", 1)[-1]) == (state == "forbidden")
     finally:
         source.stop()
 
@@ -2795,9 +2985,11 @@ def test_the_webhook_only_sees_opted_in_pod_creates_and_fails_closed_in_time() -
     assert budget < hook["timeoutSeconds"]
 
 
-def test_rbac_is_get_list_watch_on_nodes_and_nothing_else() -> None:
+def test_rbac_is_get_list_watch_on_nodes_and_node_features_and_nothing_else() -> None:
     role = deploy_object("ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["nfd.k8s-sigs.io"], "resources": ["nodefeatures"],
+                              "verbs": ["get", "list", "watch"]}]
     assert not [d for d in deploy_docs() if d["kind"] in ("Role", "RoleBinding")]
     binding = deploy_object("ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ocifit", "namespace": "ocifit-system"}]
