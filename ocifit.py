@@ -5,14 +5,15 @@ A Kubernetes mutating admission webhook in one file, Python standard library onl
 
 A pod opts in with the label ``oci.image.compatibilities.selection/enabled: "true"`` and names a
 compatibility artifact with the annotation ``oci.image.compatibilities.selection/image-ref``. ocifit
-evaluates the artifact's rules against the labels of the nodes the pod can land on (its nodeSelector,
-required node affinity and tolerations decide which) and answers with a JSONPatch that swaps every
-container image equal to ``.../target-image`` (default ``placeholder:latest``) for the chosen image.
+evaluates the artifact's rules against the nodes the pod can land on (its nodeSelector, required node
+affinity and tolerations decide which): against their labels, or, for a spec in Node Feature Discovery's
+dialect, against the feature sets NFD publishes in NodeFeature objects. It answers with a JSONPatch that swaps
+every container image equal to ``.../target-image`` (default ``placeholder:latest``) for the chosen image.
 If the candidate nodes disagree, or nothing matches, the pod is denied with a message saying why.
 
 Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
   serve    the HTTPS webhook: POST /mutate, GET /healthz /readyz /metrics
-  match    evaluate a spec against labels or a node list, print the chosen image
+  match    evaluate a spec against labels, a node list or NFD node features, print the chosen image
   review   answer one AdmissionReview from a file, exactly as ``serve`` would
   fetch    pull a compatibility artifact from a registry and print its spec
 
@@ -21,7 +22,7 @@ Sections (each under a banner of its name), the machinery first, then in the ord
   Logging and JSON         one-line log records, the writer thread, JSON from untrusted hands
   Shared machinery         bounded caches, watched files, socket deadlines, Retry-After
   Metrics                  Prometheus text from counters, histograms and gauges
-  Compatibility spec       parse and validate a spec; match it against a node's labels
+  Compatibility spec       parse and validate a spec (ocifit's dialect or NFD's); match it against a node
   Node view                nodes, snapshots, where a pod may land; nodes from a file or the cluster
   Artifacts and registry   where specs come from: local files, an OCI registry, the cache in front
   Admission                AdmissionReview in -> Decision -> AdmissionReview out; the webhook edge
@@ -516,18 +517,19 @@ def load_json(data: Any, object_hook: Optional[Callable[[Dict[str, Any]], Any]] 
 # Strict YAML-subset parser (stdlib only; CPython 3.9+).
 #
 # load_yaml(text) returns exactly what PyYAML's yaml.safe_load(text) returns
-# for the supported subset, and raises YAMLError ("line L, column C: ...")
-# for everything else.  Supported: one document (optional leading '---',
-# optional trailing '...'), block mappings/sequences (incl. compact "- k: v"
-# and indentless "key:\n- item"), flow collections, plain / single-quoted /
-# double-quoted scalars (PyYAML line folding), comments, YAML 1.1 implicit
-# types as resolved by PyYAML's SafeLoader.
+# for the supported subset and raises YAMLError ("line L, column C: ...") for
+# everything else.  Supported: one document (optional leading '---', optional
+# trailing '...'), block mappings/sequences (incl. compact "- k: v" and
+# indentless "key:\n- item"), flow collections, plain / single-quoted /
+# double-quoted scalars (with PyYAML's line folding), comments, and YAML 1.1
+# implicit types exactly as PyYAML's SafeLoader resolves them.
 # Refused: anchors, aliases, tags, directives, block scalars (| >), complex
-# keys (?), merge keys (<<), timestamps, '=' values, multi-line plain
-# scalars, single-pair mappings inside flow sequences, empty keys, multiple
-# documents, tabs outside quoted scalars/comments, NEL/LS/PS line breaks.
+# keys (?), merge keys (<<), timestamps, '=', multi-line plain scalars,
+# single-pair mappings inside flow sequences, empty keys, multiple documents,
+# tabs outside quoted scalars/comments, NEL/LS/PS line breaks, inner BOMs.
 # Deliberate differences from PyYAML: duplicate mapping keys are an error
-# (PyYAML keeps the last value); inputs beyond the limits below are errors.
+# (PyYAML keeps the last value); so is exceeding the limits below (PyYAML has
+# none; numbers over 4300 characters would otherwise convert slowly).
 # ---------------------------------------------------------------------------
 
 YAML_MAX_BYTES = 1 << 20  # UTF-8 size of the input
@@ -543,6 +545,9 @@ class YAMLError(ValueError):
         super().__init__("line %d, column %d: %s" % (line, column, problem))
         self.problem, self.line, self.column = problem, line, column
 
+    def __reduce__(self) -> Any:
+        return type(self), (self.problem, self.line, self.column)
+
 
 # Characters PyYAML's reader rejects, and line breaks we do not support.
 _YAML_NON_PRINTABLE = re.compile(
@@ -550,6 +555,7 @@ _YAML_NON_PRINTABLE = re.compile(
     "|[\x85\u2028\u2029\ufeff]"
 )
 _YAML_SPACES = re.compile(" *")
+_YAML_BLANKS = re.compile("[ \t]*")
 # One "chunk" of a plain scalar: runs of non-space characters where ':' is
 # allowed only if not followed by a space (block) or a flow indicator (flow).
 _YAML_BLOCK_CHUNK = re.compile(r"[^ \t\n\0:]*(?::(?=[^ \t\n\0])[^ \t\n\0:]*)*")
@@ -609,8 +615,6 @@ _YAML_BAD_START = {
     ":": "empty keys are not supported",
     "-": "block sequence entries are not allowed here",
     "\0": "unexpected end of input",
-    "\n": "expected a value",
-    "#": "expected a value",
     "\t": "tabs are only allowed inside quoted scalars and comments",
 }
 
@@ -646,6 +650,17 @@ def _yaml_number(text: str) -> Any:
     return sign * (float(value) if is_float else int(value))
 
 
+def _yaml_match(pattern: "re.Pattern[str]", s: str, pos: int, end: Optional[int] = None) -> "re.Match[str]":
+    """A match of a pattern that always matches (it may match nothing)."""
+    m = pattern.match(s, pos) if end is None else pattern.match(s, pos, end)
+    assert m is not None
+    return m
+
+
+def _yaml_end(pattern: "re.Pattern[str]", s: str, pos: int) -> int:
+    return _yaml_match(pattern, s, pos).end()
+
+
 class _YamlParser:
     """Recursive-descent parser over the whole text; self.pos is the cursor."""
 
@@ -678,7 +693,7 @@ class _YamlParser:
             raise self.error("more than %d nodes" % YAML_MAX_NODES)
 
     def skip_spaces(self) -> None:
-        self.pos = p = _YAML_SPACES.match(self.s, self.pos).end()  # type: ignore[union-attr]  # the pattern always matches
+        self.pos = p = _yaml_end(_YAML_SPACES, self.s, self.pos)
         if self.s[p] == "\t":
             if not self.s[self.s.rfind("\n", 0, p) + 1 : p].strip(" "):
                 raise self.error("tabs are not allowed for indentation")
@@ -924,11 +939,11 @@ class _YamlParser:
         s, chunk = self.s, _YAML_FLOW_CHUNK if flow else _YAML_BLOCK_CHUNK
         start = end = p = self.pos
         while True:
-            m = chunk.match(s, p)
-            if m.end() == p:  # type: ignore[union-attr]  # the pattern always matches
+            m = _yaml_match(chunk, s, p)
+            if m.end() == p:
                 break
-            end = p = m.end()  # type: ignore[union-attr]  # the pattern always matches
-            q = _YAML_SPACES.match(s, p).end()  # type: ignore[union-attr]  # the pattern always matches
+            end = p = m.end()
+            q = _yaml_end(_YAML_SPACES, s, p)
             if q == p or s[q] == "#":
                 break
             p = q
@@ -986,7 +1001,7 @@ class _YamlParser:
                     chunks.append(_YAML_ESCAPES[ch])
                 elif ch in _YAML_HEX_ESCAPES:
                     size = _YAML_HEX_ESCAPES[ch]
-                    digits = _YAML_HEX.match(s, p, p + size).group()  # type: ignore[union-attr]  # the pattern always matches
+                    digits = _yaml_match(_YAML_HEX, s, p, p + size).group()
                     if len(digits) != size:
                         raise self.error("expected %d hex digits in escape" % size, p)
                     if int(digits, 16) > 0x10FFFF:
@@ -994,18 +1009,16 @@ class _YamlParser:
                     chunks.append(chr(int(digits, 16)))
                     p += size
                 elif ch == "\n":
-                    p = self.fold_breaks(p, chunks, start)
+                    p = self.fold_breaks(p, chunks)
                 elif p > self.n:
                     raise self.error("unterminated quoted scalar", start)
                 else:
                     raise self.error("unknown escape character %r" % ch, p - 1)
             else:  # white space, line break or end of input
-                q = p
-                while s[p] in " \t":
-                    p += 1
+                q, p = p, _yaml_end(_YAML_BLANKS, s, p)
                 if s[p] == "\n":
                     breaks: List[str] = []
-                    p = self.fold_breaks(p + 1, breaks, start)
+                    p = self.fold_breaks(p + 1, breaks)
                     chunks.extend(breaks or [" "])
                 elif p >= self.n:
                     raise self.error("unterminated quoted scalar", start)
@@ -1015,14 +1028,13 @@ class _YamlParser:
         self.count_node()
         return "".join(chunks)
 
-    def fold_breaks(self, p: int, chunks: List[str], start: int) -> int:
+    def fold_breaks(self, p: int, chunks: List[str]) -> int:
         """At a line start inside a quoted scalar: skip indentation, keep empty lines."""
         s = self.s
         while True:
             if s.startswith(("---", "..."), p) and s[p + 3] in " \t\n\0":
                 raise self.error("document marker inside a quoted scalar", p)
-            while s[p] in " \t":
-                p += 1
+            p = _yaml_end(_YAML_BLANKS, s, p)
             if s[p] != "\n":
                 return p
             chunks.append("\n")

@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+import yaml
+from hypothesis import HealthCheck, event, given, settings as hypothesis_settings, strategies as st
 
 import ocifit
 
@@ -657,6 +659,628 @@ def test_node_features_merge_as_nfd_master_does() -> None:
     again = ocifit.features_from_document({"items": [node_feature("n2", worker["spec"]["features"])]},
                                           "node-feature-discovery")["n2"]
     assert same.attributes["kernel.version"] is again.attributes["kernel.version"]  # one shared copy
+
+
+# ---- the strict YAML subset specs may come in, differentially against PyYAML ----
+
+_MISSING = object()
+
+
+def same(a, b):
+    """Strict equality: same types, dict key order, NaN == NaN, -0.0 != 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a) and all(
+            same(x, y) for x, y in zip(a, b))
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return a == b
+
+
+def pyyaml(text):
+    """yaml.safe_load(text), or _MISSING if PyYAML rejects it (any exception)."""
+    try:
+        return yaml.safe_load(text)
+    except Exception:  # PyYAML also raises ValueError etc. on odd input
+        return _MISSING
+
+
+def check_same(text):
+    expected = yaml.safe_load(text)
+    got = ocifit.load_yaml(text)
+    assert same(got, expected), (text, got, expected)
+
+
+def check_agree_or_refuse(text):
+    """The safety property: load_yaml either raises ocifit.YAMLError or agrees with PyYAML."""
+    try:
+        got = ocifit.load_yaml(text)
+    except ocifit.YAMLError as e:
+        assert re.match(r"line \d+, column \d+: ", str(e)), str(e)
+        return "refused (PyYAML %s)" % ("rejects" if pyyaml(text) is _MISSING else "accepts")
+    expected = pyyaml(text)
+    assert expected is not _MISSING, ("load_yaml accepted what PyYAML rejects", text, got)
+    assert same(got, expected), (text, got, expected)
+    return "accepted"
+
+
+YAML_NFD_SPEC = """\
+version: v1alpha1
+compatibilities:
+- description: "My image requirements"
+  rules:
+  - name: "kernel and cpu"
+    matchFeatures:
+    - feature: kernel.loadedmodule
+      matchExpressions:
+        vfio-pci: {op: Exists}
+    - feature: cpu.model
+      matchExpressions:
+        vendor_id: {op: In, value: ["Intel", "AMD"]}
+  - name: "one of available nics"
+    matchAny:
+    - matchFeatures:
+      - feature: pci.device
+        matchExpressions:
+          vendor: {op: In, value: ["0eee"]}
+          class: {op: In, value: ["0200"]}
+    - matchFeatures:
+      - feature: pci.device
+        matchExpressions:
+          vendor: {op: In, value: ["0fff"]}
+          class: {op: In, value: ["0200"]}
+"""
+
+K8S_DEPLOYMENT = """\
+# A Kubernetes manifest
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  labels: {app: web, tier: "frontend"}
+  annotations:
+    example.com/compat: 'true'
+    note: "a # not a comment"
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+    spec:
+      containers:
+        - name: nginx
+          image: nginx:1.25.3@sha256:0123abcd
+          args: ["--port", "8080", --verbose]
+          ports:
+            - containerPort: 80
+              protocol: TCP
+          env:
+          - name: EMPTY
+            value: ""
+          - name: NUM
+            value: "42"
+          resources: {}
+          command:
+          - /bin/sh
+          - -c
+          - echo hi && sleep 1
+      tolerations: []
+      nodeSelector:
+        kubernetes.io/os: linux
+...
+"""
+
+VALID_DOCS = [
+    YAML_NFD_SPEC,
+    K8S_DEPLOYMENT,
+    "",
+    "\n\n",
+    "# only a comment\n",
+    "---\n",
+    "--- # comment\n",
+    "---\n...\n",
+    "a\n...\n",
+    "a\n... # end\n# trailing comment\n",
+    "--- a\n",
+    "--- [a, b]\n",
+    "--- {a: 1}  # c\n",
+    "--- 'x'\n",
+    "# c1\n\n# c2\n---\na: 1\n",
+    "\ufeffa: 1\n",
+    "a: 1\r\nb:\r\n- x\r\n",
+    "a: 1\rb: 2\r",
+    "plain scalar",
+    "'single'",
+    '"double"',
+    "[a, 'b', \"c\"]",
+    "{}",
+    "[]",
+    "[ ]",
+    "{ }",
+    "a:\n- b\n- c\nd: e\n",
+    "a:\n  - b\n  - c\nd: e\n",
+    "- a\n- b: c\n  d: e\n- - f\n  - g\n-\n- - - h\n",
+    "-   a: 1\n    b: 2\n-   c\n",
+    "- a:\n  - b\n  c: 1\n",
+    "- a:\n- b\n",
+    "-\n  a\n- # comment\n  b: 1\n",
+    "key:\n  nested:\n    deeper: [1, 2, {x: y}]\n  sibling: ~\n",
+    "a:\n  b\nc: 1\n",
+    "a:\n\n  # comment\n\n  b: 1\n",
+    "a:    # comment\n  - 1\n",
+    "a: b # comment\nc: d#not-comment\n",
+    "a: [b]#comment\nc: 'd'#comment\n",
+    "a: 'b'  \n",
+    "a : 1\n\"b\" : 2\n'c': 3\n",
+    "a:\n",
+    "a:\nb:\n",
+    "a: \nb: ''\nc: \"\"\n",
+    "- \n- ''\n",
+    "  a: 1\n  b: 2\n",
+    "    - a\n    - b\n",
+    "x: -a\ny: ?b\nz: :c\nw: a:b\nv: a :b\n",
+    "url: http://example.com:8080/path?q=1#frag\n",
+    "a: b&c*d!e|f>g%h@i`j\n",
+    "b: --\nc: ---x\nd: ...x\n",
+    "a: [-]\nb: [-a, a-]\n",
+    # scalars and type resolution
+    "- ~\n- null\n- Null\n- NULL\n- nULL\n- none\n- ''\n- 'null'\n",
+    "- yes\n- Yes\n- YES\n- yEs\n- no\n- No\n- NO\n- true\n- True\n- TRUE\n- tRUE\n"
+    "- false\n- False\n- FALSE\n- on\n- On\n- ON\n- off\n- Off\n- OFF\n- y\n- n\n- Y\n- N\n",
+    "- 0\n- -0\n- +0\n- 00\n- 012\n- 0o12\n- 09\n- 0x1F\n- 0X1F\n- -0x1f\n- 0b101\n"
+    "- -0b11\n- 1_000\n- 0_\n- 1:20\n- -1:20:30\n- 190:20:30\n- 1__2\n- 0b\n- 0x\n",
+    "- 1.0\n- -1.5\n- +1.\n- .5\n- -.5\n- 1e3\n- 1.0e3\n- 1.0e+3\n- 1.e-3\n- 1_0.5\n"
+    "- .inf\n- -.Inf\n- +.INF\n- .nan\n- .NaN\n- .NAN\n- -.nan\n- 1:30.5\n- 1:2.5\n"
+    "- 1_._e+1\n- 1.2.3\n- .\n- ._\n- 6.8523015e+5\n- 685.230_15e+03\n",
+    "- 12345678901234567890123456789\n- 0x" + "f" * 100 + "\n",
+    "1: a\n2.5: b\nfalse: c\n~: d\n'1': e\n",
+    "{1: a, null: b, false: c}",
+    "- 2001-12-14x\n- 2001-12-1\n- '2001-12-14'\n",
+    # quoting
+    "- 'it''s'\n- ''''\n- 'a\\b'\n- 'a\"b'\n- '#x'\n- ' lead'\n- 'trail '\n",
+    '- "\\\\ \\" \\n \\t \\r \\0 \\/ \\a \\b \\e \\f \\v \\N \\_ \\L \\P \\ "\n',
+    '- "\\x41\\u00e9\\U0001F600\\u263A\\t"\n- "tab\tinside"\n- "\\\ttab-escape"\n',
+    "- 'tab\tinside'\n",
+    '- "a\n  b"\n- "a\n\n  b"\n- "a  \n  b"\n- "a\\\n  b"\n- "a\\\n\n  b"\n',
+    "- 'a\n  b'\n- 'a\n\n\n  b'\n- 'a \n   \n b'\n",
+    'a: "x\ny"\nb: 1\n',
+    '- "x\n- y"\n',
+    "key: 'multi\n  line' # comment\n",
+    '"quoted key": 1\n\'single key\': 2\n"": 3\n',
+    "'a''b': \"c\\\"d\"\n",
+    "- unicode: héllo wörld ✓ 日本語 😀\n",
+    "- \"\\u00e9\": 1\n",
+    # flow collections
+    "{a: 1, b: [x, y], c: {d: e}}",
+    "[a, [b, [c, [d]]], {e: [f]}]",
+    "[a, b,]\n",
+    "{a: 1,}\n",
+    "{a: 1, b, c: }\n",
+    "{a:1}\n",
+    "{a:}\n",
+    '{"a":1, \'b\':2}\n',
+    "{a: , b: 1}\n",
+    "[a :b]\n",
+    "{a :b}\n",
+    "[a, b\n  , c]\n",
+    "a: [1,\n2,\n   3]\nb: 4\n",
+    "a: {x: 1,  # comment\n    y: 2}\n",
+    "[\n  a,\n  # comment\n  b\n]\n",
+    "[a,#c\n b]\n",
+    "{a: \n  1}\n",
+    "[a b c, 'd e']\n",
+    "[http://x/y, a:b, 'c: d']\n",
+    "[\"a\n  b\", 'c\n\n  d']\n",
+    "{a: [1, 2], b: {c: [3, {d: 4}]}}\n",
+    "- [a, b]\n- {c: d}\n- []\n- {}\n",
+    "a: []\nb: {}\n",
+    # comments in odd places
+    "# head\na: 1 # tail\n# between\nb: # after key\n  # inside\n  - 1 # item\n  # end\n",
+    "- a # c\n# c\n- b\n",
+    "#a: 1\n",
+    "a: 1\n  # indented comment\nb: 2\n",
+    # keys at the 1024 limit
+    "k" * 1024 + ": v\n",
+    "'" + "k" * 1022 + "': v\n",
+    "{" + "k" * 1024 + ": v}\n",
+]
+
+
+@pytest.mark.parametrize("text", VALID_DOCS)
+def test_valid_documents_match_pyyaml(text):
+    check_same(text)
+
+
+def test_nfd_example_value():
+    got = ocifit.load_yaml(YAML_NFD_SPEC)
+    rule = got["compatibilities"][0]["rules"][0]
+    assert rule["matchFeatures"][1]["matchExpressions"]["vendor_id"] == {
+        "op": "In", "value": ["Intel", "AMD"]}
+    assert got == yaml.safe_load(YAML_NFD_SPEC)
+
+
+# Documents PyYAML rejects: load_yaml must reject them too.
+INVALID_DOCS = [
+    "a: b: c\n",
+    "a: 1\nb\n",
+    "a: 1\n- b\n",
+    "a:\n  - b\n - c\n",
+    " a: 1\nb: 2\n",
+    "- a: 1\n b: 2\n",
+    "a:\tb\n",
+    "a: b\tc\n",
+    "[a,\tb]\n",
+    "a: 1\n\t\nb: 2\n",
+    "...\n",
+    "# c\n...\n",
+    "---\n---\n",
+    "a\n...\nb\n",
+    "a\n... b\n",
+    "--- - a\n",
+    "--- a: b\n",
+    "[a, , b]\n",
+    "[,]\n",
+    "{a: 1: 2}\n",
+    "{a\n: 1}\n",
+    '{"a\nb": 1}\n',
+    '"a\nb": 1\n',
+    "a: [b]: c\n",
+    '"a\n---\nb"\n',
+    "[a,\n---\n]\n",
+    "[a\n",
+    "{a: 1\n",
+    "'abc\n",
+    '"abc\n',
+    '"\\q"\n',
+    '"\\x4"\n',
+    '"\\U00110000"\n',
+    "0b_\n",
+    "0x_\n",
+    "=\n",
+    "a: <<\n",
+    "*a\n",
+    "[a]b\n",
+    "a: 'b' c\n",
+    "k" * 1025 + ": v\n",
+    "{" + "k" * 1025 + ": v}\n",
+    "a\x00b\n",
+    "a: \x07\n",
+    "- a\n  - b: c\n",
+    "a: - b\n",
+    "[- a]\n",
+    "a: @x\n",
+    "a: `x\n",
+    "a: %x\n",
+    "[a]]\n",
+    "a: 1\n a2: 2\n",
+]
+
+
+@pytest.mark.parametrize("text", INVALID_DOCS)
+def test_pyyaml_rejects_and_so_do_we(text):
+    assert pyyaml(text) is _MISSING, "PyYAML accepts %r" % text
+    with pytest.raises(ocifit.YAMLError):
+        ocifit.load_yaml(text)
+
+
+# Refusals: (text, construct named in the message, line, column).
+REFUSALS = [
+    ("a: &x 1\n", "anchors (&)", 1, 4),
+    ("a: 1\nb: *x\n", "aliases (*)", 2, 4),
+    ("a: !!str 1\n", "tags (!)", 1, 4),
+    ("- !custom x\n", "tags (!)", 1, 3),
+    ("---\na: 1\n---\nb: 2\n", "multiple documents", 3, 1),
+    ("a: 1\n---\n", "multiple documents", 2, 1),
+    ("a:\n\t- b\n", "tabs are not allowed for indentation", 2, 1),
+    ("a:\n  \tb: 1\n", "tabs are not allowed for indentation", 2, 3),
+    ("a: b\t# c\n", "tabs", 1, 5),
+    ("%YAML 1.1\n---\na: 1\n", "directives (%)", 1, 1),
+    ("%TAG ! tag:example.com,2000:\n---\na: 1\n", "directives (%)", 1, 1),
+    ("a: |\n  text\n", "block scalars (| and >)", 1, 4),
+    ("a: >-\n  text\n", "block scalars (| and >)", 1, 4),
+    ("- |\n  text\n", "block scalars (| and >)", 1, 3),
+    ("? a\n: b\n", "complex keys (?)", 1, 1),
+    ("{? a: b}\n", "complex keys (?)", 1, 2),
+    ("<<: {a: 1}\n", "merge keys (<<)", 1, 1),
+    ("a: 1\nb: 2\na: 3\n", "duplicate mapping key 'a'", 3, 1),
+    ("{a: 1, a: 2}\n", "duplicate mapping key 'a'", 1, 8),
+    ("1: a\n1.0: b\n", "duplicate mapping key 1.0", 2, 1),
+    ("- x: 1\n  y: 2\n  x: 3\n", "duplicate mapping key 'x'", 3, 3),
+    ("a: b\n  c\n", "multi-line plain scalars", 2, 3),
+    ("- a\n  - b\n", "multi-line plain scalars", 2, 3),
+    ("[a\n b]\n", "multi-line plain scalars", 2, 2),
+    ("plain\ncontinued\n", "multi-line plain scalars", 2, 1),
+    ("a: 2001-12-14\n", "timestamps", 1, 4),
+    ("a: 2001-12-14 21:59:43.10 -5\n", "timestamps", 1, 4),
+    ("a: =\n", "'='", 1, 4),
+    ("[a: b]\n", "mappings inside flow sequences", 1, 3),
+    (": a\n", "empty keys", 1, 1),
+    ("[a]: b\n", "collections cannot be mapping keys", 1, 1),
+    ("{[a]: b}\n", "collections cannot be mapping keys", 1, 2),
+    ('"a\nb": 1\n', "single line", 1, 1),
+    ("k" * 1025 + ": v\n", "longer than 1024", 1, 1),
+    ("a: x\u2028y\n", "line break U+2028", 1, 5),
+    ("a: x\x85y\n", "line break U+0085", 1, 5),
+    ("a: x\ufeffy\n", "byte order mark", 1, 5),
+    ("a: \x01\n", "non-printable", 1, 4),
+    ("a: 1\n...\nb: 2\n", "after the document end", 3, 1),
+    ("a: [1, 2\n", "end of input inside a flow collection", 2, 1),
+    ("a: 'abc\n", "unterminated quoted scalar", 1, 4),
+    ('a: "\\q"\n', "unknown escape", 1, 6),
+    ('a: "\\x4g"\n', "hex digits", 1, 7),
+    ('a: "\\U00110000"\n', "out of range", 1, 5),
+    ("a: 0b_\n", "invalid number", 1, 4),
+    ("a: 1" + "0" * 4300 + "\n", "numbers longer than", 1, 4),
+    ("a:\n  b: 1\n c: 2\n", "unexpected indentation", 3, 2),
+    ("a:\n  - b\n  c\n", "unexpected indentation", 3, 3),
+    ("- a: b\n  c\n", "expected ':'", 2, 4),
+    ("a: b: c\n", "mapping values are not allowed", 1, 5),
+    ("a: - b\n", "block sequence entries are not allowed", 1, 4),
+]
+
+
+@pytest.mark.parametrize("text,construct,line,column", REFUSALS)
+def test_refusals_name_line_column_and_construct(text, construct, line, column):
+    with pytest.raises(ocifit.YAMLError) as info:
+        ocifit.load_yaml(text)
+    err = info.value
+    assert str(err).startswith("line %d, column %d: " % (line, column)), str(err)
+    assert construct in str(err), str(err)
+    assert (err.line, err.column) == (line, column)
+
+
+def test_duplicate_keys_are_the_deliberate_difference():
+    text = "a: 1\na: 2\n"
+    assert yaml.safe_load(text) == {"a": 2}
+    with pytest.raises(ocifit.YAMLError, match="duplicate"):
+        ocifit.load_yaml(text)
+
+
+def test_non_string_input():
+    with pytest.raises(TypeError):
+        ocifit.load_yaml(b"a: 1")  # type: ignore[arg-type]
+
+
+# -- limits -------------------------------------------------------------------
+def test_depth_limit_block():
+    def nested(depth):
+        return "".join("  " * i + "k:\n" for i in range(depth - 1)) + "  " * (depth - 1) + "k: v\n"
+    check_same(nested(64))
+    with pytest.raises(ocifit.YAMLError, match="nesting deeper than 64"):
+        ocifit.load_yaml(nested(65))
+    check_same("- " * 64 + "x\n")
+    with pytest.raises(ocifit.YAMLError, match="nesting"):
+        ocifit.load_yaml("- " * 65 + "x\n")
+
+
+def test_depth_limit_flow():
+    check_same("[" * 64 + "]" * 64)
+    with pytest.raises(ocifit.YAMLError, match="nesting") as info:
+        ocifit.load_yaml("[" * 65 + "]" * 65)
+    assert str(info.value).startswith("line 1, column 65:")
+    with pytest.raises(ocifit.YAMLError, match="nesting"):
+        ocifit.load_yaml("{a: " * 100000 + "}" * 100000)
+
+
+def test_node_limit():
+    check_same("[" + ",".join(["1"] * 99999) + "]")
+    with pytest.raises(ocifit.YAMLError, match="more than 100000 nodes"):
+        ocifit.load_yaml("[" + ",".join(["1"] * 100000) + "]")
+    with pytest.raises(ocifit.YAMLError, match="nodes"):
+        ocifit.load_yaml("- a\n" * 200000)
+
+
+def test_size_limit():
+    ok = "a: " + "x" * (ocifit.YAML_MAX_BYTES - 4) + "\n"
+    assert len(ok) == ocifit.YAML_MAX_BYTES
+    assert ocifit.load_yaml(ok) == {"a": "x" * (ocifit.YAML_MAX_BYTES - 4)}
+    with pytest.raises(ocifit.YAMLError, match="larger than"):
+        ocifit.load_yaml(ok + " ")
+    with pytest.raises(ocifit.YAMLError, match="larger than"):  # counted in UTF-8 bytes
+        ocifit.load_yaml("a: " + "é" * (ocifit.YAML_MAX_BYTES // 2))
+
+
+@pytest.mark.parametrize("line", [
+    "a: " + "x" * (ocifit.YAML_MAX_BYTES - 10),
+    "a: " + "x " * (ocifit.YAML_MAX_BYTES // 2 - 10),
+    "a: " + "x:" * (ocifit.YAML_MAX_BYTES // 2 - 10),
+    "a: " + ": " * (ocifit.YAML_MAX_BYTES // 2 - 10),
+    "[" + "a " * (ocifit.YAML_MAX_BYTES // 2 - 10) + "]",
+    "[" + "a," * 90000 + "]",
+    '"' + "\\\\ " * (ocifit.YAML_MAX_BYTES // 3 - 10) + '"',
+    "'" + "''" * (ocifit.YAML_MAX_BYTES // 2 - 10) + "'",
+    "a: '" + "x" * (ocifit.YAML_MAX_BYTES - 10),
+    "- 1" + "0_" * (ocifit.YAML_MAX_BYTES // 2 - 10),
+    "- 1" + ":1" * (ocifit.YAML_MAX_BYTES // 2 - 10),
+    "- " + "9" * (ocifit.YAML_MAX_BYTES - 10) + "x",
+    "- 1:" + "5" * (ocifit.YAML_MAX_BYTES - 10) + ".",
+    "{" * 64 + "a" * (ocifit.YAML_MAX_BYTES - 200),
+    " " * (ocifit.YAML_MAX_BYTES - 10) + "a",
+    "#" * (ocifit.YAML_MAX_BYTES - 1),
+    "\n" * (ocifit.YAML_MAX_BYTES - 1),
+])
+def test_one_mib_line_is_fast(line):
+    assert len(line.encode()) <= ocifit.YAML_MAX_BYTES
+    start = time.perf_counter()
+    try:
+        ocifit.load_yaml(line)
+    except ocifit.YAMLError:
+        pass
+    assert time.perf_counter() - start < 2.0
+
+
+# -- hypothesis: safe_dump round trips ------------------------------------------
+SPECIAL_STRINGS = [
+    "", " ", "  x", "x  ", "-", "- x", "--", "---", "...", ":", ": ", "a: b", "a:b", "#",
+    "a #b", "a#b", "'", '"', "''", "\\", "\n", "\n\n", "a\nb", "a\n\nb", " a\n b ", "\t",
+    "a\tb", "~", "null", "Null", "NULL", "yes", "No", "on", "OFF", "y", "n", "true",
+    "False", "0", "-0", "007", "0o7", "0x1F", "0b101", "1_000", "1:20", "1:20.5", "1e3",
+    "1.0", ".5", "-.5", ".inf", "-.Inf", ".NaN", "2001-12-14", "2001-12-14 21:59:43.10 -5",
+    "<<", "=", "?", "? x", "*x", "&x", "!x", "|", ">", "%x", "@x", "`x", "[a]", "{a: b}",
+    ",", "a, b", "é", "日本", "😀", "\x07", "\x1b", "\x7f", "\xa0", "\ufeff", "\u2028",
+    "\x85", "\ud7ff", "\ue000", "\ufffd",
+]
+scalar_text = st.one_of(
+    st.sampled_from(SPECIAL_STRINGS),
+    st.text(st.characters(blacklist_categories=["Cs"]), max_size=30),
+    st.text(" -:#'\"\\\n\tab01.x[]{},?&*!|>%@`~", max_size=30),
+)
+leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(-(10 ** 30), 10 ** 30),
+    st.floats(allow_nan=True, allow_infinity=True), scalar_text)
+json_like = st.recursive(
+    leaf, lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(scalar_text, children, max_size=5)),
+    max_leaves=30)
+strings_only = st.recursive(
+    scalar_text, lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(scalar_text, children, max_size=5)),
+    max_leaves=30)
+dump_options = st.fixed_dictionaries({
+    "default_flow_style": st.sampled_from([False, True, None]),
+    "indent": st.integers(2, 9),
+    "width": st.sampled_from([10, 40, 80, 10000]),
+    "sort_keys": st.booleans(),
+    "allow_unicode": st.booleans(),
+    "explicit_start": st.booleans(),
+    "explicit_end": st.booleans(),
+    "line_break": st.sampled_from([None, "\n", "\r\n"]),
+})
+
+
+def allowed_refusal(text, err):
+    """Is err a refusal of a construct that safe_dump really emitted?"""
+    msg = str(err)
+    tokens = list(yaml.scan(text))
+    if "multi-line plain" in msg:
+        return any(isinstance(t, yaml.ScalarToken) and t.plain
+                   and t.start_mark.line != t.end_mark.line for t in tokens)
+    if "complex keys" in msg:
+        return any(isinstance(t, yaml.KeyToken) and text[t.start_mark.index] == "?"
+                   for t in tokens)
+    if "tags" in msg:
+        return any(isinstance(t, yaml.TagToken) for t in tokens)
+    if "unsupported line break" in msg:
+        return any(c in text for c in "\x85\u2028\u2029")
+    return False
+
+
+def dump_and_compare(value, options):
+    text = yaml.safe_dump(value, **options)
+    expected = yaml.safe_load(text)
+    try:
+        got = ocifit.load_yaml(text)
+    except ocifit.YAMLError as e:
+        assert allowed_refusal(text, e), (text, str(e))
+        event("refused: " + e.problem)
+        return
+    assert same(got, expected), (text, got, expected)
+    event("accepted")
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_like, dump_options)
+def test_safe_dump_roundtrip(value, options):
+    dump_and_compare(value, options)
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(strings_only, dump_options, st.sampled_from(["'", '"']))
+def test_safe_dump_quoted_styles(value, options, style):
+    dump_and_compare(value, dict(options, default_style=style))
+
+
+config_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+    st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"),
+                          blacklist_characters="\ufeff\x85"), max_size=40))
+config_like = st.recursive(
+    config_leaf, lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.text("abcXYZ019-_./", min_size=1, max_size=12), children,
+                        max_size=4)),
+    max_leaves=40)
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config_like, dump_options)
+def test_safe_dump_config_like_never_refused(value, options):
+    """Single-line scalars and ordinary keys must always be accepted."""
+    text = yaml.safe_dump(value, **dict(options, width=10 ** 6))
+    assert same(ocifit.load_yaml(text), yaml.safe_load(text)), text
+
+
+# -- hypothesis: fuzzing never yields a value PyYAML would not give ----------------
+FUZZ_TOKENS = list(" \n-:#\"'[]{},\\\t&*!|>?%@`~.0123456789abxeE+_") + [
+    "- ", ": ", "  ", "\n  ", "\n- ", "---", "...", "''", '\\"', "true", "null", "0x",
+    "<<", "1:2", "a: ", "{a: 1}", "[b, c]", "\"q\"", "'s'", " # c\n", "\r\n", "é", "\\n",
+    "\\x4", "\\u00e9", "yes", "1.5", ".inf",
+]
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(FUZZ_TOKENS), max_size=40))
+def test_fuzz_token_soup(tokens):
+    event(check_agree_or_refuse("".join(tokens)))
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(VALID_DOCS[:12] + VALID_DOCS[26:40] + VALID_DOCS[60:80]),
+       st.lists(st.tuples(st.floats(0, 1), st.integers(0, 2), st.sampled_from(FUZZ_TOKENS)),
+                min_size=1, max_size=4))
+def test_fuzz_mutations(doc, mutations):
+    for where, op, token in mutations:
+        i = int(where * len(doc))
+        if op == 0:
+            doc = doc[:i] + token + doc[i:]
+        elif op == 1:
+            doc = doc[:i] + doc[i + 1:]
+        else:
+            doc = doc[:i] + token + doc[i + len(token):]
+    event(check_agree_or_refuse(doc))
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_like, dump_options, st.integers(0, 10 ** 6), st.sampled_from(FUZZ_TOKENS))
+def test_fuzz_mutated_dumps(value, options, where, token):
+    text = yaml.safe_dump(value, **options)
+    i = where % (len(text) + 1)
+    event(check_agree_or_refuse(text[:i] + token + text[i:]))
+
+
+FUZZ_KEYS = ["a", "b", "k", "'q'", '"d"', "1", "~", "yes", "a b", "-x", "x:y", "é", "''"]
+FUZZ_VALUES = ["", "v", "1", "-1", "0x1f", "1.5", ".nan", "null", "No", "'s'", '"d\\n"',
+               "[]", "{}", "[a, b]", "{a: 1}", "a b", "'a''b'", "-x"]
+FUZZ_ODD_VALUES = ["[a,", "b]", "\"x", "y\"", "- c", "a: b", "#c", "-", "?", "&a x", "!t x",
+                   "|", ">-", "*a", "<<", "2001-01-01", "a\tb"]
+block_line = st.tuples(
+    st.sampled_from([0, 0, 0, 2, 2, 2, 4, 4, 1, 3, 6]),
+    st.lists(st.sampled_from(["- ", "- ", "-  ", "-"]), max_size=2),
+    st.one_of(st.none(), st.sampled_from(FUZZ_KEYS)),
+    st.one_of(st.sampled_from(FUZZ_VALUES), st.sampled_from(FUZZ_VALUES),
+              st.sampled_from(FUZZ_VALUES), st.sampled_from(FUZZ_ODD_VALUES)),
+    st.sampled_from(["", "", "", " # c", "  ", "\n"]))
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(block_line, min_size=1, max_size=10), st.sampled_from(["", "---\n", "--- "]),
+       st.sampled_from(["", "...\n", "\n"]))
+def test_fuzz_block_lines(lines, head, tail):
+    text = head + "".join(
+        " " * ind + "".join(dashes) + ("" if key is None else key + ":" + (" " if value else ""))
+        + value + end + "\n"
+        for ind, dashes, key, value, end in lines) + tail
+    event(check_agree_or_refuse(text))
 
 
 # --------------------------------------------------------------------------------------------
