@@ -709,32 +709,6 @@ def check_agree_or_refuse(text):
     return "accepted"
 
 
-YAML_NFD_SPEC = """\
-version: v1alpha1
-compatibilities:
-- description: "My image requirements"
-  rules:
-  - name: "kernel and cpu"
-    matchFeatures:
-    - feature: kernel.loadedmodule
-      matchExpressions:
-        vfio-pci: {op: Exists}
-    - feature: cpu.model
-      matchExpressions:
-        vendor_id: {op: In, value: ["Intel", "AMD"]}
-  - name: "one of available nics"
-    matchAny:
-    - matchFeatures:
-      - feature: pci.device
-        matchExpressions:
-          vendor: {op: In, value: ["0eee"]}
-          class: {op: In, value: ["0200"]}
-    - matchFeatures:
-      - feature: pci.device
-        matchExpressions:
-          vendor: {op: In, value: ["0fff"]}
-          class: {op: In, value: ["0200"]}
-"""
 
 K8S_DEPLOYMENT = """\
 # A Kubernetes manifest
@@ -781,7 +755,7 @@ spec:
 """
 
 VALID_DOCS = [
-    YAML_NFD_SPEC,
+    NFD_EXAMPLE,
     K8S_DEPLOYMENT,
     "",
     "\n\n",
@@ -902,11 +876,11 @@ def test_valid_documents_match_pyyaml(text):
 
 
 def test_nfd_example_value():
-    got = ocifit.load_yaml(YAML_NFD_SPEC)
+    got = ocifit.load_yaml(NFD_EXAMPLE)
     rule = got["compatibilities"][0]["rules"][0]
     assert rule["matchFeatures"][1]["matchExpressions"]["vendor_id"] == {
         "op": "In", "value": ["Intel", "AMD"]}
-    assert got == yaml.safe_load(YAML_NFD_SPEC)
+    assert got == yaml.safe_load(NFD_EXAMPLE)
 
 
 # Documents PyYAML rejects: load_yaml must reject them too.
