@@ -2002,7 +2002,7 @@ NFD_OPERATORS = ("", "In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", 
 NFD_ALIASES = {"Gte": "Ge", "Lte": "Le"}  # ocifit's names for NFD's Ge and Le
 RANGE_OPERATORS = ("Gt", "Ge", "Lt", "Le", "GtLt", "GeLe")
 _VERSION = re.compile(r"v?([0-9]{1,9})(?:\.([0-9]{1,9}))?(?:\.([0-9]{1,9}))?"  # major, minor, patch
-                      r"(?:-[0-9A-Za-z.-]*)?(?:\+[0-9A-Za-z.-]*)?\Z")  # pre-release and build metadata, ignored
+                      r"(?:-[^\s+]*)?(?:\+\S*)?\Z")  # pre-release and build, ignored: kernels write 427.13.1.el9_4
 _STRICT_INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
 
 
@@ -2029,18 +2029,27 @@ class NodeFeatures:
     set is an interned, read-only object, so nodes of one hardware kind share them, and a decision can group
     nodes by the identity of the sets it reads."""
 
-    __slots__ = ("flags", "attributes", "instances")
+    __slots__ = ("flags", "attributes", "instances", "_projections")
 
     def __init__(self, flags: Mapping[str, frozenset], attributes: Mapping[str, Mapping[str, str]],
                  instances: Mapping[str, Tuple[Mapping[str, str], ...]]):
         self.flags, self.attributes, self.instances = flags, attributes, instances
+        self._projections: Dict[Tuple[str, ...], tuple] = {}
 
     def names(self) -> frozenset:
         return frozenset(self.flags) | frozenset(self.attributes) | frozenset(self.instances)
 
-    def projection(self, names: Iterable[str]) -> tuple:
-        """What a spec reading `names` sees of this node, as identities of interned sets: equal for nodes alike."""
-        return tuple((id(self.flags.get(n)), id(self.attributes.get(n)), id(self.instances.get(n))) for n in names)
+    def projection(self, names: Tuple[str, ...]) -> tuple:
+        """What a spec reading `names` sees of this node, as identities of interned sets: equal for nodes alike.
+        Kept for the last few specs (features outlive node snapshots, so a node change costs one node's)."""
+        found = self._projections.get(names)
+        if found is None:
+            found = tuple((id(self.flags.get(n)), id(self.attributes.get(n)), id(self.instances.get(n)))
+                          for n in names)
+            if len(self._projections) >= 8:
+                self._projections.clear()
+            self._projections[names] = found
+        return found
 
     def __repr__(self) -> str:
         return f"NodeFeatures({len(self.flags)} flag, {len(self.attributes)} attribute, {len(self.instances)} " \
@@ -2751,7 +2760,7 @@ class NodeSnapshot:
         cached = self._partitions.get((keys, features))
         if cached is not None:
             return cached
-        ordered, feature_names = sorted(keys), sorted(features)
+        ordered, feature_names = sorted(keys), tuple(sorted(features))
         buckets: Dict[tuple, List[str]] = collections.defaultdict(list)
         samples: Dict[tuple, NodeFeatures] = {}
         for (_, own_keys, control_plane, taints), members in self.shapes().items():

@@ -586,6 +586,7 @@ def test_nfd_explanations_as_json(tmp_path: Path, capsys: pytest.CaptureFixture)
 @pytest.mark.parametrize("expression,value,holds,why", [
     ({"op": "Ge", "value": ["6.1"], "type": "version"}, "6.8.0-45-generic", True, '"6.8.0-45-generic" is >= 6.1'),
     ({"op": "Ge", "value": ["6.10"], "type": "version"}, "6.8.0", False, '"6.8.0" is not >= 6.10'),
+    ({"op": "Ge", "value": ["5.14"], "type": "version"}, "5.14.0-427.13.1.el9_4.x86_64", True, "is >= 5.14"),
     ({"op": "GeLe", "value": ["v5.4", "6.1.0+build7"], "type": "version"}, "5.15", True, "is between (inclusive)"),
     ({"op": "Gt", "value": ["5"], "type": "version"}, "-11", False, '"-11" is not a version'),
     ({"op": "Gt", "value": ["5"]}, "6.0", False, '"6.0" is not an integer'),
