@@ -9,7 +9,8 @@ evaluates the artifact's rules against the nodes the pod can land on (its nodeSe
 affinity and tolerations decide which): against their labels, or, for a spec in Node Feature Discovery's
 dialect, against the feature sets NFD publishes in NodeFeature objects. It answers with a JSONPatch that swaps
 every container image equal to ``.../target-image`` (default ``placeholder:latest``) for the chosen image.
-If the candidate nodes disagree, or nothing matches, the pod is denied with a message saying why.
+If the candidate nodes disagree, the pod is denied with a message saying why, or (``.../on-disagreement: pin``)
+pinned by a required node affinity to the kinds of node that fit the best image; if nothing matches, denied.
 
 Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
   serve    the HTTPS webhook: POST /mutate, GET /healthz /readyz /metrics
@@ -81,6 +82,8 @@ TARGET_IMAGE_ANNOTATION = PREFIX + "target-image"
 SELECTED_IMAGE_ANNOTATION = PREFIX + "selected-image"
 MATCHED_ANNOTATION = PREFIX + "matched-compatibility"
 ARTIFACT_ANNOTATION = PREFIX + "artifact"
+ON_DISAGREEMENT_ANNOTATION = PREFIX + "on-disagreement"  # "pin" or "deny"
+PINNED_ANNOTATION = PREFIX + "pinned"
 DEFAULT_TARGET_IMAGE = "placeholder:latest"
 ADMISSION_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")  # answered in the version asked
 COMPAT_MEDIA_TYPE = "application/vnd.oci.image.compatibilities.v1+json"
@@ -226,6 +229,11 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
         Option("--watch-failure-threshold", ("OCIFIT_WATCH_FAILURE_THRESHOLD",), _seconds, 120.0,
                "seconds of failing node watch after which /readyz reports not ready"),
     ),
+    "admission": (
+        Option("--on-disagreement", ("OCIFIT_ON_DISAGREEMENT",), _choice("deny", "pin"), "deny",
+               "when the candidate nodes disagree on the image: deny the pod, or pin it to the nodes that fit the "
+               "best image (a pod's on-disagreement annotation wins)"),
+    ),
     "artifacts": (
         Option("--artifact", ("OCIFIT_ARTIFACTS",), str, (), "REF=PATH: answer image-ref REF from a local spec file",
                many=True),
@@ -289,6 +297,7 @@ class Settings:
     kube_ca: str = DEFAULTS["kube_ca"]
     resync: float = DEFAULTS["resync"]
     watch_failure_threshold: float = DEFAULTS["watch_failure_threshold"]
+    on_disagreement: str = DEFAULTS["on_disagreement"]
     artifact: Tuple[str, ...] = DEFAULTS["artifact"]
     fetch_budget: float = DEFAULTS["fetch_budget"]
     tag_ttl: float = DEFAULTS["tag_ttl"]
@@ -1475,6 +1484,7 @@ class Metrics:
     # Label sets known in advance, shown at 0 from the start.
     KNOWN: Dict[str, List[Dict[str, str]]] = {
         "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
+                                    {"outcome": "mutated", "reason": "pinned"},
                                     {"outcome": "untouched", "reason": "not-pod-create"},
                                     {"outcome": "untouched", "reason": "not-enabled"},
                                     {"outcome": "untouched", "reason": "already-mutated"},
@@ -4592,6 +4602,7 @@ class Decision:
     candidates: int = 0
     artifact_origin: str = ""
     warnings: Tuple[str, ...] = ()
+    pinned: str = ""  # how the pod was pinned to the nodes that fit, when the candidates disagreed
 
     @classmethod
     def untouched(cls, reason: str, image: str = "") -> "Decision":
@@ -4600,11 +4611,11 @@ class Decision:
 
     @classmethod
     def patched(cls, ops: Sequence[Dict[str, Any]], image: str, matched: str, candidates: int, origin: str,
-                warnings: Tuple[str, ...] = ()) -> "Decision":
-        """Allowed with a JSONPatch, encoded here once."""
-        return cls("mutated", "selected", patch=tuple(ops), encoded_patch=base64.b64encode(json.dumps(ops).encode())
-                   .decode(), image=image, matched=matched, candidates=candidates, artifact_origin=origin,
-                   warnings=warnings)
+                warnings: Tuple[str, ...] = (), pinned: str = "") -> "Decision":
+        """Allowed with a JSONPatch, encoded here once (`pinned`: how the pod was pinned, if it was)."""
+        return cls("mutated", "pinned" if pinned else "selected", patch=tuple(ops),
+                   encoded_patch=base64.b64encode(json.dumps(ops).encode()).decode(), image=image, matched=matched,
+                   candidates=candidates, artifact_origin=origin, warnings=warnings, pinned=pinned)
 
     @classmethod
     def denied(cls, reason: str, message: str, code: int = 403, candidates: int = 0) -> "Decision":
@@ -4636,7 +4647,8 @@ class Decision:
     def log_fields(self) -> Dict[str, Any]:
         """The decision's fields in a log entry; one that does not apply (no image, no message) is left out."""
         fields = {"outcome": self.outcome, "reason": self.reason, "image": self.image, "matched": self.matched,
-                  "candidates": self.candidates, "artifact": self.artifact_origin, "message": self.message}
+                  "candidates": self.candidates, "artifact": self.artifact_origin, "pinned": self.pinned,
+                  "message": self.message}
         return {k: v for k, v in fields.items() if v or k == "candidates"}
 
     @functools.cached_property
@@ -4645,7 +4657,7 @@ class Decision:
         and mutations are shared by every pod of a Deployment."""
         fields = self.log_fields
         return (logfmt((k, fields.get(k)) for k in ("outcome", "reason", "image", "matched", "candidates",
-                                                    "artifact")),
+                                                    "artifact", "pinned")),
                 logfmt((("message", self.message),)))
 
 
@@ -4658,6 +4670,7 @@ class PodFacts(NamedTuple):
     annotations: Optional[Mapping[str, str]]  # None: the pod has no annotations object
     placement: Placement
     images: Tuple[Tuple[str, str], ...]  # (JSON pointer to the image field, image)
+    affinity: int = 0  # how much of spec.affinity.nodeAffinity exists: 0 none, 1 affinity, 2 nodeAffinity too
 
 
 def parse_review(body: bytes) -> Dict[str, Any]:
@@ -4711,6 +4724,7 @@ def pod_facts(request: Mapping[str, Any]) -> PodFacts:
             if isinstance(container, dict) and isinstance(container.get("image"), str):
                 images.append((f"/spec/{field_name}/{i}/image", container["image"]))
     namespace, name = pod_identity(request)
+    affinity = spec.get("affinity")
     try:
         return PodFacts(
             namespace=namespace,
@@ -4718,7 +4732,9 @@ def pod_facts(request: Mapping[str, Any]) -> PodFacts:
             labels=_mapping(meta.get("labels"), "metadata.labels"),
             annotations=None if annotations is None else _mapping(annotations, "metadata.annotations"),
             placement=parse_placement(spec),
-            images=tuple(images))
+            images=tuple(images),
+            affinity=0 if not isinstance(affinity, dict) else 2 if isinstance(affinity.get("nodeAffinity"), dict)
+            else 1)
     except PodShapeError as exc:
         raise MalformedPod(str(exc)) from None
 
@@ -4734,14 +4750,18 @@ def _plural(count: int, one: str, many: str) -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """The image every candidate node agrees on."""
+    """The image every candidate node agrees on; or, pinned, the image some agree on and the affinity that keeps
+    the pod on them."""
 
     compatibility: Compatibility
     candidates: int
+    pin: Optional["Pin"] = None
 
 
-def choose(spec: Spec, groups: Sequence[Tuple[Any, Tuple[str, ...]]], placement: Placement) -> Choice:
-    """The one image all candidate groups select; NoCandidates, NoMatch or Disagreement otherwise."""
+def choose(spec: Spec, groups: Sequence[Tuple[Any, Tuple[str, ...]]], placement: Placement, pin: bool = False
+           ) -> Choice:
+    """The one image all candidate groups select; NoCandidates, NoMatch or Disagreement otherwise (or, with
+    `pin`, when some kinds of node match, the image to pin the pod to)."""
     if not groups:
         raise NoCandidates(f"no node matches the pod's {placement.describe()}; nothing to choose an image for")
     by_tag: Dict[Optional[str], List[Tuple[Mapping[str, str], Tuple[str, ...], Selection]]] = {}
@@ -4758,6 +4778,8 @@ def choose(spec: Spec, groups: Sequence[Tuple[Any, Tuple[str, ...]]], placement:
         every = sorted(n for _, ns, _ in entries for n in ns)
         raise NoMatch(f"no compatibility matches the {_plural(total, 'candidate node', 'candidate nodes')} "
                       f"({_names(every)}): {entries[0][2].why_none()}", total)
+    if pin:
+        return pin_choice(spec, by_tag, placement, total)
     raise Disagreement(_disagreement_message(spec, by_tag, total), total)
 
 
@@ -4781,23 +4803,99 @@ def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tu
     return message + (", e.g. " + " or ".join(pins) if pins else "")
 
 
-def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement) -> Any:
+def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement, pin: bool = False) -> Any:
     """choose() over the pod's candidate groups, memoised on the snapshot: snapshot, spec and placement are all
     immutable, so the same question asked again (every pod of a Deployment) gets the same answer for free."""
-    key = (id(spec), placement)
+    key = (id(spec), placement, pin)
     hit = snapshot.memo.get(key)
     if hit is not None and hit[0] is spec:
         outcome = hit[1]
     else:
         try:
-            outcome = choose(spec, candidate_groups(snapshot, placement, spec), placement)
+            outcome = choose(spec, candidate_groups(snapshot, placement, spec), placement, pin)
         except Denial as denial:
             outcome = denial
-        snapshot.memo.put(key, (spec, outcome), placement.size + (len(str(outcome)) if isinstance(outcome, Denial)
-                                                                  else 256))
+        held = len(str(outcome)) if isinstance(outcome, Denial) else 256 + sum(
+            len(t) for t in (outcome.pin.terms if outcome.pin else ()))
+        snapshot.memo.put(key, (spec, outcome), placement.size + held)
     if isinstance(outcome, Denial):
         raise outcome.again()
     return outcome
+
+
+# ---- pinning: on disagreement, keep the pod on the kinds of node that fit the best image ----
+
+MAX_PIN_TERMS = 64
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A required node affinity that keeps a pod on the kinds of node that fit the chosen image: its
+    nodeSelectorTerms (JSON-ready), how many of the candidate nodes it keeps, and what the others would have
+    needed."""
+
+    terms: Tuple[str, ...]  # each nodeSelectorTerm as JSON text, so the Pin hashes and memoises
+    nodes: int
+    total: int
+    others: str
+    by_hostname: bool = False
+
+    def describe(self) -> str:
+        kept = f"{self.nodes} of {self.total} candidate nodes"
+        how = (" by hostname (NFD's features tell kinds apart, labels cannot: nodes added later do not qualify)"
+               if self.by_hostname else "")
+        return f"{kept}{how}; the others would have needed {self.others}"
+
+
+def _requirement_json(requirement: Requirement) -> Dict[str, Any]:
+    entry: Dict[str, Any] = {"key": requirement.key, "operator": requirement.op}
+    if requirement.op not in ("Exists", "DoesNotExist"):
+        entry["values"] = list(requirement.values)
+    return entry
+
+
+def pin_choice(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tuple]], placement: Placement, total: int
+               ) -> Choice:
+    """The image to pin the pod to when candidate nodes disagree: of the images some kind of node would choose,
+    the one whose winning compatibility weighs most, then the one more nodes would choose, then the one listed
+    first; and the affinity that keeps the pod on those kinds (by the spec's labels, or by hostname for NFD's
+    dialect), ANDed with each of the pod's own required terms."""
+    scored = []
+    for key, entries in by_tag.items():
+        if key is None:
+            continue
+        best = max((e[2].chosen for e in entries), key=lambda c: (c.weight, -c.index))
+        count = sum(len(e[1]) for e in entries)
+        scored.append(((-best.weight, -count, best.index), key, best, entries))
+    _, key, compatibility, entries = min(scored)
+    kept = sum(len(e[1]) for e in entries)
+    if spec.nfd:
+        kinds = [[{"key": HOSTNAME_LABEL, "operator": "In", "values": sorted(n for e in entries for n in e[1])}]]
+    else:
+        distinct = sorted({tuple(sorted(e[0].items())) for e in entries})
+        kinds = [[{"key": k, "operator": "In", "values": [dict(kind)[k]]} if k in dict(kind) else
+                  {"key": k, "operator": "DoesNotExist"} for k in sorted(spec.keys)] for kind in distinct]
+    if not placement.constrained:  # the candidates left control-plane nodes out: so does the pin
+        kinds = [kind + [{"key": CONTROL_PLANE_LABELS[0], "operator": "DoesNotExist"}] for kind in kinds]
+    terms = []
+    for own in placement.terms or (None,):
+        for kind in kinds:
+            term: Dict[str, Any] = {"matchExpressions": ([_requirement_json(r) for r in own.labels] if own else [])
+                                    + kind}
+            if own is not None and own.names:
+                term["matchFields"] = [_requirement_json(r) for r in own.names]
+            terms.append(json.dumps(term, sort_keys=True))
+    if len(terms) > MAX_PIN_TERMS:
+        raise Disagreement(f"the candidate nodes disagree, and pinning the pod would take {len(terms)} node "
+                           f"selector terms (the pod's own times the kinds of node), over {MAX_PIN_TERMS}; pin it "
+                           "with a nodeSelector instead", total)
+    others = ", ".join(f"{k} ({_plural(sum(len(e[1]) for e in es), 'node', 'nodes')})"
+                       for k, es in sorted(by_tag.items(), key=lambda kv: str(kv[0])) if k is not None and k != key)
+    unmatched = sum(len(e[1]) for e in by_tag.get(None, ()))
+    if unmatched:
+        others += (", " if others else "") + f"an image no compatibility names ({_plural(unmatched, 'node', 'nodes')})"
+    return Choice(compatibility, kept, Pin(tuple(terms), kept, total, others, spec.nfd))
 
 
 def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec: Spec
@@ -4819,46 +4917,63 @@ def escape_pointer(token: str) -> str:
 
 
 def mutation(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Artifact) -> Decision:
-    """The decision that swaps the target images for the chosen one and records why in the pod's annotations."""
+    """The decision that swaps the target images for the chosen one, records why in the pod's annotations, and,
+    when the choice pins the pod, sets its required node affinity."""
     artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
     key = (tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
-           artifact_note, choice.candidates, artifact.origin, artifact.warnings)
+           artifact_note, choice.candidates, artifact.origin, artifact.warnings, choice.pin, pod.affinity)
     decision = _MUTATIONS.get(key)
     if decision is None:
         decision = _mutation(*key)
-        _MUTATIONS.put(key, decision, 400 * len(targets) + 2048)
+        _MUTATIONS.put(key, decision, 400 * len(targets) + 2048 + sum(len(t) for t in
+                                                                     (choice.pin.terms if choice.pin else ())))
     return decision
 
 
 _MUTATIONS = BoundedCache(CACHE_BOUNDS["mutations"])
+REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 
 
 def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str,
-              candidates: int, origin: str, warnings: Tuple[str, ...]) -> Decision:
+              candidates: int, origin: str, warnings: Tuple[str, ...], pin: Optional[Pin], affinity: int
+              ) -> Decision:
     """Made once per distinct outcome, with its patch encoded: every pod of a Deployment shares one. Decisions
     are immutable; the patch ops they carry are shared too, so treat them as read-only."""
     ops: List[Dict[str, Any]] = [{"op": "replace", "path": path, "value": image} for path in targets]
     record = {SELECTED_IMAGE_ANNOTATION: image, MATCHED_ANNOTATION: matched, ARTIFACT_ANNOTATION: artifact_note}
+    if pin is not None:
+        record[PINNED_ANNOTATION] = pin.describe()
+        required = {"nodeSelectorTerms": [json.loads(term) for term in pin.terms]}
+        ops.append({"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": {REQUIRED: required}}}
+                   if affinity == 0 else
+                   {"op": "add", "path": "/spec/affinity/nodeAffinity", "value": {REQUIRED: required}}
+                   if affinity == 1 else
+                   {"op": "add", "path": f"/spec/affinity/nodeAffinity/{REQUIRED}", "value": required})
+        warnings += (cap_text(f"ocifit pinned the pod to {pin.nodes} of {pin.total} nodes for {image}; the others "
+                              f"would need {pin.others}", 119),)
     if no_annotations:
         ops.append({"op": "add", "path": "/metadata/annotations", "value": record})
     else:
         ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
                    for k, v in record.items())
-    return Decision.patched(ops, image, matched, candidates, origin, warnings)
+    return Decision.patched(ops, image, matched, candidates, origin, warnings, pin.describe() if pin else "")
 
 
 ArtifactGetter = Callable[[str], Artifact]
 
 
-def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
-    """The decision for one admission request. Raises nothing: every failure is a denial."""
+def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter,
+           on_disagreement: str = "deny") -> Decision:
+    """The decision for one admission request. Raises nothing: every failure is a denial. `on_disagreement`:
+    what to do when the candidate nodes disagree, unless the pod's annotation says: deny, or pin."""
     try:
-        return _decide(request, snapshot, get_artifact)
+        return _decide(request, snapshot, get_artifact, on_disagreement)
     except Denial as denial:
         return Decision.denied(denial.reason, str(denial), denial.code, denial.candidates)
 
 
-def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter) -> Decision:
+def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter,
+            on_disagreement: str) -> Decision:
     kind = (request.get("kind") or {}).get("kind") if isinstance(request.get("kind"), dict) else None
     if kind != "Pod" or request.get("operation") != "CREATE" or request.get("subResource"):
         return Decision.untouched("not-pod-create")
@@ -4877,6 +4992,9 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
     if not targets:
         raise NoPlaceholder(f"no container or initContainer uses the target image {json.dumps(target)}; "
                             f"set the image to it or name another with the {TARGET_IMAGE_ANNOTATION} annotation")
+    mode = annotations.get(ON_DISAGREEMENT_ANNOTATION, on_disagreement).strip()
+    if mode not in ("deny", "pin"):
+        raise MalformedPod(f"annotation {ON_DISAGREEMENT_ANNOTATION} is {json.dumps(mode)}; use pin or deny")
     try:
         artifact = get_artifact(ref)
     except SpecError as exc:
@@ -4887,7 +5005,7 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         raise NoFeatures(f"artifact {ref} is in NFD's dialect, which matches node features, but there are "
                          f"{snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}")
     try:
-        choice = choose_for(snapshot, artifact.spec, pod.placement)
+        choice = choose_for(snapshot, artifact.spec, pod.placement, pin=mode == "pin")
     except Denial as denial:
         raise denial.again(f"artifact {ref}: ") from None
     if not choice.compatibility.tag:
@@ -4941,7 +5059,8 @@ class Webhook:
         request = review["request"]
         deadline = started + self.settings.fetch_budget
         try:
-            decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline))
+            decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline),
+                              self.settings.on_disagreement)
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
             decision = Decision.denied("internal-error", f"ocifit internal error: {exc!r}", 500)
@@ -5625,6 +5744,15 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
     try:
         choice = choose(spec, groups, placement)
     except Denial as exc:
+        if isinstance(exc, Disagreement) and args.explain and args.output != "json":
+            try:
+                pinned = choose(spec, groups, placement, pin=True)
+                assert pinned.pin is not None
+                print(f"# on-disagreement pin would choose {pinned.compatibility.tag or pinned.compatibility.name}, "
+                      f"keeping the pod on {pinned.pin.describe()}; required node affinity: "
+                      f"{{\"nodeSelectorTerms\": [{', '.join(pinned.pin.terms)}]}}", file=sys.stderr)
+            except Denial as why:
+                print(f"# on-disagreement pin would deny too: {why}", file=sys.stderr)
         if args.output == "json":
             print(json.dumps({"chosen": None, "reason": str(exc), "groups": report}, indent=2))
         print(f"ocifit: {exc}", file=sys.stderr)
@@ -5719,7 +5847,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the admission webhook",
                                 description="Serve POST /mutate (AdmissionReview v1) and GET /healthz /readyz "
                                 "/metrics over HTTPS. Nodes come from --nodes FILE or the cluster.")
-    add_options(serve, "server", "nodes", "artifacts", "logging")
+    add_options(serve, "server", "nodes", "admission", "artifacts", "logging")
     serve.set_defaults(run=run_serve)
 
     match = commands.add_parser("match", help="evaluate a spec against node labels",
@@ -5748,7 +5876,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "exactly as `serve` would answer it. Exit 0 allowed, 1 denied, 2 bad input.")
     review.add_argument("file", help="AdmissionReview JSON ('-' for stdin)")
     review.add_argument("--patch", action="store_true", help="print only the decoded JSONPatch")
-    add_options(review, "nodes", "artifacts", "logging")
+    add_options(review, "nodes", "admission", "artifacts", "logging")
     review.set_defaults(run=run_review)
 
     fetch = commands.add_parser("fetch", help="pull a compatibility artifact and print its spec",

@@ -3050,6 +3050,197 @@ def test_nodes_matching_no_rule_count_as_disagreement() -> None:
     assert "5 want debian:11 (v0, v1, v2, …+2 more), 1 matches no compatibility (plain)" in decision.message
 
 
+# ---- pinning instead of denying: the pod kept on the kinds of node that fit the best image ----
+
+def selects(requirement: Dict[str, Any], value: Optional[str]) -> bool:
+    """One nodeSelectorRequirement on one node value, as the scheduler reads it (k8s.io/component-helpers)."""
+    op, values = requirement["operator"], requirement.get("values") or []
+    if op == "In":
+        return value is not None and value in values
+    if op == "NotIn":
+        return value is None or value not in values
+    if op == "Exists":
+        return value is not None
+    if op == "DoesNotExist":
+        return value is None
+    return value is not None and value.lstrip("-").isdigit() and (int(value) > int(values[0]) if op == "Gt"
+                                                                  else int(value) < int(values[0]))
+
+
+def nodes_admitted(pod: Dict[str, Any], nodes: List[Dict[str, Any]]) -> List[str]:
+    """The nodes a pod's nodeSelector and required node affinity let it onto (taints aside): the tests' own
+    reading of the Kubernetes rules, independent of ocifit's."""
+    spec = pod["spec"]
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution")
+    admitted = []
+    for node in nodes:
+        labels, name = node["metadata"]["labels"], node["metadata"]["name"]
+        if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+            continue
+        if required is not None and not any(
+                all(selects(r, labels.get(r["key"])) for r in term.get("matchExpressions") or [])
+                and all(selects(r, name) for r in term.get("matchFields") or [])
+                and (term.get("matchExpressions") or term.get("matchFields"))
+                for term in required["nodeSelectorTerms"]):
+            continue
+        admitted.append(name)
+    return sorted(admitted)
+
+
+WEIGHTED_SPEC = spec_doc(compat("debian:11", expr("In", FLAVOR_KEY, ["vanilla"]), weight=5),
+                         compat("ubuntu:24.04", expr("In", FLAVOR_KEY, ["chocolate"]), weight=5),
+                         compat("rocky:9", expr("In", FLAVOR_KEY, ["strawberry"]), expr("Exists", "gpu"), weight=9),
+                         compat("alpine:3", expr("In", FLAVOR_KEY, ["mint"]), weight=5))
+
+
+def pin_cluster() -> List[Dict[str, Any]]:
+    return [node_obj("cp", {FLAVOR_KEY: "vanilla"}, control_plane=True),
+            node_obj("v1", {FLAVOR_KEY: "vanilla", "pool": "a", "zone": "z1"}),
+            node_obj("v2", {FLAVOR_KEY: "vanilla", "pool": "a", "zone": "z2"}),
+            node_obj("c1", {FLAVOR_KEY: "chocolate", "pool": "a", "zone": "z1"}),
+            node_obj("s1", {FLAVOR_KEY: "strawberry", "gpu": "a100", "pool": "b", "zone": "z1"},
+                     taints=[{"key": "gpu", "value": "true", "effect": "NoSchedule"}]),
+            node_obj("m1", {FLAVOR_KEY: "mint", "pool": "b", "zone": "z2"}),
+            node_obj("x1", {"pool": "b", "zone": "z2"})]  # matches nothing
+
+
+def pinned(pod: Dict[str, Any], tmp_path: Path, nodes: Optional[List[Dict[str, Any]]] = None,
+           spec: Any = WEIGHTED_SPEC, **decide_kw: Any) -> "tuple[ocifit.Decision, Dict[str, Any], List[str]]":
+    """(the decision, the pod after kubectl applies its patch, the nodes the patched pod is admitted to)."""
+    nodes = nodes if nodes is not None else pin_cluster()
+    decision = ocifit.decide(review_of(pod)["request"], snapshot_of(*nodes), FileArtifacts(**{FLAVOR_REF: spec}),
+                             **decide_kw)
+    assert decision.allowed, decision.message
+    after = kubectl_patch(pod, patch_of(reply_to(review_of(pod), decision)["response"]), tmp_path)
+    return decision, after, nodes_admitted(after, nodes)
+
+
+def test_a_mixed_cluster_without_selector_is_pinned_to_the_kinds_that_fit_the_best_image(tmp_path: Path) -> None:
+    pod = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"})
+    decision, after, admitted = pinned(pod, tmp_path)
+    # rocky:9 weighs most, but no candidate is a strawberry node with the gpu taint tolerated: among the rest,
+    # debian:11 is chosen by more nodes (v1, v2) than ubuntu or alpine
+    assert decision.image == "debian:11" and admitted == ["v1", "v2"]  # the control plane stays out
+    assert after["spec"]["containers"][0]["image"] == "debian:11"
+    assert after["metadata"]["annotations"][ocifit.PINNED_ANNOTATION] == (
+        "2 of 5 candidate nodes; the others would have needed alpine:3 (1 node), ubuntu:24.04 (1 node), an image "
+        "no compatibility names (1 node)")
+    (term,) = after["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert term["matchExpressions"] == [  # the labels the spec reads, and only those: no hostname
+        {"key": FLAVOR_KEY, "operator": "In", "values": ["vanilla"]},
+        {"key": "gpu", "operator": "DoesNotExist"},
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"}]
+    (warning,) = decision.warnings
+    assert len(warning) < 120 and warning.startswith("ocifit pinned the pod to 2 of 5 nodes for debian:11")
+    assert decision.reason == "pinned" and 'pinned="2 of 5 candidate nodes; the others' in decision.log_text[0]
+    later = pin_cluster() + [node_obj("v9", {FLAVOR_KEY: "vanilla", "pool": "c"})]
+    assert nodes_admitted(after, later) == ["v1", "v2", "v9"]  # a node of the same kind, added later, qualifies
+
+
+def test_tolerations_bring_in_a_tainted_kind_and_weight_decides(tmp_path: Path) -> None:
+    pod = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"},
+                  spec={"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    decision, _, admitted = pinned(pod, tmp_path)
+    assert decision.image == "rocky:9" and admitted == ["s1"]  # weight 9 beats more nodes at weight 5
+
+
+def test_a_node_selector_that_still_leaves_kinds_keeps_the_selector_and_pins_within_it(tmp_path: Path) -> None:
+    pod = pod_obj(spec={"nodeSelector": {"pool": "a"}})
+    decision, after, admitted = pinned(pod, tmp_path, on_disagreement="pin")  # cluster-wide setting
+    assert decision.image == "debian:11" and admitted == ["v1", "v2"] and after["spec"]["nodeSelector"] == {
+        "pool": "a"}
+    term = after["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]
+    assert {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"} not in term[
+        "matchExpressions"]  # a selector chose the candidates: control-plane nodes were not left out by default
+
+
+def test_the_pods_own_required_terms_are_kept_and_anded_with_each_kind(tmp_path: Path) -> None:
+    spec = spec_doc(compat("debian:11", expr("In", FLAVOR_KEY, ["vanilla"])),
+                    compat("ubuntu:24.04", expr("In", FLAVOR_KEY, ["chocolate"])),
+                    compat("debian:11", expr("In", FLAVOR_KEY, ["mint"])))
+    affinity = {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z1"]}]},
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z2"]}],
+             "matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["v2"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]}}]},
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    pod = pod_obj(spec={"affinity": affinity}, annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"})
+    decision, after, admitted = pinned(pod, tmp_path, spec=spec)
+    # debian:11 on v1, v2 (vanilla) and m1 (mint), ubuntu on c1: the pod's terms leave v1 (z1), m1 (z2), not v2
+    assert decision.image == "debian:11" and admitted == ["m1", "v1"]
+    node_affinity = after["spec"]["affinity"]["nodeAffinity"]
+    terms = node_affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 4  # 2 own terms x 2 kinds
+    assert node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] == affinity["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"] and "podAntiAffinity" in after["spec"]["affinity"]
+
+
+def test_a_tie_in_weight_goes_to_more_nodes_then_to_the_first_listed(tmp_path: Path) -> None:
+    nodes = [node_obj("v1", {FLAVOR_KEY: "vanilla"}), node_obj("c1", {FLAVOR_KEY: "chocolate"}),
+             node_obj("c2", {FLAVOR_KEY: "chocolate"})]
+    pod = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"})
+    decision, _, admitted = pinned(pod, tmp_path, nodes=nodes)
+    assert decision.image == "ubuntu:24.04" and admitted == ["c1", "c2"]  # more nodes
+    decision, _, admitted = pinned(pod, tmp_path, nodes=nodes[:2])
+    assert decision.image == "debian:11" and admitted == ["v1"]  # equal: listed first
+
+
+def test_node_features_pin_by_hostname(tmp_path: Path) -> None:
+    nodes = [node_obj(name) for name in ("n1", "n2", "n3")]
+    features = {"n1": cpu_features(), "n2": cpu_features(), "n3": cpu_features(avx2=False)}
+    snapshot = ocifit.NodeSnapshot(ocifit.dataclasses.replace(
+        ocifit.node_from_object(n), features=ocifit.features_from_object(features[n["metadata"]["name"]]))
+        for n in nodes)
+    pod = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"})
+    decision = ocifit.decide(review_of(pod)["request"], snapshot,
+                             FileArtifacts(**{FLAVOR_REF: ocifit.parse_spec(NFD_SPEC)}))
+    after = kubectl_patch(pod, patch_of(reply_to(review_of(pod), decision)["response"]), tmp_path)
+    assert decision.image == "fast:1" and nodes_admitted(after, nodes) == ["n1", "n2"]
+    assert "by hostname" in decision.pinned and "nodes added later do not qualify" in decision.pinned
+    assert nodes_admitted(after, nodes + [node_obj("n4")]) == ["n1", "n2"]
+
+
+def test_a_pinned_pod_that_comes_back_is_left_alone_and_review_agrees(tmp_path: Path) -> None:
+    pod = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"})
+    _, after, _ = pinned(pod, tmp_path)
+    again = ocifit.decide(review_of(after)["request"], snapshot_of(*pin_cluster()),
+                          FileArtifacts(**{FLAVOR_REF: WEIGHTED_SPEC}))
+    assert again.allowed and again.reason == "already-mutated" and not again.patch
+    review = tmp_path / "review.json"
+    review.write_text(json.dumps(review_of(pod_obj())))
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps({"kind": "List", "items": pin_cluster()}))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(WEIGHTED_SPEC))
+    done = run_cli("review", str(review), "--nodes", str(nodes), "--artifact", f"{FLAVOR_REF}={spec}",
+                   "--on-disagreement", "pin", "--patch")
+    assert done.returncode == 0 and any(op["path"] == "/spec/affinity" for op in json.loads(done.stdout))
+    explained = run_cli("match", "--spec", str(spec), "--nodes", str(nodes), "--explain")
+    assert explained.returncode == 1 and "# on-disagreement pin would choose debian:11" in explained.stderr
+
+
+def test_the_pods_annotation_wins_and_too_many_terms_are_denied(tmp_path: Path) -> None:
+    deny = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "deny"})
+    decision = ocifit.decide(review_of(deny)["request"], snapshot_of(*pin_cluster()),
+                             FileArtifacts(**{FLAVOR_REF: WEIGHTED_SPEC}), "pin")
+    assert decision.reason == "disagreement"
+    bad = pod_obj(annotations={ocifit.ON_DISAGREEMENT_ANNOTATION: "maybe"})
+    assert ocifit.decide(review_of(bad)["request"], snapshot_of(*pin_cluster()),
+                         FileArtifacts(**{FLAVOR_REF: WEIGHTED_SPEC})).reason == "malformed-pod"
+    many = [node_obj(f"n{i}", {FLAVOR_KEY: "vanilla", "rack": f"r{i}"}) for i in range(70)] + [
+        node_obj("c1", {FLAVOR_KEY: "chocolate"})]
+    spec = spec_doc(compat("debian:11", expr("In", FLAVOR_KEY, ["vanilla"]), expr("Exists", "rack")),
+                    compat("ubuntu:24.04", expr("In", FLAVOR_KEY, ["chocolate"])))
+    denied = ocifit.decide(review_of(pod_obj())["request"], snapshot_of(*many),
+                           FileArtifacts(**{FLAVOR_REF: spec}), "pin")
+    assert not denied.allowed and "pinning the pod would take 70 node selector terms" in denied.message
+
+
 def test_no_matching_rule_is_denied_with_the_explanation() -> None:
     decision = decide(pod_obj(), snapshot_of(node_obj("w1", {FLAVOR_KEY: "mint"})))
     assert decision.reason == "no-match"
