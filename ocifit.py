@@ -4840,6 +4840,15 @@ class Pin:
     total: int
     others: str
     by_hostname: bool = False
+    other_images: Tuple[str, ...] = ()
+
+    def warning(self, image: str) -> str:
+        """A line for `kubectl apply` to show: under 120 characters, counts and images, no node lists."""
+        start = f"ocifit pinned the pod to {self.nodes} of {self.total} nodes for {image}"
+        line = start + (f"; the others would need {', '.join(self.other_images)}" if self.other_images else "")
+        if len(line) >= 120:
+            line = start + f"; the others would need {len(self.other_images)} other images"
+        return line if len(line) < 120 else start[:119]
 
     def describe(self) -> str:
         kept = f"{self.nodes} of {self.total} candidate nodes"
@@ -4895,7 +4904,8 @@ def pin_choice(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tuple]], plac
     unmatched = sum(len(e[1]) for e in by_tag.get(None, ()))
     if unmatched:
         others += (", " if others else "") + f"an image no compatibility names ({_plural(unmatched, 'node', 'nodes')})"
-    return Choice(compatibility, kept, Pin(tuple(terms), kept, total, others, spec.nfd))
+    other_images = tuple(sorted(str(k) for k in by_tag if k is not None and k != key))
+    return Choice(compatibility, kept, Pin(tuple(terms), kept, total, others, spec.nfd, other_images))
 
 
 def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec: Spec
@@ -4949,8 +4959,7 @@ def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matche
                    {"op": "add", "path": "/spec/affinity/nodeAffinity", "value": {REQUIRED: required}}
                    if affinity == 1 else
                    {"op": "add", "path": f"/spec/affinity/nodeAffinity/{REQUIRED}", "value": required})
-        warnings += (cap_text(f"ocifit pinned the pod to {pin.nodes} of {pin.total} nodes for {image}; the others "
-                              f"would need {pin.others}", 119),)
+        warnings += (pin.warning(image),)
     if no_annotations:
         ops.append({"op": "add", "path": "/metadata/annotations", "value": record})
     else:
