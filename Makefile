@@ -57,7 +57,7 @@ lint: $(VENV)/.installed ## ruff (lint) and mypy (types) with the settings in py
 
 bench: $(VENV)/.installed ## print the performance figures (needs wrk and docker-registry; see README)
 	cd bench && ../$(VENV)/bin/python admission.py && ../$(VENV)/bin/python storm.py && ../$(VENV)/bin/python nodes.py \
-	  && ../$(VENV)/bin/python attack.py
+	  && ../$(VENV)/bin/python nodefeatures.py && ../$(VENV)/bin/python attack.py
 
 build: ## build the image IMAGE:TAG (TAG: ocifit's version) on BASE_IMAGE
 	docker build --build-arg BASE_IMAGE="$(BASE_IMAGE)" --build-arg VERSION="$(VERSION)" -t $(IMAGE):$(TAG) .
