@@ -68,8 +68,8 @@ import urllib.parse
 import urllib.request
 import weakref
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
-                    Tuple, cast)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional, Protocol,
+                    Sequence, Tuple, cast)
 
 __version__ = "0.1.0"
 
@@ -173,6 +173,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         if text.lower() not in allowed:
             raise argparse.ArgumentTypeError(f"choose {', '.join(allowed[:-1])} or {allowed[-1]}, not {text!r}")
         return text.lower()
+    read.__doc__ = "{" + ",".join(allowed) + "}"  # the metavar --help shows
     return read
 
 
@@ -363,7 +364,9 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> None:
             elif option.many:
                 kwargs.update(action="append", type=option.parse, metavar="VALUE")
             else:
-                kwargs.update(type=option.parse, metavar=METAVARS.get(option.parse, option.dest.split("_")[-1].upper()))
+                kwargs.update(type=option.parse, metavar=METAVARS.get(option.parse) or (
+                    option.parse.__doc__ if (option.parse.__doc__ or "").startswith("{") else
+                    option.dest.split("_")[-1].upper()))
             group.add_argument(option.flag, **kwargs)
 
 
@@ -1488,7 +1491,11 @@ class Metrics:
                                     {"outcome": "untouched", "reason": "not-pod-create"},
                                     {"outcome": "untouched", "reason": "not-enabled"},
                                     {"outcome": "untouched", "reason": "already-mutated"},
-                                    {"outcome": "bad-request", "reason": "bad-review"}],
+                                    {"outcome": "bad-request", "reason": "bad-review"}]
+                                   + [{"outcome": "denied", "reason": r} for r in (
+                                       "missing-annotation", "no-placeholder", "malformed-pod", "spec-invalid",
+                                       "artifact-unavailable", "no-candidates", "no-match", "disagreement", "no-tag",
+                                       "no-node-features", "internal-error")],
         "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
         "ocifit_requests_shed_total": [{"reason": "body-budget"}],
         "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
@@ -1644,35 +1651,42 @@ def parse_integer(text: str) -> Optional[int]:
     return value if _INT64[0] <= value <= _INT64[1] else None
 
 
-def _quantifier(pattern: str, i: int) -> Tuple[int, bool]:
-    """Length of the quantifier at pattern[i] (0 if none), and whether it repeats more than once."""
+def _quantifier(pattern: str, i: int) -> Tuple[int, bool, bool]:
+    """Length of the quantifier at pattern[i] (0 if none), whether it repeats more than once, and whether it is
+    unbounded (*, +, {n,})."""
     if i >= len(pattern):
-        return 0, False
+        return 0, False, False
     c = pattern[i]
     if c in "*+":
-        length, repeats = 1, True
+        length, repeats, unbounded = 1, True, True
     elif c == "?":
-        length, repeats = 1, False
+        length, repeats, unbounded = 1, False, False
     elif c == "{":
         m = re.match(r"\{(\d*)(,?)(\d*)\}", pattern[i:])
         if not m or not (m.group(1) or m.group(3)):
-            return 0, False
+            return 0, False, False
         upper = m.group(3) if m.group(2) else m.group(1)
-        length, repeats = len(m.group(0)), (not upper) or int(upper) > 1
+        length, repeats, unbounded = len(m.group(0)), (not upper) or int(upper) > 1, not upper
     else:
-        return 0, False
+        return 0, False, False
     if i + length < len(pattern) and pattern[i + length] in "?+":
         length += 1
-    return length, repeats
+    return length, repeats, unbounded
+
+
+MAX_UNBOUNDED = 2  # unbounded repetitions in one pattern: k of them can take time n**k on a failing match
+MAX_REGEX_INPUT = 1024  # longest value a pattern is tested against
 
 
 def regex_hazard(pattern: str) -> Optional[str]:
     """Why a pattern is refused, or None: features Go's RE2 lacks, and repeated groups that can backtrack.
 
     A group repeated more than once must not itself contain a repetition or an alternation: `(a+)+`,
-    `(a|aa)*` and the like take exponential time in a backtracking engine such as Python's.
+    `(a|aa)*` and the like take exponential time in a backtracking engine such as Python's. And a pattern may
+    repeat without bound at most MAX_UNBOUNDED times in all: `.*.*.*.*x` takes time n**4 when it fails.
     """
     stack: List[Dict[str, bool]] = []
+    unbounded_count = 0
     i = 0
     while i < len(pattern):
         c = pattern[i]
@@ -1707,7 +1721,11 @@ def regex_hazard(pattern: str) -> Optional[str]:
             continue
         else:
             i += 1
-        length, repeats = _quantifier(pattern, i)
+        length, repeats, unbounded = _quantifier(pattern, i)
+        unbounded_count += unbounded
+        if unbounded_count > MAX_UNBOUNDED:
+            return (f"more than {MAX_UNBOUNDED} unbounded repetitions (*, +, {{n,}}), which can backtrack for very "
+                    "long on a value that does not match; anchor the pattern or use bounded counts ({0,64})")
         if closed and repeats and (closed["repeats"] or closed["alternates"]):
             return ("a repeated group contains a repetition or alternation, which can backtrack "
                     "catastrophically; use a character class or drop the outer repetition")
@@ -1764,6 +1782,8 @@ class Expression:
         if op == "In":
             return None if value in self.values else self._value(value, f"not in {_quote_values(self.values)}")
         if op == "InRegexp":
+            if len(value) > MAX_REGEX_INPUT:
+                return self._value(value[:40] + "…", f"is longer than {MAX_REGEX_INPUT} characters: not matched")
             return None if any(p.search(value) for p in self.patterns) else \
                 self._value(value, f"matches none of {_quote_values(self.values)}")
         if op in ("IsTrue", "IsFalse"):
@@ -1912,6 +1932,13 @@ def _require(value: Any, kind: type, path: str, what: str) -> Any:
     return value
 
 
+def _weight(value: Any, path: str) -> int:
+    _require(value, int, path, "an integer")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise SpecError(f"{path}: out of range (a 64-bit integer)")
+    return value
+
+
 def _only_keys(obj: Mapping[str, Any], allowed: Tuple[str, ...], path: str) -> None:
     extra = sorted(set(obj) - set(allowed))
     if extra:
@@ -1977,7 +2004,7 @@ def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibili
     if not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag):
         raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
     description = _string(raw.get("description", ""), f"{path}.description")
-    weight = _require(raw.get("weight", 0), int, f"{path}.weight", "an integer")
+    weight = _weight(raw.get("weight", 0), f"{path}.weight")
     rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
     expressions: List[Expression] = []
     for r, rule in enumerate(rules):
@@ -2193,6 +2220,8 @@ class FeatureExpression:
             return (False, f"{json.dumps(value)} is in {_quote_values(self.values)}") if value in self.values else \
                 (True, f"{json.dumps(value)} not listed")
         if op == "InRegexp":
+            if len(value) > MAX_REGEX_INPUT:
+                return False, f"a value longer than {MAX_REGEX_INPUT} characters is not matched against patterns"
             return (True, f"{json.dumps(value)} matches") if any(p.search(value) for p in self.patterns) else \
                 (False, f"{json.dumps(value)} matches none of {_quote_values(self.values)}")
         if op in ("IsTrue", "IsFalse"):
@@ -2461,7 +2490,10 @@ def parse_spec(data: Any) -> Spec:
 
 def load_document(data: Any, what: str) -> Any:
     """JSON or YAML text (the subset load_yaml reads) as plain values; SpecError saying which and where."""
-    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{what} is not UTF-8 text (byte {exc.start})") from None
     if text.lstrip()[:1] in ("{", "["):
         try:
             return load_json(text)
@@ -2471,6 +2503,8 @@ def load_document(data: Any, what: str) -> Any:
         return load_yaml(text)
     except YAMLError as exc:
         raise SpecError(f"{what} is neither JSON nor YAML that ocifit reads: {exc}") from None
+    except (ValueError, OverflowError) as exc:  # a number too large to hold
+        raise SpecError(f"{what}: a number out of range ({type(exc).__name__})") from None
 
 
 def _parse_nfd_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
@@ -2481,7 +2515,7 @@ def _parse_nfd_compatibility(raw: Any, index: int, budget: List[int]) -> Compati
     if tag and (not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag)):
         raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
     description = _string(raw.get("description", ""), f"{path}.description")
-    weight = _require(raw.get("weight", 0), int, f"{path}.weight", "an integer")
+    weight = _weight(raw.get("weight", 0), f"{path}.weight")
     rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
     parsed = tuple(_parse_feature_rule(rule, f"{path}.rules[{r}]", budget) for r, rule in enumerate(rules))
     return Compatibility(index, tag, description, weight, rules=parsed)
@@ -3763,7 +3797,8 @@ class AddressPolicy:
             why, always = address_refusal(address)
             if why is None or (named and not always):
                 continue
-            where = f"{host}:{port}" if port else host
+            shown = f"[{host}]" if ":" in host else host
+            where = f"{shown}:{port}" if port else shown
             if always:
                 raise ForbiddenAddress(f"refusing to fetch from {where}: it resolves to {why}, which ocifit never "
                                        "fetches from")
@@ -4210,7 +4245,7 @@ class RegistryClient:
             delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0) if delay is None else delay
             if time.monotonic() + delay >= fetch.deadline:
                 raise last
-            log.info("registry %s: %s; retrying in %.2fs", fetch.host, last, delay)
+            log.info("%s; retrying in %.2fs", last, delay)  # the error names the registry
             time.sleep(delay)
 
     def _http_error(self, err: urllib.error.HTTPError, host: str, what: str) -> RegistryError:
@@ -4798,9 +4833,12 @@ def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tu
         selector = {k: entries[0][0][k] for k in varying[:3] if k in entries[0][0]}
         if selector:
             pins.append(f"{json.dumps(selector, sort_keys=True)} for {tag}")
-    message = (f"the {total} candidate nodes disagree on the image: " + ", ".join(parts)
-               + "; pin the pod to one kind of node with a nodeSelector")
-    return message + (", e.g. " + " or ".join(pins) if pins else "")
+    message = f"the {total} candidate nodes disagree on the image: " + ", ".join(parts)
+    let_ocifit = f"let ocifit pin it: annotate the pod {ON_DISAGREEMENT_ANNOTATION}: pin"
+    if spec.nfd:  # labels cannot tell these kinds apart
+        return message + f"; {let_ocifit}, or pin it to chosen nodes by {HOSTNAME_LABEL}"
+    return message + "; pin the pod to one kind of node with a nodeSelector" + (
+        ", e.g. " + " or ".join(pins) if pins else "") + f"; or {let_ocifit}"
 
 
 def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement, pin: bool = False) -> Any:
@@ -4905,7 +4943,7 @@ def pin_choice(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tuple]], plac
     if unmatched:
         others += (", " if others else "") + f"an image no compatibility names ({_plural(unmatched, 'node', 'nodes')})"
     other_images = tuple(sorted(str(k) for k in by_tag if k is not None and k != key))
-    return Choice(compatibility, kept, Pin(tuple(terms), kept, total, others, spec.nfd, other_images))
+    return Choice(compatibility, total, Pin(tuple(terms), kept, total, others, spec.nfd, other_images))
 
 
 def candidate_groups(snapshot: NodeSnapshot, placement: Placement, spec: Spec
@@ -5042,8 +5080,9 @@ class Webhook:
     """The admission edge: body in, response out, with the artifact fetch, the log line and the metrics."""
 
     def __init__(self, settings: Settings, nodes: NodeSource, artifacts: ArtifactSource,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None, log_admissions: bool = True):
         self.settings = settings
+        self.log_admissions = log_admissions  # the review subcommand says the outcome itself
         self.nodes = nodes
         self.artifacts = artifacts
         self.metrics = metrics or Metrics()
@@ -5082,7 +5121,7 @@ class Webhook:
         if decision.reason in ("not-pod-create", "not-enabled"):
             log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
             return
-        if not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
+        if not self.log_admissions or not log.isEnabledFor(logging.INFO if decision.allowed else logging.WARNING):
             return
         namespace, name = pod_identity(request)
         log.handle(AdmissionRecord(namespace, name, str(request.get("uid")), decision, round(elapsed * 1000, 1)))
@@ -5168,6 +5207,7 @@ class Connection:
     sock: socket.socket
     client: str
     accepted: float = field(default_factory=time.monotonic)
+    handshaken: bool = False  # TLS done (or none to do)
     waiting: bool = False
     since: float = 0.0  # when it began waiting
     evicted: bool = False
@@ -5180,6 +5220,7 @@ class ConnectionTable:
     most once every LOG_EVERY seconds, with how many there were."""
 
     LOG_EVERY = 5.0
+    HANDSHAKE_GRACE = 1.0  # a connection still without its TLS handshake after this long may make room too
 
     def __init__(self, most: int, most_per_client: int, metrics: "Metrics"):
         self.most, self.most_per_client, self.metrics = most, most_per_client, metrics
@@ -5207,10 +5248,12 @@ class ConnectionTable:
 
     def _evict_one(self, client: Optional[str]) -> bool:
         """Close the longest-waiting idle connection (of `client`, if given). Holds the lock."""
-        idle = [c for c in self._open.values() if c.waiting and (client is None or c.client == client)]
+        stalled_since = time.monotonic() - self.HANDSHAKE_GRACE
+        idle = [c for c in self._open.values() if (client is None or c.client == client) and (
+            c.waiting or (not c.handshaken and c.accepted < stalled_since))]
         if not idle:
             return False
-        victim = min(idle, key=lambda c: c.since)
+        victim = min(idle, key=lambda c: c.since if c.waiting else c.accepted)
         self._drop(victim)
         victim.evicted = True
         REAPER.forget(victim)
@@ -5261,17 +5304,20 @@ class ConnectionTable:
 
 
 class InFlight:
-    """The admission requests in flight and the bytes of their bodies. A body that would take the total past the
-    budget is turned away (the server answers 429 with Retry-After), unless nothing else is in flight: memory
-    for bodies stays bounded, and one body of the largest size is always taken."""
+    """The admission requests in flight and the bytes of their bodies. A large body that would take the total
+    past the budget is turned away (the server answers 429 with Retry-After), unless nothing else is in flight:
+    memory for bodies stays bounded, one body of the largest size is always taken, and bodies of ordinary size
+    (up to SMALL) always are, so large uploads held open cannot starve ordinary admissions."""
 
     def __init__(self, budget: int):
         self.budget, self.requests, self.bytes = budget, 0, 0
         self._lock = threading.Lock()
 
+    SMALL = 64 * 1024  # an API server's review of an ordinary pod: never held up by large uploads in flight
+
     def take(self, size: int) -> bool:
         with self._lock:
-            if self.requests and self.bytes + size > self.budget:
+            if size > self.SMALL and self.requests and self.bytes + size > self.budget:
                 return False
             self.requests, self.bytes = self.requests + 1, self.bytes + size
             return True
@@ -5334,6 +5380,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         if connection is None:
             self.shutdown_request(request)
             return
+        connection.handshaken = self.tls is None
         REAPER.watch(connection, request, connection.accepted + self._first_deadline(handshake=self.tls is not None))
         threading.Thread(target=self.process_request_thread, args=(request, client_address, connection),
                          daemon=True).start()
@@ -5367,6 +5414,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
             connection.sock = tls_sock  # wrapping took over the descriptor: the reaper must hold the new socket
             REAPER.watch(connection, tls_sock, connection.accepted + self._first_deadline(handshake=True))
             tls_sock.do_handshake()
+            connection.handshaken = True
             REAPER.watch(connection, tls_sock, connection.accepted + self._first_deadline(handshake=False))
             return tls_sock
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -5460,6 +5508,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a GET with a body: its bytes must not be read as the next request
         if path == "/healthz":
             self.reply(200, b"ok\n", "text/plain; charset=utf-8")
         elif path == "/readyz":
@@ -5507,8 +5557,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         chunked, no length, two lengths, a length that is not plain digits, too long, or not JSON."""
         lengths = self.headers.get_all("Content-Length") or []
         error = ""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            error = "chunked request bodies are not supported; send Content-Length"
+        if self.headers.get_all("Transfer-Encoding"):
+            error = "Transfer-Encoding is not supported (no chunked bodies); send Content-Length alone"
         elif len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) < 20):
             error = "request needs exactly one Content-Length header of plain digits"
         elif int(lengths[0]) > self.server.settings.max_body:
@@ -5803,7 +5853,8 @@ def run_review(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if not nodes.wait_synced(30):
             raise ValueError(f"could not list nodes: {nodes.health()[1]}")
-        status, reply = Webhook(settings, nodes, build_artifacts(settings)).handle(body)
+        status, reply = Webhook(settings, nodes, build_artifacts(settings),
+                                log_admissions=settings.log_level == "debug").handle(body)
     finally:
         nodes.stop()
     payload = load_json(reply)
@@ -5844,8 +5895,15 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line that names it (and where to look), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ocifit.py", description="Pick a pod's container image from an OCI compatibility artifact: "
         "a Kubernetes mutating admission webhook.", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every setting (the flags in each subcommand's option groups) has an environment twin, named in its "
@@ -5859,7 +5917,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(serve, "server", "nodes", "admission", "artifacts", "logging")
     serve.set_defaults(run=run_serve)
 
-    match = commands.add_parser("match", help="evaluate a spec against node labels",
+    match = commands.add_parser("match", help="evaluate a spec against node labels or NFD node features",
                                 description="Print the image a spec chooses (exit 0), or why none (exit 1 with the "
                                 "reason on stderr). A malformed spec exits 2.")
     match.add_argument("--spec", required=True, metavar="FILE",

@@ -398,7 +398,8 @@ def test_a_spec_with_too_many_expressions_is_rejected() -> None:
 
 
 @pytest.mark.parametrize("pattern", ["(a+)+$", "(a*)*b", "(a|aa)+$", r"(\w+\s?)*$", "((ab)*)+", "(x+x+)+y",
-                                     "(.*a){20}", "(?:a|a)*", r"(a)\1", "(?=a)b", "(?<!a)b"])
+                                     "(.*a){20}", "(?:a|a)*", r"(a)\1", "(?=a)b", "(?<!a)b",
+                                     "^.*.*.*x$", "a+b+c+", ".*x{2,}.*"])
 def test_regexes_that_can_backtrack_or_go_lacks_are_refused(pattern: str) -> None:
     assert ocifit.regex_hazard(pattern) is not None
 
@@ -642,6 +643,35 @@ def test_review_chooses_by_node_features_from_files(tmp_path: Path) -> None:
         node_feature(name, intel_node_features()) for name in ("ocifit-worker", "ocifit-worker2", "ocifit-worker3")]}))
     no_tag = run_cli("review", *args, "--node-features", str(features))
     assert no_tag.returncode == 1 and "names no image (no tag)" in no_tag.stderr
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"version: v1\ncompatibilities: [\xff]\n", "is not UTF-8 text"),
+    (b"compatibilities:\n- tag: a\n  weight: 1:" + b"0:" * 300 + b"0.5\n  rules: []\n", "a number out of range"),
+    (b"compatibilities:\n- tag: a\n  weight: 0x" + b"f" * 4000 + b"\n  rules: []\n", "weight: out of range"),
+])
+def test_hostile_spec_bytes_are_a_clear_spec_error(data: bytes, message: str) -> None:
+    with pytest.raises(ocifit.SpecError, match=re.escape(message)):
+        ocifit.parse_spec(data)
+
+
+def test_a_pattern_is_not_run_against_a_huge_value() -> None:
+    spec = ocifit.parse_spec({"compatibilities": [{"tag": "t", "rules": [{"matchFeatures": [
+        {"feature": "a", "matchExpressions": {"e": {"op": "InRegexp", "value": ["^a.*b$"]}}}]}]}]})
+    features = ocifit.features_from_object({"attributes": {"a": {"elements": {"e": "a" * 100000}}}})
+    (outcome,) = spec.compatibilities[0].rules[0].evaluate(features)[1]
+    assert not outcome.holds and "longer than 1024 characters" in outcome.why
+
+
+def test_the_readmes_nfd_example_runs_as_it_says() -> None:
+    args = ["match", "--spec", str(EXAMPLE / "nfd" / "spec.yaml"), "--node-features",
+            str(EXAMPLE / "nfd" / "nodefeatures.json"), "--nodes", str(EXAMPLE / "nodes-heterogeneous.json")]
+    explained = run_cli(*args, "--explain")
+    assert explained.returncode == 1 and "2 want fast (ocifit-worker, ocifit-worker2), 1 wants generic" in \
+        explained.stderr
+    assert '"5.15.0-119-generic" is not >= 6.1' in explained.stderr and "on-disagreement: pin" in explained.stderr
+    pinned_down = run_cli(*args, "--node-selector", "kubernetes.io/hostname=ocifit-worker")
+    assert (pinned_down.returncode, pinned_down.stdout) == (0, "fast\n")
 
 
 def test_node_features_merge_as_nfd_master_does() -> None:
@@ -3444,6 +3474,9 @@ JSON_TYPE = ("Content-Type", "application/json")
     (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "2_6")], 400, "exactly one Content-Length"),
     (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "26"), ("Content-Length", "26")], 400,
      "exactly one Content-Length"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Transfer-Encoding", "identity"), ("Transfer-Encoding", "chunked")],
+     400, "Transfer-Encoding is not supported"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Transfer-Encoding", "gzip")], 400, "Transfer-Encoding is not"),
     (b'{"kind":"AdmissionReview"}', [("Content-Type", "text/plain")], 415, "text/plain is not application/json"),
     (b'{"kind":"AdmissionReview"}', [], 415, "(none) is not application/json"),
     (json.dumps(dict(review_of(pod_obj()), apiVersion="admission.k8s.io/v2")).encode(), [JSON_TYPE], 400,
@@ -3592,6 +3625,10 @@ def test_review_patch_of_a_denial_prints_nothing_on_stdout_and_the_reason_once()
                    f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--patch", "--log-level", "error")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("disagree on the image") == 1 and done.stderr.startswith("ocifit: denied: ")
+    again = run_cli("review", str(EXAMPLE / "reviews" / "pod.json"), "--nodes",
+                    str(EXAMPLE / "nodes-heterogeneous.json"), "--artifact",
+                    f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--patch")  # the default log level too
+    assert again.stderr.count("disagree on the image") == 1
 
 
 @pytest.mark.parametrize("args,env,message", [
@@ -4492,6 +4529,24 @@ def test_idle_connections_make_room_for_new_ones(tmp_path: Path, pki: Dict[str, 
         running.stop()
 
 
+def test_connections_stalled_before_their_handshake_make_room_too(tmp_path: Path, pki: Dict[str, Path]) -> None:
+    running = start_server(tmp_path, pki, max_connections=4, max_connections_per_client=4, request_timeout=30,
+                           handshake_timeout=30)
+    silent = [socket.create_connection(("127.0.0.1", running.port), source_address=(f"127.0.0.{i + 3}", 0))
+              for i in range(4)]  # four addresses, no ClientHello: every slot held
+    try:
+        time.sleep(1.2)  # past the grace a real handshake needs
+        conn = running.connect(source="127.0.0.2")
+        conn.request("POST", "/mutate", json.dumps(review_of(pod_obj())).encode(), {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read())["response"]["allowed"] is True
+        conn.close()
+        assert "ocifit_connections_evicted_total 1" in running.server.webhook.metrics.render()
+    finally:
+        for sock in silent:
+            sock.close()
+        running.stop()
+
+
 def test_one_client_address_cannot_take_every_slot(tmp_path: Path, pki: Dict[str, Path],
                                                    caplog: pytest.LogCaptureFixture) -> None:
     running = start_server(tmp_path, pki, max_connections=8, max_connections_per_client=3, request_timeout=30)
@@ -4614,19 +4669,19 @@ def test_a_body_still_uploading_at_sigterm_is_answered_before_exit(tmp_path: Pat
 
 
 def test_large_bodies_in_flight_share_a_byte_budget(tmp_path: Path, pki: Dict[str, Path]) -> None:
-    running = start_server(tmp_path, pki, max_inflight_bytes=64 * 1024)
+    running = start_server(tmp_path, pki, max_inflight_bytes=1024 * 1024)
     try:
         body = json.dumps(review_of(pod_obj())).encode()
         holder = running.connect()
         holder.putrequest("POST", "/mutate")
         holder.putheader("Content-Type", "application/json")
-        holder.putheader("Content-Length", str(60 * 1024))
-        holder.endheaders(b" " * 1000)  # 60 KiB announced, still uploading
+        holder.putheader("Content-Length", str(3 * 1024 * 1024))
+        holder.endheaders(b" " * 1000)  # 3 MiB announced, still uploading
         eventually(lambda: running.server.bodies.requests == 1)
-        status, answer = running.request("POST", "/mutate", body + b" " * 8 * 1024)
+        status, answer = running.request("POST", "/mutate", body + b" " * 200 * 1024)
         assert status == 429 and b"too many large request bodies" in answer
         assert 'ocifit_requests_shed_total{reason="body-budget"} 1' in running.server.webhook.metrics.render()
-        assert running.post_review(review_of(pod_obj()))["response"]["allowed"]  # a small one still fits
+        assert running.post_review(review_of(pod_obj()))["response"]["allowed"]  # an ordinary one always goes in
         holder.close()
         eventually(lambda: running.server.bodies.requests == 0)
     finally:
@@ -4685,7 +4740,8 @@ def test_text_logs_carry_one_line_per_admission_with_its_level(tmp_path: Path) -
         review = tmp_path / f"{name}.json"
         review.write_text(json.dumps(review_of(pod_obj(name=None, ref=ref))))
         answers[name] = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"),
-                                "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}")
+                                "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}",
+                                "--log-level", "debug")  # review logs admission lines only then
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # RFC 3339, UTC, milliseconds
     (mutated,) = [line for line in answers["mutated"].stderr.splitlines() if " admission " in line]
     assert re.fullmatch(stamp + r' INFO admission namespace=team-a pod=demo-7d9c8b6f5-\* uid=uid-1 outcome=mutated '
@@ -4771,7 +4827,7 @@ def test_json_logs_carry_the_admission_fields_and_no_secrets(tmp_path: Path, pki
     review.write_text(json.dumps(review_of(pod_obj(name=None))))
     done = run_cli("review", str(review), "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), "--artifact",
                    f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--log-format", "json",
-                   "--registry-config", str(config))
+                   "--registry-config", str(config), "--log-level", "debug")
     assert done.returncode == 0
     (line,) = [json.loads(text) for text in done.stderr.splitlines() if '"admission"' in text]
     assert line["admission"]["pod"] == "demo-7d9c8b6f5-*" and line["admission"]["image"] == "debian:11"
