@@ -41,6 +41,7 @@ import calendar
 import collections
 import collections.abc
 import dataclasses
+import datetime
 import email.utils
 import errno
 import functools
@@ -3929,6 +3930,10 @@ class RegistryError(ArtifactError):
         self.status, self.code, self.retry_after = status, code, retry_after
 
 
+class NotAnArtifact(RegistryError):
+    """The reference names a manifest with no compatibility layer: an image, perhaps, with a spec attached."""
+
+
 def allowed_scheme(url: str, insecure: Iterable[str]) -> bool:
     """Whether a redirect or token realm may go to url: https, or http to a host listed in --insecure-registry."""
     parts = urllib.parse.urlsplit(url)
@@ -4047,6 +4052,11 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd
                   "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_CAP = 4 * MiB
 SPEC_CAP = MiB
+NFD_ARTIFACT_TYPE = "application/vnd.nfd.image-compatibility.v1alpha1"
+NFD_SPEC_MEDIA_TYPE = "application/vnd.nfd.image-compatibility.spec.v1alpha1+yaml"
+ATTACHED_SPEC_TYPES = (NFD_SPEC_MEDIA_TYPE, COMPAT_MEDIA_TYPE)  # ocifit's dialect may be attached under NFD's type
+CREATED_ANNOTATION = "org.opencontainers.image.created"
+MAX_REFERRER_PAGES = 16
 IO_TIMEOUT = 5.0
 MAX_INDEX_CHILDREN = 16
 
@@ -4079,6 +4089,38 @@ class Pulled:
     spec_bytes: Optional[bytes]  # None when the caller already had this digest's spec
     requests: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Attached:
+    """What discovery found for an image: the digest it resolved to and the compatibility artifact attached to
+    it (the newest of `referrers`), or none."""
+
+    image_digest: str
+    artifact_digest: Optional[str]  # the referrer's manifest digest; None when nothing is attached
+    found_by: str  # "the referrers API" or "the fallback tag sha256-..."
+    referrers: int
+    spec_bytes: Optional[bytes]
+    requests: int
+    seconds: float
+
+
+def rfc3339_seconds(text: Any) -> Optional[float]:
+    """An RFC 3339 time (any offset, any fraction) as POSIX seconds; None when it is not one."""
+    match = _RFC3339.match(text) if isinstance(text, str) else None
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        when = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute), min(int(second), 59),
+                                 tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
+    offset = 0 if zone in ("Z", "z") else (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return when.timestamp() - offset + float(fraction or 0)
+
+
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)\Z")
 
 
 class RegistryClient:
@@ -4116,6 +4158,7 @@ class RegistryClient:
             self.opener.add_handler(handler)
         self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
         self._auth_lock = threading.Lock()
+        self._without_referrers_api: Dict[str, float] = {}  # host -> when it answered that it has none
 
     # -- where to go --
     def host_for(self, ref: Reference) -> str:
@@ -4140,15 +4183,19 @@ class RegistryClient:
             return fetch.pulled(digest, None)
         manifest = self._manifest_json(body, f"manifest of {ref}")
         layer = self._compat_layer(fetch, manifest)
+        return fetch.pulled(digest, self._layer_blob(fetch, layer, f"artifact {ref}"))
+
+    def _layer_blob(self, fetch: "Fetch", layer: Mapping[str, Any], what: str) -> bytes:
+        """A spec layer's bytes, capped, checked against its descriptor's digest and size."""
         size = layer.get("size")
         if isinstance(size, int) and size > SPEC_CAP:
-            raise RegistryError(f"artifact {ref}: compatibility layer is {size} bytes, over the {SPEC_CAP} byte limit")
-        blob, _ = self._get(fetch, f"/v2/{ref.repository}/blobs/{layer['digest']}", "*/*", SPEC_CAP,
-                            f"compatibility layer of {ref}")
-        verify_digest(blob, layer["digest"], f"artifact {ref}: compatibility layer")
+            raise RegistryError(f"{what}: compatibility layer is {size} bytes, over the {SPEC_CAP} byte limit")
+        blob, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/blobs/{layer['digest']}", "*/*", SPEC_CAP,
+                            f"compatibility layer of {fetch.ref}")
+        verify_digest(blob, layer["digest"], f"{what}: compatibility layer")
         if isinstance(size, int) and size != len(blob):
-            raise RegistryError(f"artifact {ref}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
-        return fetch.pulled(digest, blob)
+            raise RegistryError(f"{what}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
+        return blob
 
     def _manifest_digest(self, ref: Reference, body: bytes, headers: Any) -> str:
         header = headers.get("Docker-Content-Digest", "")
@@ -4185,13 +4232,13 @@ class RegistryClient:
                 layers = self._compat_layers(self._manifest_json(body, what))
                 if layers:
                     return self._one_layer(ref, layers)
-            raise RegistryError(f"artifact {ref} is an index, and none of its {len(children)} manifests has a layer "
+            raise NotAnArtifact(f"artifact {ref} is an index, and none of its {len(children)} manifests has a layer "
                                 f"of media type {COMPAT_MEDIA_TYPE}")
         layers = self._compat_layers(manifest)
         if not layers:
             found = sorted({str(layer.get("mediaType")) for layer in manifest.get("layers") or []
                             if isinstance(layer, dict)})
-            raise RegistryError(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
+            raise NotAnArtifact(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
                                 + (f" (layers: {', '.join(found)})" if found else ""))
         return self._one_layer(ref, layers)
 
@@ -4208,6 +4255,114 @@ class RegistryClient:
         if not _DIGEST.match(layers[0]["digest"]):
             raise RegistryError(f"artifact {ref}: compatibility layer digest {layers[0]['digest']!r} is not valid")
         return layers[0]
+
+    # -- attached specs: OCI referrers --
+    def attached(self, ref: Reference, deadline: float) -> Attached:
+        """The compatibility spec attached to an image (NFD's workflow: `oras attach`), found through the
+        referrers API or, on a registry without one, the referrers tag schema's fallback tag. Several: the
+        newest by its created annotation (a missing one counts as oldest; ties to the smallest digest)."""
+        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
+        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
+                                  MANIFEST_CAP, f"manifest of {ref}")
+        image = self._manifest_digest(ref, body, headers)
+        found_by, referrers = self._referrers(fetch, image)
+        candidates = [m for m in referrers if m.get("artifactType") == NFD_ARTIFACT_TYPE]  # whatever a registry says
+        if not candidates:
+            return Attached(image, None, found_by, 0, None, fetch.requests, time.monotonic() - fetch.started)
+        created = {m["digest"]: rfc3339_seconds((m.get("annotations") or {}).get(CREATED_ANNOTATION))
+                   for m in candidates}
+        newest = min(candidates, key=lambda m: (created[m["digest"]] is None, -(created[m["digest"]] or 0),
+                                                m["digest"]))
+        blob = self._attached_spec(fetch, image, newest)
+        return Attached(image, newest["digest"], found_by, len(candidates), blob, fetch.requests,
+                        time.monotonic() - fetch.started)
+
+    def _referrers(self, fetch: "Fetch", image: str) -> Tuple[str, List[Dict[str, Any]]]:
+        """(how they were found, the referrer descriptors) for an image digest: the referrers API unless the
+        registry has lately said it has none (a 404 that is not NAME_UNKNOWN, a 400 or 405), else the fallback tag."""
+        host = fetch.host
+        learned = self._without_referrers_api.get(host)
+        if learned is None or time.monotonic() - learned > self.settings.tag_ttl:
+            try:
+                return "the referrers API", self._referrers_api(fetch, image)
+            except RegistryError as exc:
+                if not (exc.status in (400, 405) or (exc.status == 404 and exc.code != "NAME_UNKNOWN")):
+                    raise
+                self._without_referrers_api[host] = time.monotonic()
+                log.debug("registry %s has no referrers API (HTTP %d); using fallback tags", host, exc.status)
+        algorithm, _, hexdigest = image.partition(":")
+        tag = f"{algorithm[:32]}-{hexdigest[:64]}"
+        what = f"referrers of {fetch.ref} (tag {tag})"
+        try:
+            body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{tag}", MANIFEST_TYPES[1],
+                                MANIFEST_CAP, what)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return f"the fallback tag {tag}", []
+            raise
+        return f"the fallback tag {tag}", self._descriptors(body, what)
+
+    def _referrers_api(self, fetch: "Fetch", image: str) -> List[Dict[str, Any]]:
+        """The referrers the API lists, following `Link: rel="next"` pages (at most MAX_REFERRER_PAGES)."""
+        what = f"referrers of {fetch.ref}"
+        query = urllib.parse.urlencode({"artifactType": NFD_ARTIFACT_TYPE})
+        path: Optional[str] = f"/v2/{fetch.ref.repository}/referrers/{image}?{query}"
+        found: List[Dict[str, Any]] = []
+        pages = 0
+        while path is not None:
+            if pages == MAX_REFERRER_PAGES:
+                log.warning("%s: more than %d pages; using the first %d", what, pages, pages)
+                break
+            body, headers = self._get(fetch, path, MANIFEST_TYPES[1], MANIFEST_CAP, what)
+            found += self._descriptors(body, what)
+            path = self._next_page(fetch, path, headers.get("Link", ""))
+            pages += 1
+        return found
+
+    def _descriptors(self, body: bytes, what: str) -> List[Dict[str, Any]]:
+        manifests = self._manifest_json(body, what).get("manifests")
+        if not isinstance(manifests, list):
+            raise RegistryError(f"{what} is not an image index")
+        return [m for m in manifests if isinstance(m, dict) and isinstance(m.get("digest"), str)
+                and _DIGEST.match(m["digest"])]
+
+    def _next_page(self, fetch: "Fetch", path: str, link: str) -> Optional[str]:
+        """The path of the next referrers page from a `Link: <...>; rel="next"` header, on the same registry."""
+        match = re.search(r'<([^>]*)>[^,]*;\s*rel="?next"?', link)
+        if not match:
+            return None
+        base = self.base_url(fetch.host)
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(base + path, match.group(1)))
+        if f"{target.scheme}://{target.netloc}" != base:
+            raise RegistryError(f"registry {fetch.host}: refusing a referrers page on another host "
+                                f"({_safe_url(match.group(1))})")
+        return target.path + (f"?{target.query}" if target.query else "")
+
+    def _attached_spec(self, fetch: "Fetch", image: str, descriptor: Mapping[str, Any]) -> bytes:
+        """The spec bytes of a referrer, checked: its digest and size, its type, its subject, one spec layer."""
+        digest = descriptor["digest"]
+        what = f"compatibility artifact {digest} of {fetch.ref}"
+        body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{digest}", ", ".join(MANIFEST_TYPES),
+                            MANIFEST_CAP, what)
+        verify_digest(body, digest, what)
+        if isinstance(descriptor.get("size"), int) and descriptor["size"] != len(body):
+            raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {descriptor['size']}")
+        manifest = self._manifest_json(body, what)
+        config = manifest.get("config")
+        config_type = config.get("mediaType") if isinstance(config, dict) else None
+        if NFD_ARTIFACT_TYPE not in (manifest.get("artifactType"), config_type):
+            raise RegistryError(f"{what} is not of artifact type {NFD_ARTIFACT_TYPE}")
+        subject = manifest.get("subject")
+        if not isinstance(subject, dict) or subject.get("digest") != image:
+            raise RegistryError(f"{what} does not name {image} as its subject")
+        layers = [layer for layer in manifest.get("layers") or [] if isinstance(layer, dict)
+                  and layer.get("mediaType") in ATTACHED_SPEC_TYPES and isinstance(layer.get("digest"), str)]
+        if len(layers) != 1:
+            raise RegistryError(f"{what} has {len(layers)} layers of media type {' or '.join(ATTACHED_SPEC_TYPES)}; "
+                                "ocifit needs exactly one")
+        if not _DIGEST.match(layers[0]["digest"]):
+            raise RegistryError(f"{what}: layer digest {layers[0]['digest']!r} is not valid")
+        return self._layer_blob(fetch, layers[0], what)
 
     # -- one request, with auth, retries, caps and the deadline --
     def _get(self, fetch: "Fetch", path: str, accept: str, cap: int, what: str) -> Tuple[bytes, Any]:
@@ -5875,12 +6030,22 @@ def run_review(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the spec of a compatibility artifact, or of the one attached to an image, as JSON."""
     client = RegistryClient(settings)
+    attached: Optional[Attached] = None
     try:
         ref = parse_reference(args.ref)
         check_allowed(ref, [p for p in settings.allowed_registries if p.strip()])
-        pulled = client.pull(ref, time.monotonic() + settings.fetch_budget)
-        spec_bytes = pulled.spec_bytes or b""
+        try:
+            pulled = client.pull(ref, time.monotonic() + settings.fetch_budget)
+            spec_bytes = pulled.spec_bytes or b""
+        except NotAnArtifact:
+            attached = client.attached(ref, time.monotonic() + settings.fetch_budget)
+            if attached.spec_bytes is None:
+                print(f"ocifit: image {ref} ({attached.image_digest}) has no compatibility artifact attached "
+                      f"(looked up through {attached.found_by})", file=sys.stderr)
+                return 1
+            spec_bytes = attached.spec_bytes
         parse_spec(spec_bytes)
     except ArtifactError as exc:
         print(f"ocifit: {exc}", file=sys.stderr)
@@ -5888,8 +6053,13 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
     except SpecError as exc:
         print(f"ocifit: artifact {args.ref} is not a valid compatibility spec: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(json.loads(spec_bytes), indent=2))
-    if args.verbose:
+    print(json.dumps(load_document(spec_bytes, "spec"), indent=2))
+    if args.verbose and attached is not None:
+        print(f"{ref} resolved to {attached.image_digest}; its compatibility artifact is "
+              f"{ref.registry}/{ref.repository}@{attached.artifact_digest}, the newest of {attached.referrers} "
+              f"found through {attached.found_by} via {client.base_url(client.host_for(ref))} "
+              f"({attached.requests} requests, {attached.seconds * 1000:.0f} ms)", file=sys.stderr)
+    elif args.verbose:
         print(f"{ref} resolved to {pulled.digest} via {client.base_url(client.host_for(ref))} "
               f"({pulled.requests} requests, {pulled.seconds * 1000:.0f} ms)", file=sys.stderr)
     return 0
@@ -5946,12 +6116,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(review, "nodes", "admission", "artifacts", "logging")
     review.set_defaults(run=run_review)
 
-    fetch = commands.add_parser("fetch", help="pull a compatibility artifact and print its spec",
+    fetch = commands.add_parser("fetch", help="print the spec of a compatibility artifact, or of one an image has",
                                 description="Fetch REF from its registry (with --registry-config credentials, "
-                                "mirrors and allow-list as `serve` uses them) and print the spec JSON. Exit 1 on "
-                                "registry errors, with the registry's own error code; 2 on an invalid spec.")
-    fetch.add_argument("ref", help="artifact reference, e.g. ghcr.io/compspec/ocifit-k8s-compatibility:kind-example")
-    fetch.add_argument("-v", "--verbose", action="store_true", help="print the resolved digest and timings on stderr")
+                                "mirrors and allow-list as `serve` uses them) and print the spec as JSON. When REF "
+                                "is an image, not a compatibility artifact, print the spec attached to it (OCI "
+                                "referrers of artifact type " + NFD_ARTIFACT_TYPE + "; the newest wins). Exit 1 on "
+                                "registry errors, with the registry's own error code, or when nothing is attached; "
+                                "2 on an invalid spec.")
+    fetch.add_argument("ref", help="artifact or image reference, e.g. "
+                       "ghcr.io/compspec/ocifit-k8s-compatibility:kind-example")
+    fetch.add_argument("-v", "--verbose", action="store_true",
+                       help="print the resolved digest, the referrer chosen and how, and timings on stderr")
     add_options(fetch, "artifacts", "logging")
     fetch.set_defaults(run=run_fetch)
     return parser

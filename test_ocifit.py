@@ -2412,6 +2412,170 @@ def test_fetch_prints_the_spec_and_with_v_the_digest(registry: DockerRegistry) -
     assert missing.returncode == 1 and "MANIFEST_UNKNOWN: manifest unknown" in missing.stderr
 
 
+# ---- attached specs: OCI referrers -------------------------------------------------------
+
+ATTACHED_SPEC = (EXAMPLE / "nfd" / "spec.yaml").read_bytes()
+NEWER_ATTACHED_SPEC = ATTACHED_SPEC.replace(b"description: AVX2 and a recent kernel", b"description: the newer spec")
+
+
+def _descriptor(media_type: str, data: bytes, **extra: Any) -> Dict[str, Any]:
+    return dict({"mediaType": media_type, "digest": "sha256:" + ocifit.hashlib.sha256(data).hexdigest(),
+                 "size": len(data)}, **extra)
+
+
+def _put_blob(registry: DockerRegistry, repo: str, data: bytes) -> None:
+    started = _registry_call(registry, "POST", f"/v2/{repo}/blobs/uploads/")
+    assert started.status == 202, started.status
+    location = ocifit.urllib.parse.urlsplit(started.getheader("Location") or "")
+    digest = "sha256:" + ocifit.hashlib.sha256(data).hexdigest()
+    put = _registry_call(registry, "PUT", f"{location.path}?{location.query}&digest={digest}", data,
+                         "application/octet-stream")
+    assert put.status == 201, put.status
+
+
+def referrer_manifest(subject: Dict[str, Any], spec: bytes, media_type: str = ocifit.NFD_SPEC_MEDIA_TYPE,
+                      artifact_type: str = ocifit.NFD_ARTIFACT_TYPE, created: Optional[str] = None) -> bytes:
+    """An artifact manifest as `oras attach` writes it: empty config, one layer, the image as its subject."""
+    manifest: Dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[0], "artifactType": artifact_type,
+        "config": _descriptor("application/vnd.oci.empty.v1+json", b"{}"),
+        "layers": [_descriptor(media_type, spec)], "subject": subject}
+    if created:
+        manifest["annotations"] = {ocifit.CREATED_ANNOTATION: created}
+    return json.dumps(manifest).encode()
+
+
+def attach(registry: DockerRegistry, repo: str, image: Dict[str, Any], spec: bytes, **kw: Any) -> Dict[str, Any]:
+    """Attach a spec to an image in the test registry; returns the referrer's descriptor for an index."""
+    for blob in (b"{}", spec):
+        _put_blob(registry, repo, blob)
+    manifest = referrer_manifest(image, spec, **kw)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], manifest, artifactType=kw.get("artifact_type",
+                                                                                     ocifit.NFD_ARTIFACT_TYPE))
+    assert _registry_call(registry, "PUT", f"/v2/{repo}/manifests/{descriptor['digest']}", manifest).status == 201
+    if kw.get("created"):
+        descriptor["annotations"] = {ocifit.CREATED_ANNOTATION: kw["created"]}
+    return descriptor
+
+
+def pushed_image(registry: DockerRegistry, repo_tag: str, tmp_path: Path) -> Dict[str, Any]:
+    """An ordinary (non-compatibility) manifest pushed with oras; its descriptor, for a subject."""
+    layer = tmp_path / f"{repo_tag.replace(':', '-')}.tar"
+    layer.write_bytes(repo_tag.encode())
+    digest = registry.push(repo_tag, layer, media_type="application/vnd.oci.image.layer.v1.tar")
+    size = int(_registry_call(registry, "HEAD", f"/v2/{repo_tag.split(':')[0]}/manifests/{digest}")
+               .getheader("Content-Length") or -1)
+    return {"mediaType": ocifit.MANIFEST_TYPES[0], "digest": digest, "size": size}
+
+
+def put_fallback_index(registry: DockerRegistry, repo: str, image: Dict[str, Any],
+                       referrers: List[Dict[str, Any]]) -> None:
+    """The referrers tag schema's index, as oras maintains it on a registry without the referrers API."""
+    index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": referrers}).encode()
+    tag = image["digest"].replace(":", "-")
+    assert _registry_call(registry, "PUT", f"/v2/{repo}/manifests/{tag}", index, ocifit.MANIFEST_TYPES[1]).status == 201
+
+
+def test_fetch_prints_the_newest_spec_attached_to_an_image(registry: DockerRegistry, tmp_path: Path) -> None:
+    image = pushed_image(registry, "attached:v1", tmp_path)
+    older = attach(registry, "attached", image, ATTACHED_SPEC, created="2026-03-01T12:00:00+02:00")  # 10:00 UTC
+    newer = attach(registry, "attached", image, NEWER_ATTACHED_SPEC, created="2026-03-01T11:00:00Z")
+    signature = attach(registry, "attached", image, b"sig", media_type="application/octet-stream",
+                       artifact_type="application/vnd.dev.cosign.artifact.sig.v1+json", created="2026-12-01T00:00:00Z")
+    put_fallback_index(registry, "attached", image, [older, signature, newer])
+
+    done = run_cli("fetch", "-v", "--insecure-registry", registry.host, f"{registry.host}/attached:v1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ocifit.load_yaml(NEWER_ATTACHED_SPEC.decode())
+    assert (f"its compatibility artifact is {registry.host}/attached@{newer['digest']}, the newest of 2 found through "
+            f"the fallback tag {image['digest'].replace(':', '-')}") in done.stderr
+
+    bare = pushed_image(registry, "attached:bare", tmp_path)
+    nothing = run_cli("fetch", "--insecure-registry", registry.host, f"{registry.host}/attached:bare")
+    assert nothing.returncode == 1 and nothing.stdout == ""
+    assert nothing.stderr == (f"ocifit: image {registry.host}/attached:bare ({bare['digest']}) has no compatibility "
+                              f"artifact attached (looked up through the fallback tag "
+                              f"{bare['digest'].replace(':', '-')})\n")
+
+
+def test_a_registry_without_the_referrers_api_is_probed_once(registry: DockerRegistry, tmp_path: Path) -> None:
+    images = [pushed_image(registry, f"probed:{tag}", tmp_path) for tag in ("a", "b")]
+    put_fallback_index(registry, "probed", images[0], [attach(registry, "probed", images[0], ATTACHED_SPEC)])
+    client = ocifit.RegistryClient(registry_settings(registry.host))
+    found = [client.attached(ocifit.parse_reference(f"{registry.host}/probed:{tag}"), time.monotonic() + 8)
+             for tag in ("a", "b")]
+    assert [a.spec_bytes for a in found] == [ATTACHED_SPEC, None]
+    # The first: image, referrers probe (docker-registry 2.8 answers 404), fallback tag, referrer, blob. The
+    # second: image and fallback tag, no probe.
+    assert [a.requests for a in found] == [5, 2]
+    assert [uri.rsplit("/", 1)[1] for uri in registry.requests("/probed/manifests/sha256-")[-2:]] == [
+        image["digest"].replace(":", "-") for image in images]
+
+
+def referrers_api_routes(pages: List[List[Dict[str, Any]]], manifests: Dict[str, bytes], blobs: Dict[str, bytes],
+                         image: bytes, next_link: Any = None) -> Dict[str, Any]:
+    """A registry with the referrers API: the image by tag, paged referrers (Link headers), manifests, blobs."""
+    image_digest = "sha256:" + ocifit.hashlib.sha256(image).hexdigest()
+    routes: Dict[str, Any] = {
+        "/v2/app/manifests/v1": lambda h: send(h, 200, image, {"Content-Type": ocifit.MANIFEST_TYPES[0]})}
+
+    def page(h: Any) -> None:
+        number = int(dict(ocifit.urllib.parse.parse_qsl(h.path.partition("?")[2])).get("page", 0))
+        index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1],
+                            "manifests": pages[number]}).encode()
+        link = (next_link or f"</v2/app/referrers/{image_digest}?page={number + 1}>; rel=\"next\"") \
+            if number + 1 < len(pages) else None
+        send(h, 200, index, dict({"Content-Type": ocifit.MANIFEST_TYPES[1]}, **({"Link": link} if link else {})))
+    routes[f"/v2/app/referrers/{image_digest}"] = page
+    for digest, body in manifests.items():
+        routes[f"/v2/app/manifests/{digest}"] = lambda h, b=body: send(h, 200, b, {
+            "Content-Type": ocifit.MANIFEST_TYPES[0]})
+    for digest, body in blobs.items():
+        routes[f"/v2/app/blobs/{digest}"] = lambda h, b=body: send(h, 200, b)
+    return routes
+
+
+def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any) -> None:
+    image = b'{"schemaVersion": 2, "layers": []}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    ocifit_spec = (EXAMPLE / "compatibility-test.json").read_bytes()
+    made = {name: referrer_manifest(subject, spec, media_type) for name, spec, media_type in (
+        ("undated", ATTACHED_SPEC, ocifit.NFD_SPEC_MEDIA_TYPE), ("dated", ocifit_spec, ocifit.COMPAT_MEDIA_TYPE),
+        ("other", b"sbom", "application/spdx+json"))}
+    descriptors = {name: _descriptor(ocifit.MANIFEST_TYPES[0], body, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+                   for name, body in made.items()}
+    descriptors["dated"]["annotations"] = {ocifit.CREATED_ANNOTATION: "2025-01-01T00:00:00.123456789-05:00"}
+    descriptors["other"]["artifactType"] = "application/spdx+json"  # the stub does not filter: ocifit must
+    stub = stubs(referrers_api_routes(
+        [[descriptors["undated"], descriptors["other"]], [descriptors["dated"]]],
+        {d["digest"]: made[name] for name, d in descriptors.items()},
+        {_descriptor("", s)["digest"]: s for s in (ATTACHED_SPEC, ocifit_spec)}, image))
+    client = ocifit.RegistryClient(registry_settings(f"127.0.0.1:{stub.port}"))
+    found = client.attached(ocifit.parse_reference(f"127.0.0.1:{stub.port}/app:v1"), time.monotonic() + 5)
+    assert (found.artifact_digest, found.found_by, found.referrers) == (
+        descriptors["dated"]["digest"], "the referrers API", 2)
+    assert ocifit.parse_spec(found.spec_bytes).compatibilities[0].tag == "debian:11"
+    queries = [path for _, path, _ in stub.seen if "/referrers/" in path]
+    assert len(queries) == 2 and "artifactType=application%2Fvnd.nfd.image-compatibility.v1alpha1" in queries[0]
+
+
+def test_a_referrers_page_on_another_host_or_a_foreign_subject_is_refused(stubs: Any) -> None:
+    image = b'{"schemaVersion": 2, "layers": ["mine"]}'
+    foreign = referrer_manifest(_descriptor(ocifit.MANIFEST_TYPES[0], b"another image"), ATTACHED_SPEC)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], foreign, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: foreign},
+                                  {_descriptor("", ATTACHED_SPEC)["digest"]: ATTACHED_SPEC}, image)
+    stub = stubs(routes)
+    client = ocifit.RegistryClient(registry_settings(f"127.0.0.1:{stub.port}"))
+    ref = ocifit.parse_reference(f"127.0.0.1:{stub.port}/app:v1")
+    with pytest.raises(ocifit.RegistryError, match="does not name sha256:[0-9a-f]{64} as its subject"):
+        client.attached(ref, time.monotonic() + 5)
+    stub.routes.update(referrers_api_routes([[descriptor], []], {}, {}, image,
+                                            next_link='<http://169.254.169.254/v2/app/referrers/x>; rel="next"'))
+    with pytest.raises(ocifit.RegistryError, match="refusing a referrers page on another host"):
+        client.attached(ref, time.monotonic() + 5)
+
+
 def test_https_is_the_default_and_plain_http_needs_listing(registry: DockerRegistry) -> None:
     with pytest.raises(ocifit.RegistryError, match="TLS failed|unreachable"):
         pull_spec(f"{registry.host}/flavor:v1", ocifit.Settings(allowed_registries=(registry.host,)), budget=2)
