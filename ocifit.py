@@ -70,7 +70,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional, Protocol,
-                    Sequence, Tuple, cast)
+                    Sequence, Set, Tuple, cast)
 
 __version__ = "0.1.0"
 
@@ -4057,6 +4057,9 @@ NFD_SPEC_MEDIA_TYPE = "application/vnd.nfd.image-compatibility.spec.v1alpha1+yam
 ATTACHED_SPEC_TYPES = (NFD_SPEC_MEDIA_TYPE, COMPAT_MEDIA_TYPE)  # ocifit's dialect may be attached under NFD's type
 CREATED_ANNOTATION = "org.opencontainers.image.created"
 MAX_REFERRER_PAGES = 16
+MAX_REFERRERS = 1024  # of the compatibility artifact type, per image: more is a hostile or broken registry
+MAX_STALE_REFERRERS = 3  # referrers listed but gone or broken, skipped before giving up
+_URL_SAFE = re.compile(r"[!-~]*\Z")  # printable ASCII, no spaces: a path and query as sent on the wire
 IO_TIMEOUT = 5.0
 MAX_INDEX_CHILDREN = 16
 
@@ -4105,6 +4108,13 @@ class Attached:
     seconds: float
 
 
+def _newest_first(descriptor: Mapping[str, Any]) -> Tuple[bool, float, str]:
+    """Sort key for referrers: the newest created annotation first, undated ones last, ties by digest."""
+    annotations = descriptor.get("annotations")
+    created = rfc3339_seconds(annotations.get(CREATED_ANNOTATION) if isinstance(annotations, dict) else None)
+    return created is None, -(created or 0.0), descriptor["digest"]
+
+
 def rfc3339_seconds(text: Any) -> Optional[float]:
     """An RFC 3339 time (any offset, any fraction) as POSIX seconds; None when it is not one."""
     match = _RFC3339.match(text) if isinstance(text, str) else None
@@ -4116,11 +4126,14 @@ def rfc3339_seconds(text: Any) -> Optional[float]:
                                  tzinfo=datetime.timezone.utc)
     except ValueError:
         return None
+    if zone not in ("Z", "z") and (int(zone[1:3]) > 23 or int(zone[4:6]) > 59):
+        return None
     offset = 0 if zone in ("Z", "z") else (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
     return when.timestamp() - offset + float(fraction or 0)
 
 
-_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)\Z")
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z")
 
 
 class RegistryClient:
@@ -4236,7 +4249,8 @@ class RegistryClient:
                                 f"of media type {COMPAT_MEDIA_TYPE}")
         layers = self._compat_layers(manifest)
         if not layers:
-            found = sorted({str(layer.get("mediaType")) for layer in manifest.get("layers") or []
+            listed = manifest.get("layers")
+            found = sorted({str(layer.get("mediaType")) for layer in (listed if isinstance(listed, list) else [])
                             if isinstance(layer, dict)})
             raise NotAnArtifact(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
                                 + (f" (layers: {', '.join(found)})" if found else ""))
@@ -4265,31 +4279,33 @@ class RegistryClient:
         body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
                                   MANIFEST_CAP, f"manifest of {ref}")
         image = self._manifest_digest(ref, body, headers)
-        found_by, referrers = self._referrers(fetch, image)
-        candidates = [m for m in referrers if m.get("artifactType") == NFD_ARTIFACT_TYPE]  # whatever a registry says
-        if not candidates:
-            return Attached(image, None, found_by, 0, None, fetch.requests, time.monotonic() - fetch.started)
-        created = {m["digest"]: rfc3339_seconds((m.get("annotations") or {}).get(CREATED_ANNOTATION))
-                   for m in candidates}
-        newest = min(candidates, key=lambda m: (created[m["digest"]] is None, -(created[m["digest"]] or 0),
-                                                m["digest"]))
-        blob = self._attached_spec(fetch, image, newest)
-        return Attached(image, newest["digest"], found_by, len(candidates), blob, fetch.requests,
-                        time.monotonic() - fetch.started)
+        found_by, candidates = self._referrers(fetch, image)
+        first_error: Optional[RegistryError] = None
+        for descriptor in sorted(candidates, key=_newest_first)[:MAX_STALE_REFERRERS + 1]:
+            try:
+                blob = self._attached_spec(fetch, image, descriptor)
+            except RegistryError as exc:  # a fallback index kept by clients may list a referrer since deleted
+                if fetch.deadline <= time.monotonic() or exc.status not in (0, 404):
+                    raise
+                log.warning("%s; trying the next newest", exc)
+                first_error = first_error or exc
+                continue
+            return Attached(image, descriptor["digest"], found_by, len(candidates), blob, fetch.requests,
+                            time.monotonic() - fetch.started)
+        if first_error is not None:
+            raise first_error
+        return Attached(image, None, found_by, 0, None, fetch.requests, time.monotonic() - fetch.started)
 
     def _referrers(self, fetch: "Fetch", image: str) -> Tuple[str, List[Dict[str, Any]]]:
-        """(how they were found, the referrer descriptors) for an image digest: the referrers API unless the
-        registry has lately said it has none (a 404 that is not NAME_UNKNOWN, a 400 or 405), else the fallback tag."""
+        """(how they were found, the descriptors of the compatibility artifacts referring to an image digest):
+        the referrers API unless the registry has lately said it has none, else the fallback tag."""
         host = fetch.host
         learned = self._without_referrers_api.get(host)
         if learned is None or time.monotonic() - learned > self.settings.tag_ttl:
-            try:
-                return "the referrers API", self._referrers_api(fetch, image)
-            except RegistryError as exc:
-                if not (exc.status in (400, 405) or (exc.status == 404 and exc.code != "NAME_UNKNOWN")):
-                    raise
-                self._without_referrers_api[host] = time.monotonic()
-                log.debug("registry %s has no referrers API (HTTP %d); using fallback tags", host, exc.status)
+            found = self._referrers_api(fetch, image)
+            if found is not None:
+                return "the referrers API", found
+            self._without_referrers_api[host] = time.monotonic()
         algorithm, _, hexdigest = image.partition(":")
         tag = f"{algorithm[:32]}-{hexdigest[:64]}"
         what = f"referrers of {fetch.ref} (tag {tag})"
@@ -4300,43 +4316,61 @@ class RegistryClient:
             if exc.status == 404:
                 return f"the fallback tag {tag}", []
             raise
-        return f"the fallback tag {tag}", self._descriptors(body, what)
+        return f"the fallback tag {tag}", self._compat_descriptors(body, what)
 
-    def _referrers_api(self, fetch: "Fetch", image: str) -> List[Dict[str, Any]]:
-        """The referrers the API lists, following `Link: rel="next"` pages (at most MAX_REFERRER_PAGES)."""
+    def _referrers_api(self, fetch: "Fetch", image: str) -> Optional[List[Dict[str, Any]]]:
+        """The compatibility artifacts the referrers API lists, following `Link: rel="next"` pages (at most
+        MAX_REFERRER_PAGES); None when the first request says the registry has no such API (a 404 that is not
+        NAME_UNKNOWN, a 400 or a 405). Later pages that fail are errors like any other."""
         what = f"referrers of {fetch.ref}"
         query = urllib.parse.urlencode({"artifactType": NFD_ARTIFACT_TYPE})
         path: Optional[str] = f"/v2/{fetch.ref.repository}/referrers/{image}?{query}"
         found: List[Dict[str, Any]] = []
-        pages = 0
-        while path is not None:
-            if pages == MAX_REFERRER_PAGES:
-                log.warning("%s: more than %d pages; using the first %d", what, pages, pages)
+        seen: Set[str] = set()
+        while path is not None and path not in seen:
+            if len(seen) == MAX_REFERRER_PAGES:
+                log.warning("%s: more than %d pages; choosing among the first %d", what, len(seen), len(seen))
                 break
-            body, headers = self._get(fetch, path, MANIFEST_TYPES[1], MANIFEST_CAP, what)
-            found += self._descriptors(body, what)
-            path = self._next_page(fetch, path, headers.get("Link", ""))
-            pages += 1
+            try:
+                body, headers = self._get(fetch, path, MANIFEST_TYPES[1], MANIFEST_CAP, what)
+            except RegistryError as exc:
+                if not seen and (exc.status in (400, 405) or (exc.status == 404 and exc.code != "NAME_UNKNOWN")):
+                    log.debug("registry %s has no referrers API (HTTP %d); using fallback tags", fetch.host,
+                              exc.status)
+                    return None
+                raise
+            seen.add(path)
+            found += self._compat_descriptors(body, what, MAX_REFERRERS - len(found))
+            path = self._next_page(fetch, path, ", ".join(headers.get_all("Link") or []))
         return found
 
-    def _descriptors(self, body: bytes, what: str) -> List[Dict[str, Any]]:
+    def _compat_descriptors(self, body: bytes, what: str, limit: int = MAX_REFERRERS) -> List[Dict[str, Any]]:
+        """The descriptors of compatibility artifacts in a referrers index (whatever filter a registry says it
+        applied), at most limit."""
         manifests = self._manifest_json(body, what).get("manifests")
         if not isinstance(manifests, list):
             raise RegistryError(f"{what} is not an image index")
-        return [m for m in manifests if isinstance(m, dict) and isinstance(m.get("digest"), str)
-                and _DIGEST.match(m["digest"])]
+        found = [m for m in manifests if isinstance(m, dict) and m.get("artifactType") == NFD_ARTIFACT_TYPE
+                 and isinstance(m.get("digest"), str) and _DIGEST.match(m["digest"])]
+        if len(found) > limit:
+            log.warning("%s: more than %d compatibility artifacts; choosing among the first", what, MAX_REFERRERS)
+        return found[:max(0, limit)]
 
-    def _next_page(self, fetch: "Fetch", path: str, link: str) -> Optional[str]:
-        """The path of the next referrers page from a `Link: <...>; rel="next"` header, on the same registry."""
-        match = re.search(r'<([^>]*)>[^,]*;\s*rel="?next"?', link)
-        if not match:
-            return None
-        base = self.base_url(fetch.host)
-        target = urllib.parse.urlsplit(urllib.parse.urljoin(base + path, match.group(1)))
-        if f"{target.scheme}://{target.netloc}" != base:
-            raise RegistryError(f"registry {fetch.host}: refusing a referrers page on another host "
-                                f"({_safe_url(match.group(1))})")
-        return target.path + (f"?{target.query}" if target.query else "")
+    def _next_page(self, fetch: "Fetch", path: str, links: str) -> Optional[str]:
+        """The path of the next referrers page from `Link: <...>; rel="next"` headers, on the same registry."""
+        for match in re.finditer(r'<([^>]*)>((?:\s*;\s*[A-Za-z-]+\s*=\s*(?:"[^"]*"|[^;,\s]*))*)', links):
+            params = {k.lower(): v.strip('"') for k, v in re.findall(
+                r';\s*([A-Za-z-]+)\s*=\s*("[^"]*"|[^;,\s]*)', match.group(2))}
+            if "next" not in params.get("rel", "").lower().split():
+                continue
+            base = self.base_url(fetch.host)
+            url = urllib.parse.urljoin(base + path, match.group(1).strip())
+            target = urllib.parse.urlsplit(url)
+            if f"{target.scheme}://{target.netloc}" != base or not _URL_SAFE.match(target.path + target.query):
+                raise RegistryError(f"registry {fetch.host}: refusing a referrers page link to "
+                                    f"{json.dumps(_safe_url(url)[:200])} (another host, or not a URL path)")
+            return target.path + (f"?{target.query}" if target.query else "")
+        return None
 
     def _attached_spec(self, fetch: "Fetch", image: str, descriptor: Mapping[str, Any]) -> bytes:
         """The spec bytes of a referrer, checked: its digest and size, its type, its subject, one spec layer."""
@@ -4355,7 +4389,8 @@ class RegistryClient:
         subject = manifest.get("subject")
         if not isinstance(subject, dict) or subject.get("digest") != image:
             raise RegistryError(f"{what} does not name {image} as its subject")
-        layers = [layer for layer in manifest.get("layers") or [] if isinstance(layer, dict)
+        listed = manifest.get("layers")
+        layers = [layer for layer in (listed if isinstance(listed, list) else []) if isinstance(layer, dict)
                   and layer.get("mediaType") in ATTACHED_SPEC_TYPES and isinstance(layer.get("digest"), str)]
         if len(layers) != 1:
             raise RegistryError(f"{what} has {len(layers)} layers of media type {' or '.join(ATTACHED_SPEC_TYPES)}; "
@@ -6051,7 +6086,9 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ocifit: {exc}", file=sys.stderr)
         return 1
     except SpecError as exc:
-        print(f"ocifit: artifact {args.ref} is not a valid compatibility spec: {exc}", file=sys.stderr)
+        artifact = f"{args.ref}" if attached is None else (
+            f"{ref.registry}/{ref.repository}@{attached.artifact_digest} (attached to {args.ref})")
+        print(f"ocifit: artifact {artifact} is not a valid compatibility spec: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(load_document(spec_bytes, "spec"), indent=2))
     if args.verbose and attached is not None:

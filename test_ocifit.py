@@ -2535,7 +2535,8 @@ def referrers_api_routes(pages: List[List[Dict[str, Any]]], manifests: Dict[str,
     return routes
 
 
-def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any) -> None:
+def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any, caplog: pytest.LogCaptureFixture
+                                                                   ) -> None:
     image = b'{"schemaVersion": 2, "layers": []}'
     subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
     ocifit_spec = (EXAMPLE / "compatibility-test.json").read_bytes()
@@ -2546,14 +2547,19 @@ def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any) -
                    for name, body in made.items()}
     descriptors["dated"]["annotations"] = {ocifit.CREATED_ANNOTATION: "2025-01-01T00:00:00.123456789-05:00"}
     descriptors["other"]["artifactType"] = "application/spdx+json"  # the stub does not filter: ocifit must
+    deleted = _descriptor(ocifit.MANIFEST_TYPES[0], b"a referrer since deleted", artifactType=ocifit.NFD_ARTIFACT_TYPE,
+                          annotations={ocifit.CREATED_ANNOTATION: "2027-01-01T00:00:00Z"})  # newest, but 404
+    odd = dict(deleted, digest="sha256:" + "0" * 64, annotations=["not", "a", "map"])
     stub = stubs(referrers_api_routes(
-        [[descriptors["undated"], descriptors["other"]], [descriptors["dated"]]],
+        [[descriptors["undated"], descriptors["other"], odd], [deleted, descriptors["dated"]]],
         {d["digest"]: made[name] for name, d in descriptors.items()},
         {_descriptor("", s)["digest"]: s for s in (ATTACHED_SPEC, ocifit_spec)}, image))
     client = ocifit.RegistryClient(registry_settings(f"127.0.0.1:{stub.port}"))
     found = client.attached(ocifit.parse_reference(f"127.0.0.1:{stub.port}/app:v1"), time.monotonic() + 5)
     assert (found.artifact_digest, found.found_by, found.referrers) == (
-        descriptors["dated"]["digest"], "the referrers API", 2)
+        descriptors["dated"]["digest"], "the referrers API", 4)
+    assert f"compatibility artifact {deleted['digest']} of 127.0.0.1:{stub.port}/app:v1 not found" in caplog.text
+    assert "trying the next newest" in caplog.text
     assert ocifit.parse_spec(found.spec_bytes).compatibilities[0].tag == "debian:11"
     queries = [path for _, path, _ in stub.seen if "/referrers/" in path]
     assert len(queries) == 2 and "artifactType=application%2Fvnd.nfd.image-compatibility.v1alpha1" in queries[0]
@@ -2572,7 +2578,11 @@ def test_a_referrers_page_on_another_host_or_a_foreign_subject_is_refused(stubs:
         client.attached(ref, time.monotonic() + 5)
     stub.routes.update(referrers_api_routes([[descriptor], []], {}, {}, image,
                                             next_link='<http://169.254.169.254/v2/app/referrers/x>; rel="next"'))
-    with pytest.raises(ocifit.RegistryError, match="refusing a referrers page on another host"):
+    with pytest.raises(ocifit.RegistryError, match='refusing a referrers page link to "http://169.254.169.254/'):
+        client.attached(ref, time.monotonic() + 5)
+    # A page after the first that fails is an error, not a sign that the registry has no referrers API.
+    stub.routes.update(referrers_api_routes([[descriptor], []], {}, {}, image, next_link='</v2/app/gone>; rel=next'))
+    with pytest.raises(ocifit.RegistryError, match=r"referrers of 127\.0\.0\.1:\d+/app:v1 not found in registry"):
         client.attached(ref, time.monotonic() + 5)
 
 
