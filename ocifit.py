@@ -16,7 +16,7 @@ Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
   serve    the HTTPS webhook: POST /mutate, GET /healthz /readyz /metrics
   match    evaluate a spec against labels, a node list or NFD node features, print the chosen image
   review   answer one AdmissionReview from a file, exactly as ``serve`` would
-  fetch    pull a compatibility artifact from a registry and print its spec
+  fetch    pull a compatibility artifact (or the spec attached to an image) and print its spec
 
 Sections (each under a banner of its name), the machinery first, then in the order data flows:
   Settings                 every option once: flag, environment twin, parser, default, help
@@ -25,7 +25,8 @@ Sections (each under a banner of its name), the machinery first, then in the ord
   Metrics                  Prometheus text from counters, histograms and gauges
   Compatibility spec       parse and validate a spec (ocifit's dialect or NFD's); match it against a node
   Node view                nodes, snapshots, where a pod may land; nodes from a file or the cluster
-  Artifacts and registry   where specs come from: local files, an OCI registry, the cache in front
+  Artifacts and registry   where specs come from: local files, an OCI registry (artifacts, or specs attached
+                           to images as OCI referrers), the cache in front
   Admission                AdmissionReview in -> Decision -> AdmissionReview out; the webhook edge
   HTTP server              HTTPS with reloadable certificates, connection limits, /mutate and friends
   Command line             serve | match | review | fetch
@@ -6086,7 +6087,7 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ocifit: {exc}", file=sys.stderr)
         return 1
     except SpecError as exc:
-        artifact = f"{args.ref}" if attached is None else (
+        artifact = args.ref if attached is None else (
             f"{ref.registry}/{ref.repository}@{attached.artifact_digest} (attached to {args.ref})")
         print(f"ocifit: artifact {artifact} is not a valid compatibility spec: {exc}", file=sys.stderr)
         return 2
