@@ -3098,16 +3098,16 @@ class _WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone, reason Expired or Gone): list again at once."""
 
 
-def watch_error(status: Any) -> Exception:
+def watch_error(status: Any, what: str = "node") -> Exception:
     """The exception for a watch ERROR event, whose object is a metav1.Status: _WatchExpired when history was
     compacted past the watch's resourceVersion, else a KubeAPIError with the status's code and message."""
     if not isinstance(status, dict):
-        return KubeAPIError(f"node watch error: {str(status)[:200]}")
+        return KubeAPIError(f"{what} watch error: {str(status)[:200]}")
     code, reason = status.get("code"), status.get("reason")
     message = str(status.get("message") or reason or "no message")[:1000]
     if code == 410 or reason in ("Expired", "Gone"):
         return _WatchExpired(f"{code} {reason}: {message}")
-    return KubeAPIError(f"node watch error {code} {reason or ''}: {message}".replace("  ", " "),
+    return KubeAPIError(f"{what} watch error {code} {reason or ''}: {message}".replace("  ", " "),
                         code if isinstance(code, int) else 0)
 
 
@@ -3162,17 +3162,19 @@ class KubeClient:
             except urllib.error.HTTPError as err:
                 if err.code == 401 and attempt == 1:
                     continue
-                raise self._error(err) from None
+                raise self._error(err, path) from None
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _error(err: urllib.error.HTTPError) -> KubeAPIError:
+    def _error(err: urllib.error.HTTPError, path: str) -> KubeAPIError:
         try:
             status = load_json(err.read(64 * 1024))
             message = status.get("message") or status.get("reason") or ""
         except (ValueError, AttributeError, OSError, http.client.HTTPException):
             message = ""
-        hint = " (check the token and RBAC: ocifit needs get/list/watch on nodes)" if err.code in (401, 403) else ""
+        resource = path.rstrip("/").rsplit("/", 1)[-1]  # nodes, nodefeatures
+        hint = (f" (check the token and RBAC: ocifit needs get/list/watch on {resource})"
+                if err.code in (401, 403) else "")
         return KubeAPIError(f"API server answered HTTP {err.code}" + (f": {message}" if message else "") + hint,
                             err.code, _retry_after(err.headers.get("Retry-After")))
 
@@ -3381,7 +3383,7 @@ class ListWatch:
                 break
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                raise watch_error(obj)
+                raise watch_error(obj, self.what)
             self._healthy()
             meta = obj.get("metadata") or {} if isinstance(obj, dict) else {}
             resource_version = str(meta.get("resourceVersion") or resource_version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import base64
 import copy
+import email.message
 import http.client
 import http.server
 import io
@@ -1885,6 +1886,20 @@ def test_an_expired_resource_version_on_reconnect_relists(strict_live_nodes: Any
     kube_api.modify("kind-worker2", labels={FLAVOR_KEY: "strawberry"})
     assert eventually(lambda: live_decision(strict_live_nodes).reason == "disagreement", 30)
     assert watcher.stop() == []
+
+
+def test_watch_errors_and_rbac_hints_name_the_kind_watched() -> None:
+    status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+              "message": "etcdserver: leader changed", "reason": "InternalError", "code": 500}
+    assert str(ocifit.watch_error(status, "NodeFeature")) == (
+        "NodeFeature watch error 500 InternalError: etcdserver: leader changed")
+    forbidden = json.dumps(dict(status, code=403, reason="Forbidden", message="nodefeatures.nfd.k8s-sigs.io is "
+                                "forbidden: User \"system:serviceaccount:ocifit:ocifit\" cannot list resource"))
+    err = ocifit.urllib.error.HTTPError("https://127.0.0.1/", 403, "Forbidden", email.message.Message(),
+                                        io.BytesIO(forbidden.encode()))
+    text = str(ocifit.KubeClient._error(err, "/apis/nfd.k8s-sigs.io/v1alpha1/nodefeatures"))
+    assert text.endswith("cannot list resource (check the token and RBAC: ocifit needs get/list/watch on "
+                         "nodefeatures)")
 
 
 def test_an_http_410_to_the_watch_request_relists(strict_live_nodes: Any, kube_api: FakeKubeAPI) -> None:
