@@ -4192,9 +4192,7 @@ class RegistryClient:
     def pull(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False) -> Pulled:
         """Resolve the reference and fetch its compatibility spec, unless known(digest) says we have it."""
         fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
-        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
-                                  MANIFEST_CAP, f"manifest of {ref}")
-        digest = self._manifest_digest(ref, body, headers)
+        body, digest = self._resolve(fetch)
         if known(digest):
             return fetch.pulled(digest, None)
         manifest = self._manifest_json(body, f"manifest of {ref}")
@@ -4212,6 +4210,22 @@ class RegistryClient:
         if isinstance(size, int) and size != len(blob):
             raise RegistryError(f"{what}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
         return blob
+
+    def _resolve(self, fetch: "Fetch") -> Tuple[bytes, str]:
+        """The manifest (or index) the fetch's reference names, and its digest, checked."""
+        ref = fetch.ref
+        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
+                                  MANIFEST_CAP, f"manifest of {ref}")
+        return body, self._manifest_digest(ref, body, headers)
+
+    def _described_manifest(self, fetch: "Fetch", descriptor: Mapping[str, Any], what: str) -> Dict[str, Any]:
+        """The manifest a descriptor names, in the fetch's repository, checked against its digest and size."""
+        body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{descriptor['digest']}",
+                            ", ".join(MANIFEST_TYPES), MANIFEST_CAP, what)
+        verify_digest(body, descriptor["digest"], what)
+        if isinstance(descriptor.get("size"), int) and descriptor["size"] != len(body):
+            raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {descriptor['size']}")
+        return self._manifest_json(body, what)
 
     def _manifest_digest(self, ref: Reference, body: bytes, headers: Any) -> str:
         header = headers.get("Docker-Content-Digest", "")
@@ -4239,15 +4253,10 @@ class RegistryClient:
                         and _DIGEST.match(m["digest"])]
             children.sort(key=lambda m: m.get("artifactType") != COMPAT_MEDIA_TYPE)  # likely ones first
             for child in children[:MAX_INDEX_CHILDREN]:
-                what = f"manifest {child['digest']} in index {ref}"
-                body, _ = self._get(fetch, f"/v2/{ref.repository}/manifests/{child['digest']}",
-                                    ", ".join(MANIFEST_TYPES), MANIFEST_CAP, what)
-                verify_digest(body, child["digest"], what)
-                if isinstance(child.get("size"), int) and child["size"] != len(body):
-                    raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {child['size']}")
-                layers = self._compat_layers(self._manifest_json(body, what))
+                layers = self._compat_layers(self._described_manifest(fetch, child,
+                                                                      f"manifest {child['digest']} in index {ref}"))
                 if layers:
-                    return self._one_layer(ref, layers)
+                    return self._one_layer(f"artifact {ref}", layers)
             raise NotAnArtifact(f"artifact {ref} is an index, and none of its {len(children)} manifests has a layer "
                                 f"of media type {COMPAT_MEDIA_TYPE}")
         layers = self._compat_layers(manifest)
@@ -4257,20 +4266,22 @@ class RegistryClient:
                             if isinstance(layer, dict)})
             raise NotAnArtifact(f"artifact {ref} has no layer of media type {COMPAT_MEDIA_TYPE}"
                                 + (f" (layers: {', '.join(found)})" if found else ""))
-        return self._one_layer(ref, layers)
+        return self._one_layer(f"artifact {ref}", layers)
 
     @staticmethod
-    def _compat_layers(manifest: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    def _compat_layers(manifest: Mapping[str, Any], media_types: Tuple[str, ...] = (COMPAT_MEDIA_TYPE,)
+                       ) -> List[Dict[str, Any]]:
+        """The manifest's layers of the given media types, with a digest."""
         layers = manifest.get("layers")
-        return [layer for layer in layers if isinstance(layer, dict) and layer.get("mediaType") == COMPAT_MEDIA_TYPE
+        return [layer for layer in layers if isinstance(layer, dict) and layer.get("mediaType") in media_types
                 and isinstance(layer.get("digest"), str)] if isinstance(layers, list) else []
 
     @staticmethod
-    def _one_layer(ref: Reference, layers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _one_layer(what: str, layers: List[Dict[str, Any]]) -> Dict[str, Any]:
         if len(layers) > 1:
-            raise RegistryError(f"artifact {ref} has {len(layers)} compatibility layers; ocifit needs exactly one")
+            raise RegistryError(f"{what} has {len(layers)} compatibility layers; ocifit needs exactly one")
         if not _DIGEST.match(layers[0]["digest"]):
-            raise RegistryError(f"artifact {ref}: compatibility layer digest {layers[0]['digest']!r} is not valid")
+            raise RegistryError(f"{what}: compatibility layer digest {layers[0]['digest']!r} is not valid")
         return layers[0]
 
     # -- attached specs: OCI referrers --
@@ -4279,9 +4290,7 @@ class RegistryClient:
         referrers API or, on a registry without one, the referrers tag schema's fallback tag. Several: the
         newest by its created annotation (a missing one counts as oldest; ties to the smallest digest)."""
         fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
-        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
-                                  MANIFEST_CAP, f"manifest of {ref}")
-        image = self._manifest_digest(ref, body, headers)
+        _, image = self._resolve(fetch)
         found_by, candidates = self._referrers(fetch, image)
         first_error: Optional[RegistryError] = None
         for descriptor in sorted(candidates, key=_newest_first)[:MAX_STALE_REFERRERS + 1]:
@@ -4377,14 +4386,8 @@ class RegistryClient:
 
     def _attached_spec(self, fetch: "Fetch", image: str, descriptor: Mapping[str, Any]) -> bytes:
         """The spec bytes of a referrer, checked: its digest and size, its type, its subject, one spec layer."""
-        digest = descriptor["digest"]
-        what = f"compatibility artifact {digest} of {fetch.ref}"
-        body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{digest}", ", ".join(MANIFEST_TYPES),
-                            MANIFEST_CAP, what)
-        verify_digest(body, digest, what)
-        if isinstance(descriptor.get("size"), int) and descriptor["size"] != len(body):
-            raise RegistryError(f"{what} is {len(body)} bytes, its descriptor says {descriptor['size']}")
-        manifest = self._manifest_json(body, what)
+        what = f"compatibility artifact {descriptor['digest']} of {fetch.ref}"
+        manifest = self._described_manifest(fetch, descriptor, what)
         config = manifest.get("config")
         config_type = config.get("mediaType") if isinstance(config, dict) else None
         if NFD_ARTIFACT_TYPE not in (manifest.get("artifactType"), config_type):
@@ -4392,15 +4395,10 @@ class RegistryClient:
         subject = manifest.get("subject")
         if not isinstance(subject, dict) or subject.get("digest") != image:
             raise RegistryError(f"{what} does not name {image} as its subject")
-        listed = manifest.get("layers")
-        layers = [layer for layer in (listed if isinstance(listed, list) else []) if isinstance(layer, dict)
-                  and layer.get("mediaType") in ATTACHED_SPEC_TYPES and isinstance(layer.get("digest"), str)]
-        if len(layers) != 1:
-            raise RegistryError(f"{what} has {len(layers)} layers of media type {' or '.join(ATTACHED_SPEC_TYPES)}; "
-                                "ocifit needs exactly one")
-        if not _DIGEST.match(layers[0]["digest"]):
-            raise RegistryError(f"{what}: layer digest {layers[0]['digest']!r} is not valid")
-        return self._layer_blob(fetch, layers[0], what)
+        layers = self._compat_layers(manifest, ATTACHED_SPEC_TYPES)
+        if not layers:
+            raise RegistryError(f"{what} has no layer of media type {' or '.join(ATTACHED_SPEC_TYPES)}")
+        return self._layer_blob(fetch, self._one_layer(what, layers), what)
 
     # -- one request, with auth, retries, caps and the deadline --
     def _get(self, fetch: "Fetch", path: str, accept: str, cap: int, what: str) -> Tuple[bytes, Any]:
