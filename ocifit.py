@@ -4881,9 +4881,7 @@ class Decision:
     def log_text(self) -> Tuple[str, str]:
         """The decision's part of its text log line, before and after the time taken; made once per decision,
         and mutations are shared by every pod of a Deployment."""
-        fields = self.log_fields
-        return (logfmt((k, fields.get(k)) for k in ("outcome", "reason", "image", "matched", "candidates",
-                                                    "artifact", "pinned")),
+        return (logfmt((k, v) for k, v in self.log_fields.items() if k != "message"),
                 logfmt((("message", self.message),)))
 
 
