@@ -86,6 +86,7 @@ MATCHED_ANNOTATION = PREFIX + "matched-compatibility"
 ARTIFACT_ANNOTATION = PREFIX + "artifact"
 ON_DISAGREEMENT_ANNOTATION = PREFIX + "on-disagreement"  # "pin" or "deny"
 PINNED_ANNOTATION = PREFIX + "pinned"
+CANDIDATES_ANNOTATION = PREFIX + "candidates"  # candidate images, best first, chosen by their attached specs
 DEFAULT_TARGET_IMAGE = "placeholder:latest"
 ADMISSION_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")  # answered in the version asked
 COMPAT_MEDIA_TYPE = "application/vnd.oci.image.compatibilities.v1+json"
@@ -1497,7 +1498,7 @@ class Metrics:
                                    + [{"outcome": "denied", "reason": r} for r in (
                                        "missing-annotation", "no-placeholder", "malformed-pod", "spec-invalid",
                                        "artifact-unavailable", "no-candidates", "no-match", "disagreement", "no-tag",
-                                       "no-node-features", "internal-error")],
+                                       "no-node-features", "no-candidate-fits", "internal-error")],
         "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
         "ocifit_requests_shed_total": [{"reason": "body-budget"}],
         "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
@@ -2002,8 +2003,9 @@ def _parse_expression(raw: Any, path: str) -> Expression:
 def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
     path = f"compatibilities[{index}]"
     _require(raw, dict, path, "an object")
-    tag = _string(raw.get("tag"), f"{path}.tag", "the image to use (a string)")
-    if not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag):
+    # Without a tag, a compatibility only says that an image can run (as a spec attached to an image does).
+    tag = _string(raw.get("tag", ""), f"{path}.tag", "the image to use (a string)")
+    if ("tag" in raw and not tag.strip()) or any(ch.isspace() or ord(ch) < 32 for ch in tag):
         raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
     description = _string(raw.get("description", ""), f"{path}.description")
     weight = _weight(raw.get("weight", 0), f"{path}.weight")
@@ -3599,11 +3601,41 @@ class Artifact:
     warnings: Tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class AttachedSpec:
+    """A candidate image, resolved to the digest that was checked, and the compatibility spec attached to it:
+    None when nothing is attached (the image then runs on any node)."""
+
+    ref: str  # as the pod names it
+    reference: "Reference"
+    image_digest: str
+    spec: Optional[Spec]
+    artifact_digest: str  # the attached artifact's manifest digest; "" when nothing is attached
+    origin: str  # "registry", "cache" or "stale"
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def image(self) -> str:
+        """The image as the pod names it, pinned to the digest that was checked: name:tag@sha256:…"""
+        return self.ref.strip().partition("@")[0] + "@" + self.image_digest
+
+    @property
+    def artifact(self) -> str:
+        """The attached artifact's manifest reference, or that none is attached (for the pod's annotation)."""
+        repository = f"{self.reference.registry}/{self.reference.repository}"
+        return (f"{repository}@{self.artifact_digest}" if self.artifact_digest
+                else f"none attached to {repository}@{self.image_digest}")
+
+
 class ArtifactSource(Protocol):
-    """Where admissions get an image-ref's compatibility spec: local files, a registry, or both."""
+    """Where admissions get an image-ref's compatibility spec, or a candidate image's attached one: local
+    files, a registry, or both."""
 
     def get(self, ref: str, deadline: float) -> Artifact:
         """The artifact, by the monotonic deadline; ArtifactError (or SpecError) saying why not."""
+
+    def attached(self, ref: str, deadline: float) -> AttachedSpec:
+        """The image and the spec attached to it, by the monotonic deadline; ArtifactError (or SpecError)."""
 
 
 class LocalArtifacts:
@@ -3631,6 +3663,12 @@ class LocalArtifacts:
         known = ", ".join(sorted(self.files)) or "none"
         raise ArtifactError(f"artifact {ref} is not configured (local artifacts: {known}; no registry access in "
                             "this mode)")
+
+    def attached(self, ref: str, deadline: float) -> AttachedSpec:
+        if self.fallback is not None:
+            return self.fallback.attached(ref, deadline)
+        raise ArtifactError(f"image {ref}: the specs attached to candidate images are read from registries, and "
+                            "this mode has no registry access")
 
 
 # ---- references --------------------------------------------------------------------------
@@ -4106,7 +4144,7 @@ class Attached:
     artifact_digest: Optional[str]  # the referrer's manifest digest; None when nothing is attached
     found_by: str  # "the referrers API" or "the fallback tag sha256-..."
     referrers: int
-    spec_bytes: Optional[bytes]
+    spec_bytes: Optional[bytes]  # None when nothing is attached, or the caller already had the artifact's spec
     requests: int
     seconds: float
 
@@ -4285,15 +4323,20 @@ class RegistryClient:
         return layers[0]
 
     # -- attached specs: OCI referrers --
-    def attached(self, ref: Reference, deadline: float) -> Attached:
+    def attached(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False
+                 ) -> Attached:
         """The compatibility spec attached to an image (NFD's workflow: `oras attach`), found through the
         referrers API or, on a registry without one, the referrers tag schema's fallback tag. Several: the
-        newest by its created annotation (a missing one counts as oldest; ties to the smallest digest)."""
+        newest by its created annotation (a missing one counts as oldest; ties to the smallest digest).
+        `known`: digests whose spec the caller has, so that artifact is not fetched again (no spec_bytes)."""
         fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
         _, image = self._resolve(fetch)
         found_by, candidates = self._referrers(fetch, image)
         first_error: Optional[RegistryError] = None
         for descriptor in sorted(candidates, key=_newest_first)[:MAX_STALE_REFERRERS + 1]:
+            if known(descriptor["digest"]):  # content-addressed: checked when it was first fetched
+                return Attached(image, descriptor["digest"], found_by, len(candidates), None, fetch.requests,
+                                time.monotonic() - fetch.started)
             try:
                 blob = self._attached_spec(fetch, image, descriptor)
             except RegistryError as exc:  # a fallback index kept by clients may list a referrer since deleted
@@ -4621,8 +4664,7 @@ class _Flight:
     of the fetch that failed."""
 
     done: threading.Event = field(default_factory=threading.Event)
-    digest: str = ""
-    spec: Optional[Spec] = None
+    found: Optional["_Found"] = None
     error: Optional[Tuple[type, str]] = None  # (ArtifactError or SpecError, message)
     finished_at: float = 0.0
 
@@ -4632,9 +4674,19 @@ class _Flight:
         raise kind(text)
 
 
+class _Found(NamedTuple):
+    """What a reference resolved to: its manifest digest, and the spec (by the digest of the manifest that
+    carries it; for an image, its newest attached compatibility artifact, or none)."""
+
+    digest: str
+    spec_digest: str  # "" when nothing is attached to the image
+    spec: Optional[Spec]
+
+
 class RegistryArtifacts:
-    """Artifacts from registries: specs cached by digest (LRU), tags by TTL, one fetch per reference at a time,
-    and the last good spec served while the registry is down (stale-if-error)."""
+    """Artifacts from registries, and the specs attached to images: specs cached by digest (LRU), tags and
+    referrers by TTL, one fetch per reference at a time, and the last good spec served while the registry is
+    down (stale-if-error)."""
 
     ERROR_TTL = 3.0  # a failed fetch is remembered this long, so a pod storm on a bad ref costs one request
 
@@ -4644,24 +4696,47 @@ class RegistryArtifacts:
         self.client = client or RegistryClient(settings, self.metrics)
         self.allowed = tuple(p for p in settings.allowed_registries if p.strip())
         self._specs = BoundedCache(dataclasses.replace(CACHE_BOUNDS["specs"], entries=settings.cache_size))
-        self._tags = BoundedCache(CACHE_BOUNDS["tags"])  # str(ref) -> (digest, when it was resolved)
+        self._tags = BoundedCache(CACHE_BOUNDS["tags"])  # key -> (_Found without its spec, when it was resolved)
         self._hits = BoundedCache(CACHE_BOUNDS["hits"])
-        self._failures = BoundedCache(CACHE_BOUNDS["failures"])  # str(ref) -> its failed _Flight
+        self._failures = BoundedCache(CACHE_BOUNDS["failures"])  # key -> its failed _Flight
         self._flights: Dict[str, _Flight] = {}
         self._lock = threading.Lock()  # for _flights: one fetch per reference
 
     def get(self, text: str, deadline: float) -> Artifact:
+        """The compatibility artifact `text` names."""
         ref = parse_reference(text)
         check_allowed(ref, self.allowed)
-        key = str(ref)
+        found, origin, warnings = self._lookup(str(ref), ref, deadline, f"artifact {text}", self._pulled)
+        if origin != "cache":
+            return Artifact(text, found.spec, found.digest, origin, warnings)  # type: ignore[arg-type]
+        artifact = self._hits.get(text)
+        if not isinstance(artifact, Artifact) or artifact.digest != found.digest:
+            artifact = Artifact(text, found.spec, found.digest, "cache")  # type: ignore[arg-type]
+            self._hits.put(text, artifact, 256 + len(text))
+        return artifact
+
+    def attached(self, text: str, deadline: float) -> "AttachedSpec":
+        """The image `text` names, with its digest and the compatibility spec attached to it (or none)."""
+        ref = parse_reference(text)
+        check_allowed(ref, self.allowed)
+        found, origin, warnings = self._lookup("attached " + str(ref), ref, deadline,
+                                               f"the spec attached to image {text}", self._attached)
+        if origin != "cache":
+            return AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, origin, warnings)
+        hit = self._hits.get("attached " + text)
+        if not isinstance(hit, AttachedSpec) or (hit.image_digest, hit.artifact_digest) != found[:2]:
+            hit = AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, "cache")
+            self._hits.put("attached " + text, hit, 512 + 2 * len(text))
+        return hit
+
+    def _lookup(self, key: str, ref: Reference, deadline: float, what: str,
+                resolve: Callable[[Reference, float], _Found]) -> Tuple[_Found, str, Tuple[str, ...]]:
+        """(what the key resolved to, where from: "cache", "registry" or "stale", warnings): from the cache,
+        from the flight already fetching it, or from a new flight; the last good one if the registry fails."""
         hit = self._fresh(key, ref)
         if hit is not None:
             self.metrics.count("ocifit_artifact_cache_total", result="hit")
-            artifact = self._hits.get(text)
-            if artifact is None or artifact.digest != hit[0]:
-                artifact = Artifact(text, hit[1], hit[0], "cache")
-                self._hits.put(text, artifact, 256 + len(text))
-            return artifact
+            return hit, "cache", ()
         with self._lock:
             failed = self._failures.get(key)
             if failed and time.monotonic() - failed.finished_at < self.ERROR_TTL:
@@ -4670,73 +4745,74 @@ class RegistryArtifacts:
                 flight = self._flights.get(key)
                 if flight is None:
                     hit = self._fresh(key, ref)  # a flight that just landed has left its result
-                    flight = self._start(key, ref) if hit is None else None
+                    flight = self._start(key, ref, resolve) if hit is None else None
         if flight is None:
-            return self.get(text, deadline)
+            return self._lookup(key, ref, deadline, what, resolve)
         self.metrics.count("ocifit_artifact_cache_total", result="miss")
         finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
-        if finished and flight.error is None and flight.spec is not None:
-            return Artifact(text, flight.spec, flight.digest, "registry")
+        if finished and flight.error is None and flight.found is not None:
+            return flight.found, "registry", ()
         if finished and flight.error is not None and flight.error[0] is SpecError:
             flight.raise_error()
         stale = self._stale(key)
         why = flight.error[1] if finished and flight.error is not None else (
-            f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s (artifact {text})")
+            f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s ({what})")
         if stale is not None:
             self.metrics.count("ocifit_artifact_cache_total", result="stale")
-            log.warning("artifact %s: %s; serving the last good spec (%s)", text, why, stale[0])
-            return Artifact(text, stale[1], stale[0], "stale",
-                            (f"ocifit: artifact {text} served from cache, registry unavailable",))
+            log.warning("%s: %s; serving the last good spec (%s)", what, why, stale.spec_digest or "none attached")
+            return stale, "stale", (f"ocifit: {what} served from cache, registry unavailable",)
         raise ArtifactError(why)
 
-    def _fresh(self, key: str, ref: Reference) -> Optional[Tuple[str, Spec]]:
-        """(digest, spec) from the cache when the tag is still trusted (digests always are)."""
+    def _resolved(self, key: str) -> Optional[Tuple[_Found, float]]:
+        """What the key last resolved to, with its spec if it had one and the spec is still cached, and when."""
         entry = self._tags.get(key)
-        if entry is None or (not ref.digest and time.monotonic() - entry[1] > self.settings.tag_ttl):
+        if entry is None:
             return None
-        spec = self._specs.get(entry[0])
-        return None if spec is None else (entry[0], spec)
+        (digest, spec_digest), when = entry
+        spec = self._specs.get(spec_digest) if spec_digest else None
+        if spec_digest and spec is None:
+            return None
+        return _Found(digest, spec_digest, spec), when
 
-    def _stale(self, key: str) -> Optional[Tuple[str, Spec]]:
-        """(digest, spec) last resolved for the reference, if it is no older than --max-stale."""
-        entry = self._tags.get(key)
-        spec = self._specs.get(entry[0]) if entry else None
-        if not entry or not spec:
+    def _fresh(self, key: str, ref: Reference) -> Optional[_Found]:
+        """What the key resolved to, when that is still trusted: a digest's artifact always, a tag for the tag
+        TTL, and what is attached to an image (a new spec may be attached to any image) for the tag TTL."""
+        resolved = self._resolved(key)
+        if resolved is None:
             return None
-        age = time.monotonic() - entry[1]
+        trusted = ref.digest and not key.startswith("attached ")
+        return resolved[0] if trusted or time.monotonic() - resolved[1] <= self.settings.tag_ttl else None
+
+    def _stale(self, key: str) -> Optional[_Found]:
+        """What the key last resolved to, if it is no older than --max-stale."""
+        resolved = self._resolved(key)
+        if resolved is None:
+            return None
+        age = time.monotonic() - resolved[1]
         if age > self.settings.max_stale:
-            log.warning("artifact %s: the last good spec is %.0fs old, past --max-stale (%gs); not serving it",
+            log.warning("%s: the last good spec is %.0fs old, past --max-stale (%gs); not serving it",
                         key, age, self.settings.max_stale)
             return None
-        return entry[0], spec
+        return resolved[0]
 
-    def _start(self, key: str, ref: Reference) -> _Flight:
-        """A new flight for the reference, fetched in a thread of its own. Holds the lock."""
+    def _start(self, key: str, ref: Reference, resolve: Callable[[Reference, float], _Found]) -> _Flight:
+        """A new flight for the key, fetched in a thread of its own. Holds the lock."""
         flight = _Flight()
         self._flights[key] = flight
-        threading.Thread(target=self._fetch, args=(key, ref, flight), name=f"fetch {key}", daemon=True).start()
+        threading.Thread(target=self._fetch, args=(key, ref, flight, resolve), name=f"fetch {key}",
+                         daemon=True).start()
         return flight
 
-    def _fetch(self, key: str, ref: Reference, flight: _Flight) -> None:
-        deadline = time.monotonic() + self.settings.fetch_budget
+    def _fetch(self, key: str, ref: Reference, flight: _Flight, resolve: Callable[[Reference, float], _Found]
+               ) -> None:
         try:
-            pulled = self.client.pull(ref, deadline, known=self._specs.__contains__)
-            spec = self._specs.get(pulled.digest) if pulled.spec_bytes is None else None
-            if pulled.spec_bytes is None and spec is None:  # evicted meanwhile: fetch the blob after all
-                pulled = self.client.pull(ref, deadline)
-            if pulled.spec_bytes is not None:
-                spec = parse_spec(pulled.spec_bytes)
-                self._specs.put(pulled.digest, spec, 8 * len(pulled.spec_bytes) + 1024)
-            assert spec is not None
-            flight.digest, flight.spec = pulled.digest, spec
-            self._tags.put(key, (pulled.digest, time.monotonic()), 200 + len(key))
-            log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
-                     pulled.requests, pulled.seconds * 1000)
+            flight.found = resolve(ref, time.monotonic() + self.settings.fetch_budget)
+            self._tags.put(key, (flight.found[:2], time.monotonic()), 300 + len(key))
         except (ArtifactError, SpecError) as exc:
             flight.error = (SpecError if isinstance(exc, SpecError) else ArtifactError, str(exc))
         except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
             log.exception("unexpected error fetching %s", ref)
-            flight.error = (ArtifactError, f"artifact {ref}: unexpected error: {exc!r}")
+            flight.error = (ArtifactError, f"{key}: unexpected error: {exc!r}")
         finally:
             flight.finished_at = time.monotonic()
             with self._lock:
@@ -4746,6 +4822,42 @@ class RegistryArtifacts:
                 else:
                     self._failures.pop(key)
             flight.done.set()
+
+    def _parsed(self, digest: str, spec_bytes: bytes) -> Spec:
+        spec = parse_spec(spec_bytes)
+        self._specs.put(digest, spec, 8 * len(spec_bytes) + 1024)
+        return spec
+
+    def _pulled(self, ref: Reference, deadline: float) -> _Found:
+        """A compatibility artifact, its blob skipped when its spec is cached."""
+        pulled = self.client.pull(ref, deadline, known=self._specs.__contains__)
+        spec = self._specs.get(pulled.digest) if pulled.spec_bytes is None else None
+        if pulled.spec_bytes is None and spec is None:  # evicted meanwhile: fetch the blob after all
+            pulled = self.client.pull(ref, deadline)
+        if pulled.spec_bytes is not None:
+            spec = self._parsed(pulled.digest, pulled.spec_bytes)
+        log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
+                 pulled.requests, pulled.seconds * 1000)
+        return _Found(pulled.digest, pulled.digest, spec)
+
+    def _attached(self, ref: Reference, deadline: float) -> _Found:
+        """An image's digest and the newest compatibility artifact attached to it, its blob skipped when its
+        spec is cached."""
+        found = self.client.attached(ref, deadline, known=self._specs.__contains__)
+        spec = self._specs.get(found.artifact_digest) if found.artifact_digest else None
+        if found.artifact_digest and found.spec_bytes is None and spec is None:  # evicted meanwhile
+            found = self.client.attached(ref, deadline)
+        if found.artifact_digest and found.spec_bytes is not None:
+            try:
+                spec = self._parsed(found.artifact_digest, found.spec_bytes)
+            except SpecError as exc:
+                raise SpecError(f"its compatibility artifact {ref.registry}/{ref.repository}@"
+                                f"{found.artifact_digest} is not a valid compatibility spec: {exc}") from None
+        attached = (f"its compatibility artifact is {found.artifact_digest}, the newest of {found.referrers}"
+                    if found.artifact_digest else "no compatibility artifact is attached")
+        log.info("image %s resolved to %s; %s (found through %s; %d registry requests, %.0f ms)", ref,
+                 found.image_digest, attached, found.found_by, found.requests, found.seconds * 1000)
+        return _Found(found.image_digest, found.artifact_digest or "", spec)
 
 
 # ============================================================================================
@@ -4810,6 +4922,10 @@ class NoTag(Denial):
 
 class NoFeatures(Denial):
     reason, code = "no-node-features", 503
+
+
+class NoCandidateFits(Denial):
+    reason = "no-candidate-fits"
 
 
 @dataclass(frozen=True)
@@ -5157,13 +5273,26 @@ def mutation(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Ar
     """The decision that swaps the target images for the chosen one, records why in the pod's annotations, and,
     when the choice pins the pod, sets its required node affinity."""
     artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
-    key = (tuple(targets), pod.annotations is None, choice.compatibility.tag, choice.compatibility.name,
-           artifact_note, choice.candidates, artifact.origin, artifact.warnings, choice.pin, pod.affinity)
+    return _shared_mutation(tuple(targets), pod.annotations is None, choice.compatibility.tag,
+                            choice.compatibility.name, artifact_note, choice.candidates, artifact.origin,
+                            artifact.warnings, choice.pin, pod.affinity)
+
+
+def candidate_mutation(pod: PodFacts, targets: Sequence[str], attached: AttachedSpec, matched: str, nodes: int
+                       ) -> Decision:
+    """The decision that swaps the target images for a candidate image, pinned to its checked digest, and
+    records which candidate and which attached artifact chose it."""
+    return _shared_mutation(tuple(targets), pod.annotations is None, attached.image, matched, attached.artifact,
+                            nodes, attached.origin, attached.warnings, None, pod.affinity)
+
+
+def _shared_mutation(*key: Any) -> Decision:
+    """_mutation(*key), made once for every pod that shares its key."""
     decision = _MUTATIONS.get(key)
     if decision is None:
         decision = _mutation(*key)
-        _MUTATIONS.put(key, decision, 400 * len(targets) + 2048 + sum(len(t) for t in
-                                                                     (choice.pin.terms if choice.pin else ())))
+        pin = key[8]
+        _MUTATIONS.put(key, decision, 400 * len(key[0]) + 2048 + sum(len(t) for t in (pin.terms if pin else ())))
     return decision
 
 
@@ -5196,20 +5325,22 @@ def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matche
 
 
 ArtifactGetter = Callable[[str], Artifact]
+AttachedGetter = Callable[[str], AttachedSpec]
 
 
 def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter,
-           on_disagreement: str = "deny") -> Decision:
+           on_disagreement: str = "deny", get_attached: Optional[AttachedGetter] = None) -> Decision:
     """The decision for one admission request. Raises nothing: every failure is a denial. `on_disagreement`:
-    what to do when the candidate nodes disagree, unless the pod's annotation says: deny, or pin."""
+    what to do when the candidate nodes disagree, unless the pod's annotation says: deny, or pin.
+    `get_attached`: a candidate image's attached spec (None: candidates pods are denied)."""
     try:
-        return _decide(request, snapshot, get_artifact, on_disagreement)
+        return _decide(request, snapshot, get_artifact, on_disagreement, get_attached)
     except Denial as denial:
         return Decision.denied(denial.reason, str(denial), denial.code, denial.candidates)
 
 
 def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter,
-            on_disagreement: str) -> Decision:
+            on_disagreement: str, get_attached: Optional[AttachedGetter]) -> Decision:
     kind = (request.get("kind") or {}).get("kind") if isinstance(request.get("kind"), dict) else None
     if kind != "Pod" or request.get("operation") != "CREATE" or request.get("subResource"):
         return Decision.untouched("not-pod-create")
@@ -5222,12 +5353,19 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
     if not targets and SELECTED_IMAGE_ANNOTATION in annotations:
         return Decision.untouched("already-mutated", image=annotations[SELECTED_IMAGE_ANNOTATION])
     ref = annotations.get(IMAGE_REF_ANNOTATION, "").strip()
-    if not ref:
+    listed = annotations.get(CANDIDATES_ANNOTATION, "").strip()
+    if ref and listed:
+        raise MalformedPod(f"the pod has both {IMAGE_REF_ANNOTATION} (one compatibility artifact naming images) "
+                           f"and {CANDIDATES_ANNOTATION} (images chosen by the specs attached to them); choose one")
+    if not ref and not listed:
         raise MissingAnnotation(f"pod is labelled {ENABLED_LABEL}=true but has no {IMAGE_REF_ANNOTATION} "
-                                "annotation naming the compatibility artifact")
+                                f"annotation naming the compatibility artifact (or {CANDIDATES_ANNOTATION} listing "
+                                "candidate images)")
     if not targets:
         raise NoPlaceholder(f"no container or initContainer uses the target image {json.dumps(target)}; "
                             f"set the image to it or name another with the {TARGET_IMAGE_ANNOTATION} annotation")
+    if listed:
+        return choose_candidate(pod, targets, candidate_images(listed), snapshot, get_attached)
     mode = annotations.get(ON_DISAGREEMENT_ANNOTATION, on_disagreement).strip()
     if mode not in ("deny", "pin"):
         raise MalformedPod(f"annotation {ON_DISAGREEMENT_ANNOTATION} is {json.dumps(mode)}; use pin or deny")
@@ -5249,6 +5387,106 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
                     "but names no image (no tag); in NFD's dialect a compatibility without a tag only says that an "
                     "image can run, so to select an image by it, give it a tag", choice.candidates)
     return mutation(pod, targets, choice, artifact)
+
+
+# ---- candidates: the first image whose attached spec fits every candidate node ----
+
+MAX_CANDIDATE_IMAGES = 16
+
+
+def candidate_images(text: str) -> Tuple[str, ...]:
+    """The images a candidates annotation lists, best first (comma- or whitespace-separated, repeats dropped);
+    MalformedPod when it lists none or too many."""
+    images = tuple(dict.fromkeys(name for name in re.split(r"[\s,]+", text) if name))
+    if not images:
+        raise MalformedPod(f"annotation {CANDIDATES_ANNOTATION} lists no image")
+    if len(images) > MAX_CANDIDATE_IMAGES:
+        raise MalformedPod(f"annotation {CANDIDATES_ANNOTATION} lists {len(images)} images, over "
+                           f"{MAX_CANDIDATE_IMAGES}")
+    return images
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an attached spec fits the pod's candidate nodes: how many no compatibility set admits (none: it
+    fits), the first few of them, and why the first fails (each set's first failing expression)."""
+
+    failing: int
+    names: Tuple[str, ...]
+    why: str
+
+    def describe(self, total: int) -> str:
+        names = self.names + (("…",) if self.failing > len(self.names) else ())
+        return f"{self.failing} of {total} candidate nodes fail ({', '.join(names)}); on {self.names[0]}: {self.why}"
+
+
+def fit_for(snapshot: NodeSnapshot, spec: Spec, placement: Placement) -> Fit:
+    """How the spec fits the pod's candidate nodes: a node is admitted when any compatibility set matches it
+    (NFD's reading: each set is one way the image can run). Memoised on the snapshot, as choose_for is."""
+    key = ("fit", id(spec), placement)
+    hit = snapshot.memo.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    failing: List[Tuple[str, Tuple[str, ...], Selection]] = []
+    for facts, names in candidate_groups(snapshot, placement, spec):
+        selection = spec.select(facts)
+        if selection.chosen is None:
+            failing.append((min(names), names, selection))
+    every = sorted(name for _, names, _ in failing for name in names)
+    first = min(failing, key=lambda entry: entry[0]) if failing else None
+    fit = Fit(len(every), tuple(every[:3]), first[2].why_none() if first else "")
+    snapshot.memo.put(key, (spec, fit), placement.size + 256 + len(fit.why))
+    return fit
+
+
+def candidate_node_count(snapshot: NodeSnapshot, placement: Placement) -> int:
+    """How many nodes the pod can land on, memoised on the snapshot."""
+    key = ("nodes", placement)
+    count = snapshot.memo.get(key)
+    if count is None:
+        count = sum(len(placement.select(group)) for group in snapshot.partition(frozenset(placement.keys)))
+        snapshot.memo.put(key, count, placement.size + 64)
+    return count
+
+
+def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str], snapshot: NodeSnapshot,
+                     get_attached: Optional[AttachedGetter]) -> Decision:
+    """The first candidate image whose attached spec fits every candidate node, or that has none attached (a
+    generic image runs anywhere). A candidate that cannot be looked up denies the pod: ocifit never falls
+    through to a less preferred image without knowing that this one does not fit."""
+    nodes = candidate_node_count(snapshot, pod.placement)
+    if not nodes:
+        raise NoCandidates(f"no node matches the pod's {pod.placement.describe()}; nothing to choose an image for")
+    if get_attached is None:
+        raise ArtifactUnavailable("candidate images are chosen by the specs attached to them in registries, and "
+                                  "this mode has no registry access")
+    misfits = []
+    every_node = "the 1 candidate node" if nodes == 1 else f"all {nodes} candidate nodes"
+    for index, text in enumerate(images):
+        rank = f"candidates[{index}] of {len(images)}"
+        later = f"; not trying {_names(images[index + 1:], 2)} before it" if index + 1 < len(images) else ""
+        try:
+            attached = get_attached(text)
+        except SpecError as exc:
+            raise SpecInvalid(f"candidate image {text}: {exc}{later}", nodes) from None
+        except ArtifactError as exc:
+            raise ArtifactUnavailable(f"candidate image {text}: {exc}{later}", nodes) from None
+        if attached.spec is None:
+            return candidate_mutation(pod, targets, attached, f"{rank}: no compatibility artifact attached, so it "
+                                      f"runs on any of the {_plural(nodes, 'candidate node', 'candidate nodes')}",
+                                      nodes)
+        if attached.spec.nfd and snapshot.features_note:
+            raise NoFeatures(f"candidate image {text}: its attached spec is in NFD's dialect, which matches node "
+                             f"features, but there are {snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}",
+                             nodes)
+        fit = fit_for(snapshot, attached.spec, pod.placement)
+        if not fit.failing:
+            return candidate_mutation(pod, targets, attached, f"{rank}: its attached spec fits {every_node}", nodes)
+        misfits.append(f"({index + 1}) {text}: {fit.describe(nodes)}")
+    none = "the candidate image does not" if len(images) == 1 else f"none of the {len(images)} candidate images"
+    raise NoCandidateFits(f"{none} fit{'s' if len(images) > 1 else ''} {every_node}: " + "; ".join(misfits)
+                          + "; list a generic image last (one with no compatibility artifact attached), or keep the "
+                          "pod to nodes that fit with a nodeSelector", nodes)
 
 
 def encode_review_response(review: Mapping[str, Any], decision: Decision) -> bytes:
@@ -5297,7 +5535,7 @@ class Webhook:
         deadline = started + self.settings.fetch_budget
         try:
             decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline),
-                              self.settings.on_disagreement)
+                              self.settings.on_disagreement, lambda ref: self.artifacts.attached(ref, deadline))
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
             decision = Decision.denied("internal-error", f"ocifit internal error: {exc!r}", 500)
@@ -6075,7 +6313,7 @@ def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
             spec_bytes = pulled.spec_bytes or b""
         except NotAnArtifact:
             attached = client.attached(ref, time.monotonic() + settings.fetch_budget)
-            if attached.spec_bytes is None:
+            if attached.artifact_digest is None or attached.spec_bytes is None:
                 print(f"ocifit: image {ref} ({attached.image_digest}) has no compatibility artifact attached "
                       f"(looked up through {attached.found_by})", file=sys.stderr)
                 return 1

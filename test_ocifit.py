@@ -352,7 +352,8 @@ def _set_expr(index: int, **changes: Any) -> Any:
 MALFORMED = [
     (_set_expr(2, op="Equals"),
      'compatibilities[2].rules[0].matchFeatures[0].matchExpressions[0].op: unknown operator "Equals"'),
-    (lambda d: d["compatibilities"][1].pop("tag"), "compatibilities[1].tag: expected the image to use"),
+    (lambda d: d["compatibilities"][1].update(tag=None), "compatibilities[1].tag: expected the image to use"),
+    (lambda d: d["compatibilities"][1].update(tag=""), 'compatibilities[1].tag: "" is not an image reference'),
     (lambda d: d["compatibilities"][0].update(tag="debian 11"), "compatibilities[0].tag"),
     (_set_expr(0, value=7), "matchExpressions[0].value: expected a list of strings or a string, got int"),
     (_set_expr(0, value=["ok", 3]), "matchExpressions[0].value[1]: expected a string, got int"),
@@ -2599,6 +2600,176 @@ def test_a_referrers_page_on_another_host_or_a_foreign_subject_is_refused(stubs:
     stub.routes.update(referrers_api_routes([[descriptor], []], {}, {}, image, next_link='</v2/app/gone>; rel=next'))
     with pytest.raises(ocifit.RegistryError, match=r"referrers of 127\.0\.0\.1:\d+/app:v1 not found in registry"):
         client.attached(ref, time.monotonic() + 5)
+
+
+# ---- choosing among candidate images by their attached specs ----
+
+CPU_LABEL = "example.com/cpu"
+AVX2_ONLY_SPEC = b"""\
+version: v1alpha1
+compatibilities:
+- description: needs AVX2
+  rules:
+  - name: avx2
+    matchFeatures:
+    - feature: cpu.cpuid
+      matchName: {op: InRegexp, value: ["^AVX2$"]}
+"""
+
+
+def label_spec(*sets: List[Dict[str, Any]]) -> bytes:
+    """A spec in ocifit's dialect without tags, as attached to an image: each set is one way it can run."""
+    return json.dumps(spec_doc(*({"rules": [{"matchFeatures": [{"matchExpressions": list(s)}]}]} for s in sets)
+                               )).encode()
+
+
+def candidate_cluster() -> ocifit.NodeSnapshot:
+    return snapshot_of(node_obj("w1", {CPU_LABEL: "avx512"}), node_obj("w2", {CPU_LABEL: "avx2"}),
+                       node_obj("w3", {CPU_LABEL: "avx2"}), node_obj("cp", {CPU_LABEL: "avx2"}, control_plane=True))
+
+
+def candidates_pod(images: str, **kw: Any) -> Dict[str, Any]:
+    return pod_obj(ref=None, annotations={ocifit.CANDIDATES_ANNOTATION: images}, **kw)
+
+
+@pytest.fixture(scope="module")
+def candidate_images(registry: DockerRegistry, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    """cands:fast runs on AVX-512 nodes only, cands:good on AVX-512 or AVX2 (two sets), cands:generic has
+    nothing attached; each image's digest and its attached artifact's."""
+    tmp = tmp_path_factory.mktemp("candidates")
+    images = {tag: pushed_image(registry, f"cands:{tag}", tmp) for tag in ("fast", "good", "generic")}
+    specs = {"fast": label_spec([expr("In", CPU_LABEL, ["avx512"])]),
+             "good": label_spec([expr("In", CPU_LABEL, ["avx512"])], [expr("In", CPU_LABEL, ["avx2"])])}
+    found: Dict[str, Any] = {tag: {"image": image["digest"]} for tag, image in images.items()}
+    for tag, spec in specs.items():
+        referrer = attach(registry, "cands", images[tag], spec, media_type=ocifit.COMPAT_MEDIA_TYPE)
+        put_fallback_index(registry, "cands", images[tag], [referrer])
+        found[tag]["artifact"] = referrer["digest"]
+    return found
+
+
+def test_the_first_candidate_whose_attached_spec_fits_every_node_is_chosen(
+        registry: DockerRegistry, candidate_images: Dict[str, Any], tmp_path: Path) -> None:
+    host, digests = registry.host, candidate_images
+    artifacts = ocifit.RegistryArtifacts(registry_settings(host))
+    snapshot = candidate_cluster()
+
+    def decided(pod: Dict[str, Any]) -> ocifit.Decision:
+        return ocifit.decide(review_of(pod)["request"], snapshot, FileArtifacts(),
+                             get_attached=lambda ref: artifacts.attached(ref, time.monotonic() + 8))
+
+    pod = candidates_pod(f"{host}/cands:fast, {host}/cands:good\n {host}/cands:generic")
+    decision = decided(pod)
+    assert (decision.reason, decision.image) == ("selected", f"{host}/cands:good@{digests['good']['image']}")
+    mutated = kubectl_patch(pod, list(decision.patch), tmp_path)
+    assert mutated["spec"]["containers"][0]["image"] == f"{host}/cands:good@{digests['good']['image']}"
+    annotations = mutated["metadata"]["annotations"]
+    assert annotations[ocifit.ARTIFACT_ANNOTATION] == f"{host}/cands@{digests['good']['artifact']}"
+    assert annotations[ocifit.MATCHED_ANNOTATION] == "candidates[1] of 3: its attached spec fits all 3 candidate nodes"
+
+    # The same pod again costs the registry nothing; kept to the AVX-512 node, the best candidate fits.
+    before = len(registry.requests("/cands/"))
+    assert decided(pod).image == decision.image
+    on_avx512 = decided(candidates_pod(f"{host}/cands:fast {host}/cands:good",
+                                       spec={"nodeSelector": {CPU_LABEL: "avx512"}}))
+    assert on_avx512.image == f"{host}/cands:fast@{digests['fast']['image']}"
+    assert on_avx512.matched == "candidates[0] of 2: its attached spec fits the 1 candidate node"
+    assert len(registry.requests("/cands/")) == before
+
+    generic = decided(candidates_pod(f"{host}/cands:fast,{host}/cands:generic"))
+    assert generic.image == f"{host}/cands:generic@{digests['generic']['image']}"
+    assert {op["path"].rsplit("/", 1)[1]: op["value"] for op in generic.patch if "annotations" in op["path"]} == {
+        "oci.image.compatibilities.selection~1selected-image": generic.image,
+        "oci.image.compatibilities.selection~1matched-compatibility":
+            "candidates[1] of 2: no compatibility artifact attached, so it runs on any of the 3 candidate nodes",
+        "oci.image.compatibilities.selection~1artifact": f"none attached to {host}/cands@{digests['generic']['image']}"}
+
+    none_fits = decided(candidates_pod(f"{host}/cands:fast"))
+    assert (none_fits.allowed, none_fits.reason, none_fits.code) == (False, "no-candidate-fits", 403)
+    assert none_fits.message == (
+        f"the candidate image does not fit all 3 candidate nodes: (1) {host}/cands:fast: 2 of 3 candidate nodes "
+        f"fail (w2, w3); on w2: compatibilities[0] (no tag): rules[0].matchFeatures[0].matchExpressions[0]: value "
+        f"\"avx2\" of label \"{CPU_LABEL}\" not in [\"avx512\"]; list a generic image last (one with no "
+        "compatibility artifact attached), or keep the pod to nodes that fit with a nodeSelector")
+
+
+def test_candidates_and_an_image_ref_together_or_a_bad_list_are_denied_saying_so() -> None:
+    both = decide(pod_obj(annotations={ocifit.CANDIDATES_ANNOTATION: "a:1 b:2"}))
+    assert (both.reason, both.code) == ("malformed-pod", 400)
+    assert both.message == (f"the pod has both {ocifit.IMAGE_REF_ANNOTATION} (one compatibility artifact naming "
+                            f"images) and {ocifit.CANDIDATES_ANNOTATION} (images chosen by the specs attached to "
+                            "them); choose one")
+    empty = decide(candidates_pod(" , "))
+    assert empty.message == f"annotation {ocifit.CANDIDATES_ANNOTATION} lists no image"
+    many = decide(candidates_pod(" ".join(f"r.example/i:{n}" for n in range(17))))
+    assert many.message == f"annotation {ocifit.CANDIDATES_ANNOTATION} lists 17 images, over 16"
+    offline = decide(candidates_pod("r.example/i:1"))  # decide() given no way to read attached specs
+    assert offline.reason == "artifact-unavailable" and "this mode has no registry access" in offline.message
+    nowhere = decide(candidates_pod("r.example/i:1", spec={"nodeSelector": {"no": "such-node"}}))
+    assert nowhere.reason == "no-candidates"
+
+
+def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_serves(
+        stubs: Any, caplog: pytest.LogCaptureFixture) -> None:
+    image = b'{"schemaVersion": 2, "layers": ["cand"]}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    spec = label_spec([expr("In", CPU_LABEL, ["avx2", "avx512"])])
+    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    healthy = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
+                                   {_descriptor("", spec)["digest"]: spec}, image)
+    stub = stubs(dict(healthy))
+    artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host, tag_ttl=0.0, fetch_budget=2.0))
+    images = f"{stub.host}/app:v1 {stub.host}/other:v1"
+
+    def decided() -> ocifit.Decision:
+        return ocifit.decide(review_of(candidates_pod(images))["request"], candidate_cluster(), FileArtifacts(),
+                             get_attached=lambda ref: artifacts.attached(ref, time.monotonic() + 3))
+
+    first = decided()
+    assert first.image == f"{stub.host}/app:v1@{subject['digest']}" and first.artifact_origin == "registry"
+    stub.routes.clear()
+    stub.routes.update({path: (lambda h: send(h, 500, b'{"errors": [{"code": "UNKNOWN", "message": "down"}]}'))
+                        for path in healthy})
+    stale = decided()
+    assert (stale.image, stale.artifact_origin) == (first.image, "stale")
+    assert stale.warnings == (f"ocifit: the spec attached to image {stub.host}/app:v1 served from cache, registry "
+                              "unavailable",)
+    assert "serving the last good spec" in caplog.text
+
+    never_fetched = ocifit.RegistryArtifacts(registry_settings(stub.host, fetch_budget=1.0))
+    denied = ocifit.decide(review_of(candidates_pod(images))["request"], candidate_cluster(), FileArtifacts(),
+                           get_attached=lambda ref: never_fetched.attached(ref, time.monotonic() + 3))
+    assert (denied.reason, denied.code) == ("artifact-unavailable", 503)
+    assert denied.message.startswith(f"candidate image {stub.host}/app:v1: ")
+    assert denied.message.endswith(f"; not trying {stub.host}/other:v1 before it")
+    assert not any("/other/" in path for _, path, _ in stub.seen)  # no silent fall-through
+
+
+def test_review_chooses_a_candidate_by_its_attached_nfd_spec_and_node_features(
+        registry: DockerRegistry, tmp_path: Path) -> None:
+    images = {tag: pushed_image(registry, f"nfdcands:{tag}", tmp_path) for tag in ("avx2", "any")}
+    for tag, spec in (("avx2", AVX2_ONLY_SPEC), ("any", ATTACHED_SPEC)):
+        put_fallback_index(registry, "nfdcands", images[tag], [attach(registry, "nfdcands", images[tag], spec)])
+    features = tmp_path / "features.json"
+    features.write_text(json.dumps({"kind": "List", "items": [
+        node_feature(name, cpu_features(avx2=name == "ocifit-worker"))
+        for name in ("ocifit-worker", "ocifit-worker2", "ocifit-worker3")]}))
+    pod = tmp_path / "pod.json"
+    args = ["--nodes", str(EXAMPLE / "nodes-heterogeneous.json"), "--node-features", str(features),
+            "--insecure-registry", registry.host, "--patch", str(pod)]
+    host = registry.host
+    pod.write_text(json.dumps(review_of(candidates_pod(f"{host}/nfdcands:avx2, {host}/nfdcands:any"))))
+    done = run_cli("review", *args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0] == {"op": "replace", "path": "/spec/containers/0/image",
+                                          "value": f"{host}/nfdcands:any@{images['any']['digest']}"}
+    pod.write_text(json.dumps(review_of(candidates_pod(f"{host}/nfdcands:avx2"))))
+    denied = run_cli("review", *args)
+    assert denied.returncode == 1 and denied.stdout == ""
+    assert (f"(1) {host}/nfdcands:avx2: 2 of 3 candidate nodes fail (ocifit-worker2, ocifit-worker3); on "
+            "ocifit-worker2: compatibilities[0] (no tag): rules[0] (avx2): cpu.cpuid {op: InRegexp, value: "
+            "[\"^AVX2$\"]}: no element name of cpu.cpuid matches") in denied.stderr
 
 
 def test_https_is_the_default_and_plain_http_needs_listing(registry: DockerRegistry) -> None:
