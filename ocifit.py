@@ -11,6 +11,8 @@ dialect, against the feature sets NFD publishes in NodeFeature objects. It answe
 every container image equal to ``.../target-image`` (default ``placeholder:latest``) for the chosen image.
 If the candidate nodes disagree, the pod is denied with a message saying why, or (``.../on-disagreement: pin``)
 pinned by a required node affinity to the kinds of node that fit the best image; if nothing matches, denied.
+Or the pod lists candidate images, best first, in ``.../candidates``: ocifit reads the spec attached to each
+(OCI referrers) and chooses the first that fits every candidate node, pinned to its digest.
 
 Subcommands (``python3 ocifit.py SUBCOMMAND --help`` for each):
   serve    the HTTPS webhook: POST /mutate, GET /healthz /readyz /metrics

@@ -2772,6 +2772,44 @@ def test_review_chooses_a_candidate_by_its_attached_nfd_spec_and_node_features(
             "[\"^AVX2$\"]}: no element name of cpu.cpuid matches") in denied.stderr
 
 
+def test_the_readmes_candidates_example_chooses_as_it_says(registry: DockerRegistry, tmp_path: Path) -> None:
+    """README "Candidate images": specs attached with NFD's media types to two of three images."""
+    images = {tag: pushed_image(registry, f"app:{tag}", tmp_path) for tag in ("chocolate", "avx2", "generic")}
+    attached = {}
+    for tag in ("chocolate", "avx2"):
+        attached[tag] = attach(registry, "app", images[tag], (EXAMPLE / "candidates" / f"{tag}.yaml").read_bytes())
+        put_fallback_index(registry, "app", images[tag], [attached[tag]])
+    example = (EXAMPLE / "candidates" / "review.json").read_text().replace("registry.example", registry.host)
+    review = tmp_path / "review.json"
+    review.write_text(example)
+    args = ["review", str(review), "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"), "--insecure-registry",
+            registry.host, "--patch"]
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    chosen = f"{registry.host}/app:avx2@{images['avx2']['digest']}"
+    annotation = "/metadata/annotations/oci.image.compatibilities.selection~1"
+    assert json.loads(done.stdout) == [
+        {"op": "replace", "path": "/spec/containers/0/image", "value": chosen},
+        {"op": "add", "path": annotation + "selected-image", "value": chosen},
+        {"op": "add", "path": annotation + "matched-compatibility",
+         "value": "candidates[1] of 3: its attached spec fits all 3 candidate nodes"},
+        {"op": "add", "path": annotation + "artifact", "value": f"{registry.host}/app@{attached['avx2']['digest']}"}]
+
+    review.write_text(example.replace(f", {registry.host}/app:avx2, {registry.host}/app:generic", ""))
+    denied = run_cli(*args)
+    assert denied.returncode == 1
+    assert denied.stderr.splitlines()[0] == "ocifit: denied: " + README_CANDIDATES_DENIAL.replace(
+        "registry.example", registry.host)
+
+
+README_CANDIDATES_DENIAL = (
+    "the candidate image does not fit all 3 candidate nodes: (1) registry.example/app:chocolate: 2 of 3 candidate "
+    "nodes fail (ocifit-worker, ocifit-worker2); on ocifit-worker: compatibilities[0] (no tag): "
+    "rules[0].matchFeatures[0].matchExpressions[0]: value \"vanilla\" of label \"feature.node.ocifit-k8s.flavor\" "
+    "not in [\"chocolate\"]; list a generic image last (one with no compatibility artifact attached), or keep the "
+    "pod to nodes that fit with a nodeSelector")
+
+
 def test_https_is_the_default_and_plain_http_needs_listing(registry: DockerRegistry) -> None:
     with pytest.raises(ocifit.RegistryError, match="TLS failed|unreachable"):
         pull_spec(f"{registry.host}/flavor:v1", ocifit.Settings(allowed_registries=(registry.host,)), budget=2)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""A pod storm: 500 concurrent admissions of pods that share one image-ref nobody has fetched yet.
+"""A pod storm: 500 concurrent admissions of pods that share one image-ref nobody has fetched yet; then,
+for the working tree, 500 pods that name the same three candidate images nobody has looked up yet.
 
 Against the real local registry (docker-registry), through a live HTTPS `serve`. Prints how many requests
 the registry got for that artifact (target <= 3: ocifit makes one fetch for everyone), how many pods got
-the right image, and the total time.
+the right image, and the total time. The candidates storm is the worst case: the first two candidates'
+attached specs fit no node and the third has none attached, so all three are looked up (target <= 12).
 
     python3 bench/storm.py [--pods 500] [--rounds 1] [--baseline REV]
 
@@ -15,6 +17,7 @@ ratio (working tree / baseline). The exit status is the working tree's: all pods
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -25,18 +28,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
-from _support import (EXAMPLE, free_port, pki, ratio, registry_with_flavor, serve_command, stop, t, versions,
+from _support import (EXAMPLE, free_port, ocifit, pki, ratio, registry_with_flavor, serve_command, stop, t, versions,
                       wait_ready, workdir)
 
 REGISTRY_TARGET = 3
+CANDIDATES_TARGET = 12
 
 
-def storm(script: Path, pods: int, registry: "t.DockerRegistry", ref: str, certs: Dict[str, Path],
-          log: Path) -> Dict[str, Any]:
-    """One storm against a fresh `serve` of one ocifit.py: pods given the right image, errors, the registry
-    requests it caused for the storm repository, seconds from the gate to the last answer."""
+def storm(script: Path, pods: int, registry: "t.DockerRegistry", pod_of: Callable[[int], Dict[str, Any]],
+          expected: str, repository: str, certs: Dict[str, Path], log: Path) -> Dict[str, Any]:
+    """One storm against a fresh `serve` of one ocifit.py: pods given the expected image, errors, the registry
+    requests it caused for the storm's repository, seconds from the gate to the last answer."""
     port = free_port()
     # ocifit's own command line, with only the flags this version knows. Newer versions fetch from a loopback
     # registry only when it is named in both --insecure-registry and --allowed-registries, and take at most
@@ -61,11 +65,11 @@ def storm(script: Path, pods: int, registry: "t.DockerRegistry", ref: str, certs
             conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=60)
             conn.connect()
             connections.append(conn)
-        before = len(registry.requests("/v2/storm/"))
+        before = len(registry.requests(f"/v2/{repository}/"))
         gate = threading.Barrier(pods + 1, timeout=120)
 
         def admit(i: int, conn: http.client.HTTPSConnection) -> None:
-            review = t.review_of(t.pod_obj(name=f"storm-{i}", ref=ref), uid=f"storm-{i}")
+            review = t.review_of(pod_of(i), uid=f"storm-{i}")
             body = json.dumps(review)
             gate.wait()
             try:
@@ -82,12 +86,32 @@ def storm(script: Path, pods: int, registry: "t.DockerRegistry", ref: str, certs
         for thread in threads:
             thread.join()
         elapsed = time.monotonic() - started
-        registry_requests = registry.requests("/v2/storm/")[before:]
+        registry_requests = registry.requests(f"/v2/{repository}/")[before:]
     finally:
         for conn in connections:
             conn.close()
         stop(server)
-    return {"right": images.count("debian:11"), "errors": errors, "requests": registry_requests, "seconds": elapsed}
+    return {"right": images.count(expected), "errors": errors, "requests": registry_requests, "seconds": elapsed,
+            "other": sorted(set(images) - {expected})[:2]}
+
+
+def storm_pod(ref: str, i: int) -> Dict[str, Any]:
+    return t.pod_obj(name=f"storm-{i}", ref=ref)
+
+
+def candidates_storm(script: Path, pods: int, registry: "t.DockerRegistry", stamp: int, work: Path,
+                     certs: Dict[str, Path]) -> Dict[str, Any]:
+    """The storm of pods naming three candidates nobody has looked up: two whose attached specs fit no node of
+    the cluster, and a generic one with nothing attached, which every pod should get."""
+    images = {name: t.pushed_image(registry, f"cstorm:s{stamp}-{name}", work) for name in ("fast", "gpu", "generic")}
+    for name, needs in (("fast", t.expr("In", t.CPU_LABEL, ["avx512"])), ("gpu", t.expr("Exists", "example.com/gpu"))):
+        spec = t.label_spec([needs])
+        t.put_fallback_index(registry, "cstorm", images[name], [
+            t.attach(registry, "cstorm", images[name], spec, media_type=ocifit.COMPAT_MEDIA_TYPE)])
+    listed = ", ".join(f"{registry.host}/cstorm:s{stamp}-{name}" for name in images)
+    expected = f"{registry.host}/cstorm:s{stamp}-generic@{images['generic']['digest']}"
+    return storm(script, pods, registry, lambda i: t.candidates_pod(listed, name=f"storm-{i}"), expected, "cstorm",
+                 certs, work / "serve-candidates.log")
 
 
 def main() -> int:
@@ -109,8 +133,10 @@ def main() -> int:
             for index, (label, script) in enumerate(scripts.items()):  # alternated: drift falls on both alike
                 tag = f"s{stamp}-r{round_number}-v{index}"  # a ref no server has fetched yet
                 registry.push(f"storm:{tag}", work / "compatibility-test.json")
-                runs.setdefault(label, []).append(storm(script, args.pods, registry, f"{registry.host}/storm:{tag}",
+                pod_of = functools.partial(storm_pod, f"{registry.host}/storm:{tag}")
+                runs.setdefault(label, []).append(storm(script, args.pods, registry, pod_of, "debian:11", "storm",
                                                         certs, work / f"serve-{index}-{round_number}.log"))
+        candidates = candidates_storm(next(iter(scripts.values())), args.pods, registry, stamp, work, certs)
     finally:
         if registry is not None:
             registry.stop()
@@ -141,7 +167,16 @@ def main() -> int:
               + (f"; {len(r['errors'])} errors: {r['errors'][:2]}" if r["errors"] else ""))
     if args.baseline:
         print("  ratio: working tree / baseline (1.00: no change)")
-    return 0 if new["right"] == args.pods and len(new["requests"]) <= REGISTRY_TARGET else 1
+    asked = len(candidates["requests"])
+    print(f"candidates storm (working tree): {args.pods} concurrent admissions naming the same three candidate "
+          "images, the third chosen")
+    print(f"  pods given the generic candidate: {candidates['right']} of {args.pods}"
+          + (f" (others got: {candidates['other']})" if candidates["other"] else ""))
+    print(f"  registry requests: {asked} ({'met' if asked <= CANDIDATES_TARGET else 'MISSED'}: <= {CANDIDATES_TARGET})"
+          f", {candidates['seconds']:.2f} s, {args.pods / candidates['seconds']:.0f} admissions/s")
+    print(f"  requests: {', '.join(u.split('/', 3)[3].split('?')[0][:40] for u in candidates['requests'])}")
+    return 0 if (new["right"] == args.pods and len(new["requests"]) <= REGISTRY_TARGET
+                 and candidates["right"] == args.pods and asked <= CANDIDATES_TARGET) else 1
 
 
 if __name__ == "__main__":
