@@ -4149,6 +4149,20 @@ def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: 
     fetched = run_cli("fetch", "-v", f"{secure.host}/app:v1", "--registry-ca", str(pki["ca"]),
                       "--allowed-registries", secure.host, python=python)
     assert fetched.returncode == 0 and json.loads(fetched.stdout)["compatibilities"], fetched.stderr
+    # a pod choosing among candidate images by the specs attached to them, found through the referrers API
+    image = b'{"schemaVersion": 2, "layers": []}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    attached_spec = label_spec([expr("In", FLAVOR_KEY, ["vanilla"])])
+    referrer = referrer_manifest(subject, attached_spec, ocifit.COMPAT_MEDIA_TYPE)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    registry = stubs(referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
+                                          {_descriptor("", attached_spec)["digest"]: attached_spec}, image))
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps(review_of(candidates_pod(f"{registry.host}/app:v1"))))
+    chosen = run_cli("review", str(candidates), "--nodes", nodes, "--insecure-registry", registry.host, "--patch",
+                     python=python)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)[0]["value"] == f"{registry.host}/app:v1@{subject['digest']}"
 
 
 def _wait_ready(running: "RunningServer", seconds: float = 15) -> None:
