@@ -1327,6 +1327,7 @@ CACHE_BOUNDS: Dict[str, CacheBound] = {
     "tags": CacheBound(1024, MiB, 4096),  # image-ref -> (digest, when resolved), for --tag-ttl and --max-stale
     "hits": CacheBound(1024, MiB, 4096),  # image-ref text -> its cache-hit Artifact, made once
     "failures": CacheBound(1024, 4 * MiB, 8192),  # image-ref -> its last failure's text, for a few seconds
+    "no-referrers-api": CacheBound(1024, 256 * 1024, 1024),  # registry -> when and where it said it has none
 }
 # Also bounded, by entries, where they are made: parsed references (1,024, at most 1 KiB each), interned label
 # strings (200,000; from nodes, not pods) and shared label dicts (10,000 kinds of node).
@@ -1493,6 +1494,7 @@ class Metrics:
     KNOWN: Dict[str, List[Dict[str, str]]] = {
         "ocifit_admissions_total": [{"outcome": "mutated", "reason": "selected"},
                                     {"outcome": "mutated", "reason": "pinned"},
+                                    {"outcome": "mutated", "reason": "generic"},
                                     {"outcome": "untouched", "reason": "not-pod-create"},
                                     {"outcome": "untouched", "reason": "not-enabled"},
                                     {"outcome": "untouched", "reason": "already-mutated"},
@@ -3682,7 +3684,7 @@ class BadReference(ArtifactError):
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = re.compile(rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?\Z")
 _PATH_PART = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
-_TAG = re.compile(r"[\w][\w.-]{0,127}\Z")
+_TAG = re.compile(r"[\w][\w.-]{0,127}\Z", re.ASCII)
 _DIGEST = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -3713,22 +3715,22 @@ def parse_reference(text: str) -> Reference:
     if not ref:
         raise BadReference("empty artifact reference")
     if len(ref) > 1024:
-        raise BadReference("artifact reference longer than 1024 characters")
+        raise BadReference("reference longer than 1024 characters")
     name, at, digest = ref.partition("@")
     if at and not _DIGEST.match(digest):
-        raise BadReference(f"artifact reference {ref!r}: digest {digest!r} is not sha256:<64 hex> or "
+        raise BadReference(f"reference {ref!r}: digest {digest!r} is not sha256:<64 hex> or "
                            "sha512:<128 hex>")
     tag = ""
     slash, colon = name.rfind("/"), name.rfind(":")
     if colon > slash:
         name, tag = name[:colon], name[colon + 1:]
         if not _TAG.match(tag):
-            raise BadReference(f"artifact reference {ref!r}: tag {tag!r} is not a valid tag")
+            raise BadReference(f"reference {ref!r}: tag {tag!r} is not a valid tag")
     first, sep, rest = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
         registry, path = first, rest
         if not _DOMAIN.match(registry):
-            raise BadReference(f"artifact reference {ref!r}: registry {registry!r} is not a valid host[:port]")
+            raise BadReference(f"reference {ref!r}: registry {registry!r} is not a valid host[:port]")
     else:
         registry, path = DOCKER_HUB, name
     registry = DOCKER_HUB if registry.lower() in DOCKER_HUB_ALIASES else registry.lower()
@@ -3737,9 +3739,9 @@ def parse_reference(text: str) -> Reference:
     for part in path.split("/"):
         if not _PATH_PART.match(part):
             hint = " (repository names are lowercase)" if part.lower() != part else ""
-            raise BadReference(f"artifact reference {ref!r}: repository component {part!r} is not valid{hint}")
+            raise BadReference(f"reference {ref!r}: repository component {part!r} is not valid{hint}")
     if len(path) > 255:
-        raise BadReference(f"artifact reference {ref!r}: repository name longer than 255 characters")
+        raise BadReference(f"reference {ref!r}: repository name longer than 255 characters")
     return Reference(registry, path, tag or "latest", digest)
 
 
@@ -3754,10 +3756,10 @@ def registry_matches(registry: str, pattern: str) -> bool:
     return registry == pattern
 
 
-def check_allowed(ref: Reference, allowed: Sequence[str]) -> None:
+def check_allowed(ref: Reference, allowed: Sequence[str], what: str = "artifact") -> None:
     """Raise ArtifactError unless the operator's allow-list (empty: any) admits the reference's registry."""
     if allowed and not any(registry_matches(ref.registry, p) for p in allowed):
-        raise ArtifactError(f"artifact {ref}: registry {ref.registry} is not in the allowed registries "
+        raise ArtifactError(f"{what} {ref}: registry {ref.registry} is not in the allowed registries "
                             f"({', '.join(allowed)})")
 
 
@@ -4214,7 +4216,7 @@ class RegistryClient:
             self.opener.add_handler(handler)
         self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
         self._auth_lock = threading.Lock()
-        self._without_referrers_api: Dict[str, float] = {}  # host -> when it answered that it has none
+        self._without_referrers_api = BoundedCache(CACHE_BOUNDS["no-referrers-api"])  # host -> (when, repository)
 
     # -- where to go --
     def host_for(self, ref: Reference) -> str:
@@ -4251,11 +4253,11 @@ class RegistryClient:
             raise RegistryError(f"{what}: compatibility layer is {len(blob)} bytes, its descriptor says {size}")
         return blob
 
-    def _resolve(self, fetch: "Fetch") -> Tuple[bytes, str]:
+    def _resolve(self, fetch: "Fetch", what: str = "") -> Tuple[bytes, str]:
         """The manifest (or index) the fetch's reference names, and its digest, checked."""
         ref = fetch.ref
         body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
-                                  MANIFEST_CAP, f"manifest of {ref}")
+                                  MANIFEST_CAP, what or f"manifest of {ref}")
         return body, self._manifest_digest(ref, body, headers)
 
     def _described_manifest(self, fetch: "Fetch", descriptor: Mapping[str, Any], what: str) -> Dict[str, Any]:
@@ -4332,15 +4334,13 @@ class RegistryClient:
         newest by its created annotation (a missing one counts as oldest; ties to the smallest digest).
         `known`: digests whose spec the caller has, so that artifact is not fetched again (no spec_bytes)."""
         fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
-        _, image = self._resolve(fetch)
-        found_by, candidates = self._referrers(fetch, image)
+        _, image = self._resolve(fetch, f"image {ref}")
+        found_by, listed = self._referrers(fetch, image)
+        candidates = list({d["digest"]: d for d in reversed(listed)}.values())  # each digest once, as first listed
         first_error: Optional[RegistryError] = None
         for descriptor in sorted(candidates, key=_newest_first)[:MAX_STALE_REFERRERS + 1]:
-            if known(descriptor["digest"]):  # content-addressed: checked when it was first fetched
-                return Attached(image, descriptor["digest"], found_by, len(candidates), None, fetch.requests,
-                                time.monotonic() - fetch.started)
             try:
-                blob = self._attached_spec(fetch, image, descriptor)
+                blob = self._attached_spec(fetch, image, descriptor, known)
             except RegistryError as exc:  # a fallback index kept by clients may list a referrer since deleted
                 if fetch.deadline <= time.monotonic() or exc.status not in (0, 404):
                     raise
@@ -4355,14 +4355,16 @@ class RegistryClient:
 
     def _referrers(self, fetch: "Fetch", image: str) -> Tuple[str, List[Dict[str, Any]]]:
         """(how they were found, the descriptors of the compatibility artifacts referring to an image digest):
-        the referrers API unless the registry has lately said it has none, else the fallback tag."""
-        host = fetch.host
-        learned = self._without_referrers_api.get(host)
-        if learned is None or time.monotonic() - learned > self.settings.tag_ttl:
-            found = self._referrers_api(fetch, image)
+        the referrers API unless the registry has lately said it has none, else the fallback tag. "Nothing
+        attached" needs this repository's word: when the registry said it has no API for another repository (a
+        proxy routing repositories to different backends, a passing fault), the API is asked here before an
+        image with no fallback tag is taken for one with nothing attached."""
+        learned = self._without_referrers_api.get(fetch.host)
+        if learned is None or time.monotonic() - learned[0] > self.settings.tag_ttl:
+            found = self._referrers_or_remember(fetch, image)
             if found is not None:
                 return "the referrers API", found
-            self._without_referrers_api[host] = time.monotonic()
+            learned = (0.0, fetch.ref.repository)
         algorithm, _, hexdigest = image.partition(":")
         tag = f"{algorithm[:32]}-{hexdigest[:64]}"
         what = f"referrers of {fetch.ref} (tag {tag})"
@@ -4370,10 +4372,22 @@ class RegistryClient:
             body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{tag}", MANIFEST_TYPES[1],
                                 MANIFEST_CAP, what)
         except RegistryError as exc:
-            if exc.status == 404:
-                return f"the fallback tag {tag}", []
-            raise
+            if exc.status != 404:
+                raise
+            found = self._referrers_or_remember(fetch, image) if learned[1] != fetch.ref.repository else None
+            return ("the referrers API", found) if found is not None else (f"the fallback tag {tag}", [])
         return f"the fallback tag {tag}", self._compat_descriptors(body, what)
+
+    def _referrers_or_remember(self, fetch: "Fetch", image: str) -> Optional[List[Dict[str, Any]]]:
+        """_referrers_api(), remembering for the tag TTL whether the registry has the API, and which repository
+        said it has not."""
+        found = self._referrers_api(fetch, image)
+        if found is None:
+            self._without_referrers_api.put(fetch.host, (time.monotonic(), fetch.ref.repository),
+                                            128 + len(fetch.host) + len(fetch.ref.repository))
+        else:
+            self._without_referrers_api.pop(fetch.host)
+        return found
 
     def _referrers_api(self, fetch: "Fetch", image: str) -> Optional[List[Dict[str, Any]]]:
         """The compatibility artifacts the referrers API lists, following `Link: rel="next"` pages (at most
@@ -4398,6 +4412,8 @@ class RegistryClient:
                 raise
             seen.add(path)
             found += self._compat_descriptors(body, what, MAX_REFERRERS - len(found))
+            if len(found) >= MAX_REFERRERS:  # warned: choosing among the first, no more pages
+                break
             path = self._next_page(fetch, path, ", ".join(headers.get_all("Link") or []))
         return found
 
@@ -4429,8 +4445,11 @@ class RegistryClient:
             return target.path + (f"?{target.query}" if target.query else "")
         return None
 
-    def _attached_spec(self, fetch: "Fetch", image: str, descriptor: Mapping[str, Any]) -> bytes:
-        """The spec bytes of a referrer, checked: its digest and size, its type, its subject, one spec layer."""
+    def _attached_spec(self, fetch: "Fetch", image: str, descriptor: Mapping[str, Any],
+                       known: Callable[[str], bool] = lambda d: False) -> Optional[bytes]:
+        """The spec bytes of a referrer, checked: its digest and size, its type, its subject, one spec layer.
+        None when `known` says the caller has this artifact's spec (its manifest is checked all the same: the
+        same artifact may be listed for another image)."""
         what = f"compatibility artifact {descriptor['digest']} of {fetch.ref}"
         manifest = self._described_manifest(fetch, descriptor, what)
         config = manifest.get("config")
@@ -4443,7 +4462,8 @@ class RegistryClient:
         layers = self._compat_layers(manifest, ATTACHED_SPEC_TYPES)
         if not layers:
             raise RegistryError(f"{what} has no layer of media type {' or '.join(ATTACHED_SPEC_TYPES)}")
-        return self._layer_blob(fetch, self._one_layer(what, layers), what)
+        layer = self._one_layer(what, layers)
+        return None if known(descriptor["digest"]) else self._layer_blob(fetch, layer, what)
 
     # -- one request, with auth, retries, caps and the deadline --
     def _get(self, fetch: "Fetch", path: str, accept: str, cap: int, what: str) -> Tuple[bytes, Any]:
@@ -4667,13 +4687,12 @@ class _Flight:
 
     done: threading.Event = field(default_factory=threading.Event)
     found: Optional["_Found"] = None
-    error: Optional[Tuple[type, str]] = None  # (ArtifactError or SpecError, message)
+    error: Optional[Tuple[type, str, bool]] = None  # (ArtifactError or SpecError, message, stale may serve)
     finished_at: float = 0.0
 
     def raise_error(self) -> None:
         assert self.error is not None
-        kind, text = self.error
-        raise kind(text)
+        raise self.error[0](self.error[1])
 
 
 class _Found(NamedTuple):
@@ -4720,7 +4739,7 @@ class RegistryArtifacts:
     def attached(self, text: str, deadline: float) -> "AttachedSpec":
         """The image `text` names, with its digest and the compatibility spec attached to it (or none)."""
         ref = parse_reference(text)
-        check_allowed(ref, self.allowed)
+        check_allowed(ref, self.allowed, "image")
         found, origin, warnings = self._lookup("attached " + str(ref), ref, deadline,
                                                f"the spec attached to image {text}", self._attached)
         if origin != "cache":
@@ -4754,8 +4773,8 @@ class RegistryArtifacts:
         finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
         if finished and flight.error is None and flight.found is not None:
             return flight.found, "registry", ()
-        if finished and flight.error is not None and flight.error[0] is SpecError:
-            flight.raise_error()
+        if finished and flight.error is not None and not flight.error[2]:
+            flight.raise_error()  # an invalid spec, or the registry's word that it is gone: not a failure to wait out
         stale = self._stale(key)
         why = flight.error[1] if finished and flight.error is not None else (
             f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s ({what})")
@@ -4810,11 +4829,13 @@ class RegistryArtifacts:
         try:
             flight.found = resolve(ref, time.monotonic() + self.settings.fetch_budget)
             self._tags.put(key, (flight.found[:2], time.monotonic()), 300 + len(key))
-        except (ArtifactError, SpecError) as exc:
-            flight.error = (SpecError if isinstance(exc, SpecError) else ArtifactError, str(exc))
+        except SpecError as exc:
+            flight.error = (SpecError, str(exc), False)
+        except ArtifactError as exc:
+            flight.error = (ArtifactError, str(exc), getattr(exc, "status", 0) != 404)
         except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
             log.exception("unexpected error fetching %s", ref)
-            flight.error = (ArtifactError, f"{key}: unexpected error: {exc!r}")
+            flight.error = (ArtifactError, f"{ref}: unexpected error: {exc!r}", True)
         finally:
             flight.finished_at = time.monotonic()
             with self._lock:
@@ -4955,9 +4976,10 @@ class Decision:
 
     @classmethod
     def patched(cls, ops: Sequence[Dict[str, Any]], image: str, matched: str, candidates: int, origin: str,
-                warnings: Tuple[str, ...] = (), pinned: str = "") -> "Decision":
-        """Allowed with a JSONPatch, encoded here once (`pinned`: how the pod was pinned, if it was)."""
-        return cls("mutated", "pinned" if pinned else "selected", patch=tuple(ops),
+                warnings: Tuple[str, ...] = (), pinned: str = "", reason: str = "selected") -> "Decision":
+        """Allowed with a JSONPatch, encoded here once (`pinned`: how the pod was pinned, if it was; `reason`:
+        selected, pinned, or generic for a candidate with no spec attached)."""
+        return cls("mutated", reason, patch=tuple(ops),
                    encoded_patch=base64.b64encode(json.dumps(ops).encode()).decode(), image=image, matched=matched,
                    candidates=candidates, artifact_origin=origin, warnings=warnings, pinned=pinned)
 
@@ -5277,15 +5299,15 @@ def mutation(pod: PodFacts, targets: Sequence[str], choice: Choice, artifact: Ar
     artifact_note = f"{artifact.ref}@{artifact.digest}" if "@" not in artifact.ref else artifact.ref
     return _shared_mutation(tuple(targets), pod.annotations is None, choice.compatibility.tag,
                             choice.compatibility.name, artifact_note, choice.candidates, artifact.origin,
-                            artifact.warnings, choice.pin, pod.affinity)
+                            artifact.warnings, choice.pin, pod.affinity, "pinned" if choice.pin else "selected")
 
 
-def candidate_mutation(pod: PodFacts, targets: Sequence[str], attached: AttachedSpec, matched: str, nodes: int
-                       ) -> Decision:
+def candidate_mutation(pod: PodFacts, targets: Sequence[str], attached: AttachedSpec, matched: str, nodes: int,
+                       reason: str = "selected") -> Decision:
     """The decision that swaps the target images for a candidate image, pinned to its checked digest, and
-    records which candidate and which attached artifact chose it."""
+    records which candidate and which attached artifact chose it (`reason`: "generic" when none is attached)."""
     return _shared_mutation(tuple(targets), pod.annotations is None, attached.image, matched, attached.artifact,
-                            nodes, attached.origin, attached.warnings, None, pod.affinity)
+                            nodes, attached.origin, attached.warnings, None, pod.affinity, reason)
 
 
 def _shared_mutation(*key: Any) -> Decision:
@@ -5303,7 +5325,7 @@ REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 
 
 def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matched: str, artifact_note: str,
-              candidates: int, origin: str, warnings: Tuple[str, ...], pin: Optional[Pin], affinity: int
+              candidates: int, origin: str, warnings: Tuple[str, ...], pin: Optional[Pin], affinity: int, reason: str
               ) -> Decision:
     """Made once per distinct outcome, with its patch encoded: every pod of a Deployment shares one. Decisions
     are immutable; the patch ops they carry are shared too, so treat them as read-only."""
@@ -5323,7 +5345,7 @@ def _mutation(targets: Tuple[str, ...], no_annotations: bool, image: str, matche
     else:
         ops.extend({"op": "add", "path": "/metadata/annotations/" + escape_pointer(k), "value": v}
                    for k, v in record.items())
-    return Decision.patched(ops, image, matched, candidates, origin, warnings, pin.describe() if pin else "")
+    return Decision.patched(ops, image, matched, candidates, origin, warnings, pin.describe() if pin else "", reason)
 
 
 ArtifactGetter = Callable[[str], Artifact]
@@ -5366,11 +5388,11 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
     if not targets:
         raise NoPlaceholder(f"no container or initContainer uses the target image {json.dumps(target)}; "
                             f"set the image to it or name another with the {TARGET_IMAGE_ANNOTATION} annotation")
-    if listed:
-        return choose_candidate(pod, targets, candidate_images(listed), snapshot, get_attached)
     mode = annotations.get(ON_DISAGREEMENT_ANNOTATION, on_disagreement).strip()
     if mode not in ("deny", "pin"):
         raise MalformedPod(f"annotation {ON_DISAGREEMENT_ANNOTATION} is {json.dumps(mode)}; use pin or deny")
+    if listed:
+        return choose_candidate(pod, targets, candidate_images(listed), snapshot, get_attached, mode == "pin")
     try:
         artifact = get_artifact(ref)
     except SpecError as exc:
@@ -5452,31 +5474,33 @@ def candidate_node_count(snapshot: NodeSnapshot, placement: Placement) -> int:
 
 
 def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str], snapshot: NodeSnapshot,
-                     get_attached: Optional[AttachedGetter]) -> Decision:
+                     get_attached: Optional[AttachedGetter], pin: bool = False) -> Decision:
     """The first candidate image whose attached spec fits every candidate node, or that has none attached (a
     generic image runs anywhere). A candidate that cannot be looked up denies the pod: ocifit never falls
-    through to a less preferred image without knowing that this one does not fit."""
+    through to a less preferred image without knowing that this one does not fit. (`pin`: asked for, which
+    candidates do not do; a denial says so.)"""
     nodes = candidate_node_count(snapshot, pod.placement)
     if not nodes:
         raise NoCandidates(f"no node matches the pod's {pod.placement.describe()}; nothing to choose an image for")
     if get_attached is None:
         raise ArtifactUnavailable("candidate images are chosen by the specs attached to them in registries, and "
                                   "this mode has no registry access")
-    misfits = []
+    misfits: List[str] = []
     every_node = "the 1 candidate node" if nodes == 1 else f"all {nodes} candidate nodes"
     for index, text in enumerate(images):
         rank = f"candidates[{index}] of {len(images)}"
-        later = f"; not trying {_names(images[index + 1:], 2)} before it" if index + 1 < len(images) else ""
+        later = f"; not trying {_names(images[index + 1:], 2)} after it" if index + 1 < len(images) else ""
+        earlier = f" (looked up after {'; '.join(misfits)})" if misfits else ""
         try:
             attached = get_attached(text)
         except SpecError as exc:
-            raise SpecInvalid(f"candidate image {text}: {exc}{later}", nodes) from None
+            raise SpecInvalid(f"candidate image {text}: {exc}{later}{earlier}", nodes) from None
         except ArtifactError as exc:
-            raise ArtifactUnavailable(f"candidate image {text}: {exc}{later}", nodes) from None
+            raise ArtifactUnavailable(f"candidate image {text}: {exc}{later}{earlier}", nodes) from None
         if attached.spec is None:
             return candidate_mutation(pod, targets, attached, f"{rank}: no compatibility artifact attached, so it "
                                       f"runs on any of the {_plural(nodes, 'candidate node', 'candidate nodes')}",
-                                      nodes)
+                                      nodes, "generic")
         if attached.spec.nfd and snapshot.features_note:
             raise NoFeatures(f"candidate image {text}: its attached spec is in NFD's dialect, which matches node "
                              f"features, but there are {snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}",
@@ -5488,7 +5512,9 @@ def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str
     none = "the candidate image does not" if len(images) == 1 else f"none of the {len(images)} candidate images"
     raise NoCandidateFits(f"{none} fit{'s' if len(images) > 1 else ''} {every_node}: " + "; ".join(misfits)
                           + "; list a generic image last (one with no compatibility artifact attached), or keep the "
-                          "pod to nodes that fit with a nodeSelector", nodes)
+                          "pod to nodes that fit with a nodeSelector"
+                          + (f" ({ON_DISAGREEMENT_ANNOTATION}: pin does not apply to candidates)" if pin else ""),
+                          nodes)
 
 
 def encode_review_response(review: Mapping[str, Any], decision: Decision) -> bytes:

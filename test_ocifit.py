@@ -2567,7 +2567,7 @@ def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any, c
                           annotations={ocifit.CREATED_ANNOTATION: "2027-01-01T00:00:00Z"})  # newest, but 404
     odd = dict(deleted, digest="sha256:" + "0" * 64, annotations=["not", "a", "map"])
     stub = stubs(referrers_api_routes(
-        [[descriptors["undated"], descriptors["other"], odd], [deleted, descriptors["dated"]]],
+        [[descriptors["undated"], descriptors["other"], odd], [deleted, descriptors["dated"], descriptors["undated"]]],
         {d["digest"]: made[name] for name, d in descriptors.items()},
         {_descriptor("", s)["digest"]: s for s in (ATTACHED_SPEC, ocifit_spec)}, image))
     client = ocifit.RegistryClient(registry_settings(f"127.0.0.1:{stub.port}"))
@@ -2677,7 +2677,7 @@ def test_the_first_candidate_whose_attached_spec_fits_every_node_is_chosen(
     assert len(registry.requests("/cands/")) == before
 
     generic = decided(candidates_pod(f"{host}/cands:fast,{host}/cands:generic"))
-    assert generic.image == f"{host}/cands:generic@{digests['generic']['image']}"
+    assert (generic.reason, generic.image) == ("generic", f"{host}/cands:generic@{digests['generic']['image']}")
     assert {op["path"].rsplit("/", 1)[1]: op["value"] for op in generic.patch if "annotations" in op["path"]} == {
         "oci.image.compatibilities.selection~1selected-image": generic.image,
         "oci.image.compatibilities.selection~1matched-compatibility":
@@ -2707,6 +2707,68 @@ def test_candidates_and_an_image_ref_together_or_a_bad_list_are_denied_saying_so
     assert offline.reason == "artifact-unavailable" and "this mode has no registry access" in offline.message
     nowhere = decide(candidates_pod("r.example/i:1", spec={"nodeSelector": {"no": "such-node"}}))
     assert nowhere.reason == "no-candidates"
+    bogus = decide(pod_obj(ref=None, annotations={ocifit.CANDIDATES_ANNOTATION: "r.example/i:1",
+                                                  ocifit.ON_DISAGREEMENT_ANNOTATION: "sometimes"}))
+    assert (bogus.reason, bogus.message) == (
+        "malformed-pod", f'annotation {ocifit.ON_DISAGREEMENT_ANNOTATION} is "sometimes"; use pin or deny')
+    misfit = ocifit.AttachedSpec("r.example/i:1", ocifit.parse_reference("r.example/i:1"), "sha256:" + "b" * 64,
+                                 ocifit.parse_spec(label_spec([expr("In", CPU_LABEL, ["avx512"])])),
+                                 "sha256:" + "c" * 64, "registry")
+    pin = ocifit.decide(review_of(pod_obj(ref=None, annotations={ocifit.CANDIDATES_ANNOTATION: "r.example/i:1",
+                                                                 ocifit.ON_DISAGREEMENT_ANNOTATION: "pin"}))["request"],
+                        candidate_cluster(), FileArtifacts(), get_attached=lambda ref: misfit)
+    assert pin.reason == "no-candidate-fits"
+    assert pin.message.endswith(f"({ocifit.ON_DISAGREEMENT_ANNOTATION}: pin does not apply to candidates)")
+    with pytest.raises(ocifit.BadReference, match="tag 'café' is not a valid tag"):
+        ocifit.parse_reference("r.example/app:café")  # ASCII only: a request line cannot carry it
+
+
+def test_nothing_attached_needs_the_word_of_the_images_own_repository(stubs: Any) -> None:
+    """A registry routing repositories to different backends: one without the referrers API must not make an
+    image whose spec only that API lists look like one with nothing attached (and so be chosen anywhere)."""
+    image = b'{"schemaVersion": 2, "layers": ["fast"]}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    spec = label_spec([expr("In", CPU_LABEL, ["avx512"])])
+    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
+                                  {_descriptor("", spec)["digest"]: spec}, image)
+    routes["/v2/proxy/x/manifests/v1"] = lambda h: send(h, 200, b'{"schemaVersion": 2}',
+                                                         {"Content-Type": ocifit.MANIFEST_TYPES[0]})
+    stub = stubs(routes)
+    artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host))
+    proxied = artifacts.attached(f"{stub.host}/proxy/x:v1", time.monotonic() + 5)
+    assert (proxied.spec, proxied.artifact_digest) == (None, "")  # its referrers route is a 404: no API, no tag
+    fast = artifacts.attached(f"{stub.host}/app:v1", time.monotonic() + 5)
+    assert fast.artifact_digest == descriptor["digest"] and fast.spec is not None
+    decision = ocifit.decide(review_of(candidates_pod(f"{stub.host}/app:v1 {stub.host}/proxy/x:v1"))["request"],
+                             candidate_cluster(), FileArtifacts(),
+                             get_attached=lambda ref: artifacts.attached(ref, time.monotonic() + 5))
+    assert decision.image.startswith(f"{stub.host}/proxy/x:v1@")  # app:v1 fits only w1
+
+
+def test_a_cached_spec_is_not_taken_for_another_image_that_lists_its_artifact(stubs: Any) -> None:
+    image = b'{"schemaVersion": 2, "layers": ["a"]}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    spec = label_spec([expr("Exists", CPU_LABEL)])
+    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
+    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
+                                  {_descriptor("", spec)["digest"]: spec}, image)
+    victim = b'{"schemaVersion": 2, "layers": ["b"]}'
+    victim_digest = _descriptor("", victim)["digest"]
+    index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": [descriptor]}).encode()
+    routes.update({
+        "/v2/victim/manifests/b": lambda h: send(h, 200, victim, {"Content-Type": ocifit.MANIFEST_TYPES[0]}),
+        f"/v2/victim/referrers/{victim_digest}": lambda h: send(h, 200, index,
+                                                                {"Content-Type": ocifit.MANIFEST_TYPES[1]}),
+        f"/v2/victim/manifests/{descriptor['digest']}": lambda h: send(h, 200, referrer, {
+            "Content-Type": ocifit.MANIFEST_TYPES[0]})})
+    stub = stubs(routes)
+    artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host))
+    assert artifacts.attached(f"{stub.host}/app:v1", time.monotonic() + 5).spec is not None
+    with pytest.raises(ocifit.ArtifactError, match=f"does not name {victim_digest} as its subject"):
+        artifacts.attached(f"{stub.host}/victim:b", time.monotonic() + 5)
 
 
 def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_serves(
@@ -2742,8 +2804,16 @@ def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_se
                            get_attached=lambda ref: never_fetched.attached(ref, time.monotonic() + 3))
     assert (denied.reason, denied.code) == ("artifact-unavailable", 503)
     assert denied.message.startswith(f"candidate image {stub.host}/app:v1: ")
-    assert denied.message.endswith(f"; not trying {stub.host}/other:v1 before it")
+    assert denied.message.endswith(f"; not trying {stub.host}/other:v1 after it")
     assert not any("/other/" in path for _, path, _ in stub.seen)  # no silent fall-through
+
+    # The registry's word that the image is gone is an answer, not an outage: no stale spec for it.
+    stub.routes.clear()
+    artifacts.ERROR_TTL = 0.0
+    gone = decided()
+    assert (gone.reason, gone.code) == ("artifact-unavailable", 503)
+    assert gone.message.startswith(f"candidate image {stub.host}/app:v1: image {stub.host}/app:v1 not found in "
+                                   "registry (HTTP 404)")
 
 
 def test_review_chooses_a_candidate_by_its_attached_nfd_spec_and_node_features(
@@ -2779,27 +2849,27 @@ def test_the_readmes_candidates_example_chooses_as_it_says(registry: DockerRegis
     for tag in ("chocolate", "avx2"):
         attached[tag] = attach(registry, "app", images[tag], (EXAMPLE / "candidates" / f"{tag}.yaml").read_bytes())
         put_fallback_index(registry, "app", images[tag], [attached[tag]])
-    example = (EXAMPLE / "candidates" / "review.json").read_text().replace("registry.example", registry.host)
+    example = (EXAMPLE / "candidates" / "review.json").read_text()
     review = tmp_path / "review.json"
     review.write_text(example)
-    args = ["review", str(review), "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"), "--insecure-registry",
-            registry.host, "--patch"]
+    args = ["review", str(review), "--nodes", str(EXAMPLE / "nodes-heterogeneous.json"), "--patch",  # as README says
+            "--registry-mirror", f"registry.example={registry.host}", "--insecure-registry", registry.host]
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
-    chosen = f"{registry.host}/app:avx2@{images['avx2']['digest']}"
+    chosen = f"registry.example/app:avx2@{images['avx2']['digest']}"
     annotation = "/metadata/annotations/oci.image.compatibilities.selection~1"
     assert json.loads(done.stdout) == [
         {"op": "replace", "path": "/spec/containers/0/image", "value": chosen},
         {"op": "add", "path": annotation + "selected-image", "value": chosen},
         {"op": "add", "path": annotation + "matched-compatibility",
          "value": "candidates[1] of 3: its attached spec fits all 3 candidate nodes"},
-        {"op": "add", "path": annotation + "artifact", "value": f"{registry.host}/app@{attached['avx2']['digest']}"}]
+        {"op": "add", "path": annotation + "artifact", "value": f"registry.example/app@{attached['avx2']['digest']}"}]
 
-    review.write_text(example.replace(f", {registry.host}/app:avx2, {registry.host}/app:generic", ""))
+    review.write_text(example.replace(", registry.example/app:avx2, registry.example/app:generic", ""))
     denied = run_cli(*args)
     assert denied.returncode == 1
-    assert denied.stderr.splitlines()[0] == "ocifit: denied: " + README_CANDIDATES_DENIAL.replace(
-        "registry.example", registry.host)
+    assert denied.stderr.splitlines()[0] == "ocifit: denied: " + README_CANDIDATES_DENIAL
+    assert README_CANDIDATES_DENIAL in " ".join((HERE / "README.md").read_text().split())  # as the README shows it
 
 
 README_CANDIDATES_DENIAL = (
