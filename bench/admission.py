@@ -51,6 +51,9 @@ class FetchEveryTime:
         pulled = self.client.pull(ocifit.parse_reference(ref), deadline)
         return ocifit.Artifact(ref, ocifit.parse_spec(pulled.spec_bytes), pulled.digest, "registry")
 
+    def attached(self, ref: str, deadline: float) -> ocifit.AttachedSpec:
+        raise ocifit.ArtifactError("upstream has no candidate images")
+
 
 def serve(mode: str, port: int, cert: str, key: str, registry: str, log_level: str = "info") -> None:
     """The server side, run in its own process: one of the three handlers on the real server stack."""
