@@ -2842,6 +2842,20 @@ def test_review_chooses_a_candidate_by_its_attached_nfd_spec_and_node_features(
             "[\"^AVX2$\"]}: no element name of cpu.cpuid matches") in denied.stderr
 
 
+def test_serve_answers_a_candidates_pod_and_counts_a_generic_choice(
+        registry: DockerRegistry, candidate_images: Dict[str, Any], tmp_path: Path, pki: Dict[str, Path]) -> None:
+    artifacts = ocifit.build_artifacts(registry_settings(registry.host))
+    running = start_server(tmp_path, pki, artifacts=artifacts, insecure_registry=(registry.host,))
+    listed = f"{registry.host}/cands:fast {registry.host}/cands:generic"
+    try:  # the example nodes have no example.com/cpu label: only the candidate with nothing attached fits
+        answer = running.post_review(review_of(candidates_pod(listed)))
+        assert patch_of(answer["response"])[0]["value"] == \
+            f"{registry.host}/cands:generic@{candidate_images['generic']['image']}"
+        metrics = running.request("GET", "/metrics")[1].decode()
+        assert 'ocifit_admissions_total{outcome="mutated",reason="generic"} 1' in metrics
+    finally:
+        running.stop()
+
 def test_the_readmes_candidates_example_chooses_as_it_says(registry: DockerRegistry, tmp_path: Path) -> None:
     """README "Candidate images": specs attached with NFD's media types to two of three images."""
     images = {tag: pushed_image(registry, f"app:{tag}", tmp_path) for tag in ("chocolate", "avx2", "generic")}
