@@ -1327,7 +1327,7 @@ CACHE_BOUNDS: Dict[str, CacheBound] = {
     "tags": CacheBound(1024, MiB, 4096),  # image-ref -> (digest, when resolved), for --tag-ttl and --max-stale
     "hits": CacheBound(1024, MiB, 4096),  # image-ref text -> its cache-hit Artifact, made once
     "failures": CacheBound(1024, 4 * MiB, 8192),  # image-ref -> its last failure's text, for a few seconds
-    "no-referrers-api": CacheBound(1024, 256 * 1024, 1024),  # registry -> when and where it said it has none
+    "no-referrers-api": CacheBound(1024, 256 * 1024, 1024),  # registry and repository -> when it said "no API"
 }
 # Also bounded, by entries, where they are made: parsed references (1,024, at most 1 KiB each), interned label
 # strings (200,000; from nodes, not pods) and shared label dicts (10,000 kinds of node).
@@ -3979,6 +3979,11 @@ class NotAnArtifact(RegistryError):
     """The reference names a manifest with no compatibility layer: an image, perhaps, with a spec attached."""
 
 
+class ReferenceGone(RegistryError):
+    """The registry answered that the reference itself (its tag or digest) does not exist: an answer, not an
+    outage, so no stale spec stands in for it."""
+
+
 def allowed_scheme(url: str, insecure: Iterable[str]) -> bool:
     """Whether a redirect or token realm may go to url: https, or http to a host listed in --insecure-registry."""
     parts = urllib.parse.urlsplit(url)
@@ -4216,7 +4221,7 @@ class RegistryClient:
             self.opener.add_handler(handler)
         self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
         self._auth_lock = threading.Lock()
-        self._without_referrers_api = BoundedCache(CACHE_BOUNDS["no-referrers-api"])  # host -> (when, repository)
+        self._without_referrers_api = BoundedCache(CACHE_BOUNDS["no-referrers-api"])  # (host, repository) -> when
 
     # -- where to go --
     def host_for(self, ref: Reference) -> str:
@@ -4256,8 +4261,13 @@ class RegistryClient:
     def _resolve(self, fetch: "Fetch", what: str = "") -> Tuple[bytes, str]:
         """The manifest (or index) the fetch's reference names, and its digest, checked."""
         ref = fetch.ref
-        body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}", ", ".join(MANIFEST_TYPES),
-                                  MANIFEST_CAP, what or f"manifest of {ref}")
+        try:
+            body, headers = self._get(fetch, f"/v2/{ref.repository}/manifests/{ref.reference}",
+                                      ", ".join(MANIFEST_TYPES), MANIFEST_CAP, what or f"manifest of {ref}")
+        except RegistryError as exc:
+            if exc.status == 404:
+                raise ReferenceGone(str(exc), exc.status, exc.code) from None
+            raise
         return body, self._manifest_digest(ref, body, headers)
 
     def _described_manifest(self, fetch: "Fetch", descriptor: Mapping[str, Any], what: str) -> Dict[str, Any]:
@@ -4355,16 +4365,18 @@ class RegistryClient:
 
     def _referrers(self, fetch: "Fetch", image: str) -> Tuple[str, List[Dict[str, Any]]]:
         """(how they were found, the descriptors of the compatibility artifacts referring to an image digest):
-        the referrers API unless the registry has lately said it has none, else the fallback tag. "Nothing
-        attached" needs this repository's word: when the registry said it has no API for another repository (a
-        proxy routing repositories to different backends, a passing fault), the API is asked here before an
-        image with no fallback tag is taken for one with nothing attached."""
-        learned = self._without_referrers_api.get(fetch.host)
-        if learned is None or time.monotonic() - learned[0] > self.settings.tag_ttl:
-            found = self._referrers_or_remember(fetch, image)
+        the referrers API unless the registry has lately said it has none for this repository, else the
+        fallback tag. Remembered per repository, not per host: a registry may route repositories to different
+        backends, and another repository's word must not make an image look as if nothing (or an old fallback
+        index's spec) were attached to it. Candidates in one repository share one probe."""
+        where = (fetch.host, fetch.ref.repository)
+        learned = self._without_referrers_api.get(where)
+        if learned is None or time.monotonic() - learned > self.settings.tag_ttl:
+            found = self._referrers_api(fetch, image)
             if found is not None:
+                self._without_referrers_api.pop(where)
                 return "the referrers API", found
-            learned = (0.0, fetch.ref.repository)
+            self._without_referrers_api.put(where, time.monotonic(), 128 + len(fetch.host) + len(where[1]))
         algorithm, _, hexdigest = image.partition(":")
         tag = f"{algorithm[:32]}-{hexdigest[:64]}"
         what = f"referrers of {fetch.ref} (tag {tag})"
@@ -4372,22 +4384,10 @@ class RegistryClient:
             body, _ = self._get(fetch, f"/v2/{fetch.ref.repository}/manifests/{tag}", MANIFEST_TYPES[1],
                                 MANIFEST_CAP, what)
         except RegistryError as exc:
-            if exc.status != 404:
-                raise
-            found = self._referrers_or_remember(fetch, image) if learned[1] != fetch.ref.repository else None
-            return ("the referrers API", found) if found is not None else (f"the fallback tag {tag}", [])
+            if exc.status == 404:
+                return f"the fallback tag {tag}", []
+            raise
         return f"the fallback tag {tag}", self._compat_descriptors(body, what)
-
-    def _referrers_or_remember(self, fetch: "Fetch", image: str) -> Optional[List[Dict[str, Any]]]:
-        """_referrers_api(), remembering for the tag TTL whether the registry has the API, and which repository
-        said it has not."""
-        found = self._referrers_api(fetch, image)
-        if found is None:
-            self._without_referrers_api.put(fetch.host, (time.monotonic(), fetch.ref.repository),
-                                            128 + len(fetch.host) + len(fetch.ref.repository))
-        else:
-            self._without_referrers_api.pop(fetch.host)
-        return found
 
     def _referrers_api(self, fetch: "Fetch", image: str) -> Optional[List[Dict[str, Any]]]:
         """The compatibility artifacts the referrers API lists, following `Link: rel="next"` pages (at most
@@ -4412,9 +4412,10 @@ class RegistryClient:
                 raise
             seen.add(path)
             found += self._compat_descriptors(body, what, MAX_REFERRERS - len(found))
-            if len(found) >= MAX_REFERRERS:  # warned: choosing among the first, no more pages
-                break
             path = self._next_page(fetch, path, ", ".join(headers.get_all("Link") or []))
+            if len(found) >= MAX_REFERRERS and path is not None:
+                log.warning("%s: more pages past %d compatibility artifacts; choosing among those", what, len(found))
+                break
         return found
 
     def _compat_descriptors(self, body: bytes, what: str, limit: int = MAX_REFERRERS) -> List[Dict[str, Any]]:
@@ -4774,7 +4775,7 @@ class RegistryArtifacts:
         if finished and flight.error is None and flight.found is not None:
             return flight.found, "registry", ()
         if finished and flight.error is not None and not flight.error[2]:
-            flight.raise_error()  # an invalid spec, or the registry's word that it is gone: not a failure to wait out
+            flight.raise_error()  # an invalid spec, or the registry's word that the reference is gone
         stale = self._stale(key)
         why = flight.error[1] if finished and flight.error is not None else (
             f"registry {ref.registry} did not answer within {self.settings.fetch_budget:g}s ({what})")
@@ -4832,7 +4833,7 @@ class RegistryArtifacts:
         except SpecError as exc:
             flight.error = (SpecError, str(exc), False)
         except ArtifactError as exc:
-            flight.error = (ArtifactError, str(exc), getattr(exc, "status", 0) != 404)
+            flight.error = (ArtifactError, str(exc), not isinstance(exc, ReferenceGone))
         except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
             log.exception("unexpected error fetching %s", ref)
             flight.error = (ArtifactError, f"{ref}: unexpected error: {exc!r}", True)
@@ -5477,8 +5478,8 @@ def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str
                      get_attached: Optional[AttachedGetter], pin: bool = False) -> Decision:
     """The first candidate image whose attached spec fits every candidate node, or that has none attached (a
     generic image runs anywhere). A candidate that cannot be looked up denies the pod: ocifit never falls
-    through to a less preferred image without knowing that this one does not fit. (`pin`: asked for, which
-    candidates do not do; a denial says so.)"""
+    through to a less preferred image without knowing that this one does not fit. (`pin`: on-disagreement is
+    pin, by the pod's annotation or the server's flag; candidates do not pin, and a denial says so.)"""
     nodes = candidate_node_count(snapshot, pod.placement)
     if not nodes:
         raise NoCandidates(f"no node matches the pod's {pod.placement.describe()}; nothing to choose an image for")

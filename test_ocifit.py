@@ -2725,7 +2725,8 @@ def test_candidates_and_an_image_ref_together_or_a_bad_list_are_denied_saying_so
 
 def test_nothing_attached_needs_the_word_of_the_images_own_repository(stubs: Any) -> None:
     """A registry routing repositories to different backends: one without the referrers API must not make an
-    image whose spec only that API lists look like one with nothing attached (and so be chosen anywhere)."""
+    image whose spec only that API lists look like one with nothing attached (and so be chosen anywhere), nor
+    one with an old fallback index get that index's spec."""
     image = b'{"schemaVersion": 2, "layers": ["fast"]}'
     subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
     spec = label_spec([expr("In", CPU_LABEL, ["avx512"])])
@@ -2735,6 +2736,13 @@ def test_nothing_attached_needs_the_word_of_the_images_own_repository(stubs: Any
                                   {_descriptor("", spec)["digest"]: spec}, image)
     routes["/v2/proxy/x/manifests/v1"] = lambda h: send(h, 200, b'{"schemaVersion": 2}',
                                                          {"Content-Type": ocifit.MANIFEST_TYPES[0]})
+    old_spec = label_spec([expr("Exists", CPU_LABEL)])  # what a fallback index from before the API still lists
+    old = referrer_manifest(subject, old_spec, ocifit.COMPAT_MEDIA_TYPE)
+    old_descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], old, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    old_index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1],
+                            "manifests": [old_descriptor]}).encode()
+    routes[f"/v2/app/manifests/{subject['digest'].replace(':', '-')}"] = lambda h: send(
+        h, 200, old_index, {"Content-Type": ocifit.MANIFEST_TYPES[1]})
     stub = stubs(routes)
     artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host))
     proxied = artifacts.attached(f"{stub.host}/proxy/x:v1", time.monotonic() + 5)
@@ -2798,6 +2806,10 @@ def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_se
     assert stale.warnings == (f"ocifit: the spec attached to image {stub.host}/app:v1 served from cache, registry "
                               "unavailable",)
     assert "serving the last good spec" in caplog.text
+    realm = f"http://{stub.host}/token"  # not routed: the token service answers 404, an auth outage
+    stub.routes.update({path: (lambda h: send(h, 401, b"", {"WWW-Authenticate": f'Bearer realm="{realm}"'}))
+                        for path in healthy})
+    assert decided().artifact_origin == "stale"
 
     never_fetched = ocifit.RegistryArtifacts(registry_settings(stub.host, fetch_budget=1.0))
     denied = ocifit.decide(review_of(candidates_pod(images))["request"], candidate_cluster(), FileArtifacts(),
