@@ -1564,11 +1564,13 @@ class KubeAPIHandler(http.server.BaseHTTPRequestHandler):
     def stream(self, since: int, generation: int, ends: float, bookmarks: bool, resource: str) -> None:
         with self.api.cond:
             self.api.open_streams += 1
+            self.api.open_by_resource[resource] = self.api.open_by_resource.get(resource, 0) + 1
         try:
             self.stream_events(since, generation, ends, bookmarks, resource)
         finally:
             with self.api.cond:
                 self.api.open_streams -= 1
+                self.api.open_by_resource[resource] -= 1
 
     def stream_events(self, since: int, generation: int, ends: float, bookmarks: bool, resource: str) -> None:
         while time.monotonic() < ends:
@@ -1611,6 +1613,7 @@ class FakeKubeAPI:
         self.seen: List["tuple[str, Dict[str, str]]"] = []
         self.bookmark_every = bookmark_every
         self.open_streams = 0
+        self.open_by_resource: Dict[str, int] = {}  # open watch streams by resource (nodes, nodefeatures)
         self.stopped = False  # gone: streams end, even one that opened while the server was shutting down
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), KubeAPIHandler)
@@ -1675,11 +1678,13 @@ class FakeKubeAPI:
     def delete(self, name: str) -> None:
         self._event("DELETED", self.nodes[name])
 
-    def end_streams(self, error: Optional[Dict[str, Any]] = None, wait: bool = True) -> None:
+    def end_streams(self, error: Optional[Dict[str, Any]] = None, wait: bool = True, resource: str = "nodes"
+                    ) -> None:
         """Close every open watch stream, optionally after sending an ERROR event; by default first wait
-        until a watcher is listening, so the test does not race the watcher's reconnect."""
+        until the watcher of `resource` is listening, so the test does not race its reconnect (nor take
+        another resource's stream for it)."""
         if wait:
-            eventually(lambda: self.open_streams)
+            eventually(lambda: self.open_by_resource.get(resource))
         with self.cond:
             self.stream_error = error
             self.generation += 1
