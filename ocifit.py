@@ -1325,7 +1325,7 @@ CACHE_BOUNDS: Dict[str, CacheBound] = {
     "partitions": CacheBound(64, 4 * MiB, 512 * 1024),  # per snapshot: label keys -> groups of nodes alike
     "specs": CacheBound(256, 64 * MiB, 16 * MiB),  # parsed specs by manifest digest (--cache-size entries)
     "tags": CacheBound(1024, MiB, 4096),  # image-ref -> (digest, when resolved), for --tag-ttl and --max-stale
-    "hits": CacheBound(1024, MiB, 4096),  # image-ref text -> its cache-hit Artifact, made once
+    "hits": CacheBound(1024, MiB, 4096),  # image-ref or candidate text -> its cache-hit answer, made once
     "failures": CacheBound(1024, 4 * MiB, 8192),  # image-ref -> its last failure's text, for a few seconds
     "no-referrers-api": CacheBound(1024, 256 * 1024, 1024),  # registry and repository -> when it said "no API"
 }
@@ -4729,13 +4729,8 @@ class RegistryArtifacts:
         ref = parse_reference(text)
         check_allowed(ref, self.allowed)
         found, origin, warnings = self._lookup(str(ref), ref, deadline, f"artifact {text}", self._pulled)
-        if origin != "cache":
-            return Artifact(text, found.spec, found.digest, origin, warnings)  # type: ignore[arg-type]
-        artifact = self._hits.get(text)
-        if not isinstance(artifact, Artifact) or artifact.digest != found.digest:
-            artifact = Artifact(text, found.spec, found.digest, "cache")  # type: ignore[arg-type]
-            self._hits.put(text, artifact, 256 + len(text))
-        return artifact
+        return cast(Artifact, self._answer(text, found, origin, warnings, lambda from_, why: Artifact(
+            text, found.spec, found.digest, from_, why)))  # type: ignore[arg-type]  # a pulled spec is never None
 
     def attached(self, text: str, deadline: float) -> "AttachedSpec":
         """The image `text` names, with its digest and the compatibility spec attached to it (or none)."""
@@ -4743,13 +4738,20 @@ class RegistryArtifacts:
         check_allowed(ref, self.allowed, "image")
         found, origin, warnings = self._lookup("attached " + str(ref), ref, deadline,
                                                f"the spec attached to image {text}", self._attached)
+        return cast(AttachedSpec, self._answer("attached " + text, found, origin, warnings, lambda from_, why: (
+            AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, from_, why))))
+
+    def _answer(self, key: str, found: _Found, origin: str, warnings: Tuple[str, ...],
+                make: Callable[[str, Tuple[str, ...]], Any]) -> Any:
+        """make(origin, warnings); for a cache hit, made once per key and resolution and then shared, so a storm
+        of admissions on a cached reference builds no object per admission."""
         if origin != "cache":
-            return AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, origin, warnings)
-        hit = self._hits.get("attached " + text)
-        if not isinstance(hit, AttachedSpec) or (hit.image_digest, hit.artifact_digest) != found[:2]:
-            hit = AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, "cache")
-            self._hits.put("attached " + text, hit, 512 + 2 * len(text))
-        return hit
+            return make(origin, warnings)
+        entry = self._hits.get(key)
+        if entry is None or entry[0] != found[:2]:
+            entry = (found[:2], make("cache", ()))
+            self._hits.put(key, entry, 512 + 2 * len(key))
+        return entry[1]
 
     def _lookup(self, key: str, ref: Reference, deadline: float, what: str,
                 resolve: Callable[[Reference, float], _Found]) -> Tuple[_Found, str, Tuple[str, ...]]:
@@ -5171,24 +5173,34 @@ def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tu
         ", e.g. " + " or ".join(pins) if pins else "") + f"; or {let_ocifit}"
 
 
-def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement, pin: bool = False) -> Any:
-    """choose() over the pod's candidate groups, memoised on the snapshot: snapshot, spec and placement are all
-    immutable, so the same question asked again (every pod of a Deployment) gets the same answer for free."""
-    key = (id(spec), placement, pin)
+def memoised(snapshot: NodeSnapshot, key: tuple, spec: Spec, compute: Callable[..., Tuple[Any, int]],
+             *args: Any) -> Any:
+    """compute(*args)'s answer, kept on the snapshot under key (compute gives the answer and its size):
+    snapshot, spec and placement are all immutable, so the same question asked again (every pod of a
+    Deployment) gets the same answer for free. The spec is kept with the answer and checked by identity, since
+    the id() a key holds may be reused once a spec is gone."""
     hit = snapshot.memo.get(key)
     if hit is not None and hit[0] is spec:
-        outcome = hit[1]
-    else:
-        try:
-            outcome = choose(spec, candidate_groups(snapshot, placement, spec), placement, pin)
-        except Denial as denial:
-            outcome = denial
-        held = len(str(outcome)) if isinstance(outcome, Denial) else 256 + sum(
-            len(t) for t in (outcome.pin.terms if outcome.pin else ()))
-        snapshot.memo.put(key, (spec, outcome), placement.size + held)
+        return hit[1]
+    answer, size = compute(*args)
+    snapshot.memo.put(key, (spec, answer), size)
+    return answer
+
+
+def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement, pin: bool = False) -> Any:
+    """choose() over the pod's candidate groups, memoised on the snapshot (a denial too, raised anew)."""
+    outcome = memoised(snapshot, (id(spec), placement, pin), spec, _choice_or_denial, snapshot, spec, placement, pin)
     if isinstance(outcome, Denial):
         raise outcome.again()
     return outcome
+
+
+def _choice_or_denial(snapshot: NodeSnapshot, spec: Spec, placement: Placement, pin: bool) -> Tuple[Any, int]:
+    try:
+        outcome: Any = choose(spec, candidate_groups(snapshot, placement, spec), placement, pin)
+    except Denial as denial:
+        return denial, placement.size + len(str(denial))
+    return outcome, placement.size + 256 + sum(len(t) for t in (outcome.pin.terms if outcome.pin else ()))
 
 
 # ---- pinning: on disagreement, keep the pod on the kinds of node that fit the best image ----
@@ -5448,10 +5460,10 @@ class Fit:
 def fit_for(snapshot: NodeSnapshot, spec: Spec, placement: Placement) -> Fit:
     """How the spec fits the pod's candidate nodes: a node is admitted when any compatibility set matches it
     (NFD's reading: each set is one way the image can run). Memoised on the snapshot, as choose_for is."""
-    key = ("fit", id(spec), placement)
-    hit = snapshot.memo.get(key)
-    if hit is not None and hit[0] is spec:
-        return hit[1]
+    return cast(Fit, memoised(snapshot, ("fit", id(spec), placement), spec, _fit, snapshot, spec, placement))
+
+
+def _fit(snapshot: NodeSnapshot, spec: Spec, placement: Placement) -> Tuple[Fit, int]:
     failing: List[Tuple[str, Tuple[str, ...], Selection]] = []
     for facts, names in candidate_groups(snapshot, placement, spec):
         selection = spec.select(facts)
@@ -5460,8 +5472,7 @@ def fit_for(snapshot: NodeSnapshot, spec: Spec, placement: Placement) -> Fit:
     every = sorted(name for _, names, _ in failing for name in names)
     first = min(failing, key=lambda entry: entry[0]) if failing else None
     fit = Fit(len(every), tuple(every[:3]), first[2].why_none() if first else "")
-    snapshot.memo.put(key, (spec, fit), placement.size + 256 + len(fit.why))
-    return fit
+    return fit, placement.size + 256 + len(fit.why)
 
 
 def candidate_node_count(snapshot: NodeSnapshot, placement: Placement) -> int:
