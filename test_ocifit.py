@@ -2556,6 +2556,21 @@ def referrers_api_routes(pages: List[List[Dict[str, Any]]], manifests: Dict[str,
     return routes
 
 
+def compat_referrer(subject: Dict[str, Any], spec: bytes) -> "tuple[bytes, Dict[str, Any]]":
+    """A referrer carrying a spec in ocifit's dialect, and its descriptor as a referrers index lists it."""
+    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
+    return referrer, _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+
+
+def api_registry_with(image: bytes, spec: bytes) -> "tuple[Dict[str, Any], Dict[str, Any], bytes, Dict[str, Any]]":
+    """Routes of a registry with the referrers API serving app:v1 (`image`) with one spec attached; also the
+    image's descriptor, the referrer and the referrer's descriptor."""
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    referrer, descriptor = compat_referrer(subject, spec)
+    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
+                                  {_descriptor("", spec)["digest"]: spec}, image)
+    return routes, subject, referrer, descriptor
+
 def test_the_referrers_api_is_paged_filtered_and_the_newest_chosen(stubs: Any, caplog: pytest.LogCaptureFixture
                                                                    ) -> None:
     image = b'{"schemaVersion": 2, "layers": []}'
@@ -2732,18 +2747,12 @@ def test_nothing_attached_needs_the_word_of_the_images_own_repository(stubs: Any
     """A registry routing repositories to different backends: one without the referrers API must not make an
     image whose spec only that API lists look like one with nothing attached (and so be chosen anywhere), nor
     one with an old fallback index get that index's spec."""
-    image = b'{"schemaVersion": 2, "layers": ["fast"]}'
-    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
-    spec = label_spec([expr("In", CPU_LABEL, ["avx512"])])
-    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
-    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
-    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
-                                  {_descriptor("", spec)["digest"]: spec}, image)
+    routes, subject, _, descriptor = api_registry_with(b'{"schemaVersion": 2, "layers": ["fast"]}',
+                                                       label_spec([expr("In", CPU_LABEL, ["avx512"])]))
     routes["/v2/proxy/x/manifests/v1"] = lambda h: send(h, 200, b'{"schemaVersion": 2}',
                                                          {"Content-Type": ocifit.MANIFEST_TYPES[0]})
-    old_spec = label_spec([expr("Exists", CPU_LABEL)])  # what a fallback index from before the API still lists
-    old = referrer_manifest(subject, old_spec, ocifit.COMPAT_MEDIA_TYPE)
-    old_descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], old, artifactType=ocifit.NFD_ARTIFACT_TYPE)
+    # what a fallback index from before the API still lists
+    _, old_descriptor = compat_referrer(subject, label_spec([expr("Exists", CPU_LABEL)]))
     old_index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1],
                             "manifests": [old_descriptor]}).encode()
     routes[f"/v2/app/manifests/{subject['digest'].replace(':', '-')}"] = lambda h: send(
@@ -2761,13 +2770,8 @@ def test_nothing_attached_needs_the_word_of_the_images_own_repository(stubs: Any
 
 
 def test_a_cached_spec_is_not_taken_for_another_image_that_lists_its_artifact(stubs: Any) -> None:
-    image = b'{"schemaVersion": 2, "layers": ["a"]}'
-    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
-    spec = label_spec([expr("Exists", CPU_LABEL)])
-    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
-    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
-    routes = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
-                                  {_descriptor("", spec)["digest"]: spec}, image)
+    routes, _, referrer, descriptor = api_registry_with(b'{"schemaVersion": 2, "layers": ["a"]}',
+                                                        label_spec([expr("Exists", CPU_LABEL)]))
     victim = b'{"schemaVersion": 2, "layers": ["b"]}'
     victim_digest = _descriptor("", victim)["digest"]
     index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": [descriptor]}).encode()
@@ -2786,13 +2790,8 @@ def test_a_cached_spec_is_not_taken_for_another_image_that_lists_its_artifact(st
 
 def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_serves(
         stubs: Any, caplog: pytest.LogCaptureFixture) -> None:
-    image = b'{"schemaVersion": 2, "layers": ["cand"]}'
-    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
-    spec = label_spec([expr("In", CPU_LABEL, ["avx2", "avx512"])])
-    referrer = referrer_manifest(subject, spec, ocifit.COMPAT_MEDIA_TYPE)
-    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
-    healthy = referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
-                                   {_descriptor("", spec)["digest"]: spec}, image)
+    healthy, subject, _, _ = api_registry_with(b'{"schemaVersion": 2, "layers": ["cand"]}',
+                                               label_spec([expr("In", CPU_LABEL, ["avx2", "avx512"])]))
     stub = stubs(dict(healthy))
     artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host, tag_ttl=0.0, fetch_budget=2.0))
     images = f"{stub.host}/app:v1 {stub.host}/other:v1"
@@ -4251,13 +4250,9 @@ def test_ocifit_runs_unchanged_on_each_supported_python(version: str, tmp_path: 
                       "--allowed-registries", secure.host, python=python)
     assert fetched.returncode == 0 and json.loads(fetched.stdout)["compatibilities"], fetched.stderr
     # a pod choosing among candidate images by the specs attached to them, found through the referrers API
-    image = b'{"schemaVersion": 2, "layers": []}'
-    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
-    attached_spec = label_spec([expr("In", FLAVOR_KEY, ["vanilla"])])
-    referrer = referrer_manifest(subject, attached_spec, ocifit.COMPAT_MEDIA_TYPE)
-    descriptor = _descriptor(ocifit.MANIFEST_TYPES[0], referrer, artifactType=ocifit.NFD_ARTIFACT_TYPE)
-    registry = stubs(referrers_api_routes([[descriptor]], {descriptor["digest"]: referrer},
-                                          {_descriptor("", attached_spec)["digest"]: attached_spec}, image))
+    routes, subject, _, _ = api_registry_with(b'{"schemaVersion": 2, "layers": []}',
+                                              label_spec([expr("In", FLAVOR_KEY, ["vanilla"])]))
+    registry = stubs(routes)
     candidates = tmp_path / "candidates.json"
     candidates.write_text(json.dumps(review_of(candidates_pod(f"{registry.host}/app:v1"))))
     chosen = run_cli("review", str(candidates), "--nodes", nodes, "--insecure-registry", registry.host, "--patch",
