@@ -2768,10 +2768,6 @@ class NodeSnapshot:
         snapshot._shapes = shapes
         return snapshot
 
-    def with_note(self, features_note: str) -> "NodeSnapshot":
-        """The same nodes, saying otherwise why they may carry no NFD features."""
-        return NodeSnapshot.from_dict(self.nodes, self._shapes, features_note)
-
     def with_node(self, name: str, node: Optional[Node]) -> "NodeSnapshot":
         """A new snapshot with one node added, replaced or (None) removed; the shape index is carried over,
         touching only the shapes the node left and joined."""
@@ -3487,37 +3483,30 @@ class KubeNodes(ListWatch):
         log.info("%s", _describe_change(old, node))
 
     def _with_features(self, node: Node) -> Node:
+        """The node carrying the features last set for it, or none if none are."""
         features = self._features.get(node.name)
-        return node if features is None else dataclasses.replace(node, features=features)
+        return node if node.features is features else dataclasses.replace(node, features=features)
 
     # -- their features, from the NodeFeature watcher --
-    def set_features(self, changed: Mapping[str, Optional[NodeFeatures]], note: Optional[str] = None,
-                     everything: bool = False) -> None:
-        """New features for some nodes (None: none any more), or for all (`everything`); `note` says why the
-        features may be missing ("" once they are listed)."""
+    def set_features(self, changed: Mapping[str, Optional[NodeFeatures]], note: Optional[str] = None) -> None:
+        """New features for some nodes (None: none any more); or, given `note` (why features may be missing, ""
+        once they are listed), the features of every node: a node `changed` does not name carries none."""
         with self._lock:
-            if everything:
+            snapshot = self._snapshot
+            if note is not None:  # one new snapshot (and shape index), not one per node
                 self._features = {k: v for k, v in changed.items() if v is not None}
+                snapshot = NodeSnapshot((self._with_features(n) for n in snapshot.nodes.values()),
+                                        features_note=note)
+                snapshot.shapes()
             else:
                 for name, features in changed.items():
                     if features is None:
                         self._features.pop(name, None)
                     else:
                         self._features[name] = features
-            snapshot = self._snapshot
-            note = snapshot.features_note if note is None else note
-            if everything:  # one new snapshot (and shape index), not one per node
-                snapshot = NodeSnapshot((self._with_features(n) for n in snapshot.nodes.values()),
-                                        features_note=note)
-                snapshot.shapes()
-            else:
-                for name in changed:
                     node = snapshot.nodes.get(name)
                     if node is not None:
-                        snapshot = snapshot.with_node(name, self._with_features(
-                            dataclasses.replace(node, features=None)))
-                if note != snapshot.features_note:
-                    snapshot = snapshot.with_note(note)
+                        snapshot = snapshot.with_node(name, self._with_features(node))
             self._snapshot = snapshot
 
 
@@ -3544,7 +3533,7 @@ class KubeNodeFeatures(ListWatch):
     def replace(self, items: List[Any]) -> None:
         self._objects = {(o.namespace, o.name): o for o in items if o is not None}
         merged = merge_by_node(self._objects.values(), self.settings.nfd_namespace)
-        self.nodes.set_features(merged, note="", everything=True)
+        self.nodes.set_features(merged, note="")
 
     def apply(self, kind: str, obj: Dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -3570,7 +3559,7 @@ class KubeNodeFeatures(ListWatch):
         if why != self._warned:
             (log.warning if exc.status == 403 else log.info)("%s", why)
             self._warned = why
-        self.nodes.set_features({}, note=why, everything=True)
+        self.nodes.set_features({}, note=why)
         return True
 
 

@@ -2121,6 +2121,21 @@ def test_without_node_features_nfd_specs_are_denied_saying_why(state: str, why: 
         source.stop()
 
 
+def test_node_features_no_longer_readable_leave_no_node_with_its_old_features(kube_api: FakeKubeAPI,
+                                                                              pki: Dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    feature_cluster(kube_api)
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path))
+    try:
+        assert source.wait_synced(30) and nfd_decision(source).image == "fast:1"
+        assert any(node.features is not None for node in source.snapshot().nodes.values())
+        kube_api.nfd = "forbidden"  # RBAC taken away: the NodeFeature watch, reconnecting, gets 403
+        kube_api.end_streams(wait=False)  # an open stream ends; one reconnecting meets the 403 anyway
+        eventually(lambda: all(node.features is None for node in source.snapshot().nodes.values()), 30)
+        assert nfd_decision(source).reason == "no-node-features"
+    finally:
+        source.stop()
+
 def test_5000_nodes_are_listed_in_pages_of_500(kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path) -> None:
     shapes = [{FLAVOR_KEY: "vanilla", "zone": f"z{i % 20}"} for i in range(20)]
     kube_api.add(*[node_obj(f"n{i:04d}", shapes[i % 20]) for i in range(5000)])
