@@ -4346,11 +4346,10 @@ class RegistryClient:
                 log.warning("%s; trying the next newest", exc)
                 first_error = first_error or exc
                 continue
-            return Attached(image, descriptor["digest"], found_by, len(candidates), blob, fetch.requests,
-                            time.monotonic() - fetch.started)
+            return fetch.attached(image, descriptor["digest"], found_by, len(candidates), blob)
         if first_error is not None:
             raise first_error
-        return Attached(image, None, found_by, 0, None, fetch.requests, time.monotonic() - fetch.started)
+        return fetch.attached(image, None, found_by, 0, None)
 
     def _referrers(self, fetch: "Fetch", image: str) -> Tuple[str, List[Dict[str, Any]]]:
         """(how they were found, the descriptors of the compatibility artifacts referring to an image digest):
@@ -4666,6 +4665,11 @@ class Fetch:
     def pulled(self, digest: str, spec_bytes: Optional[bytes]) -> "Pulled":
         return Pulled(digest, spec_bytes, self.requests, time.monotonic() - self.started)
 
+    def attached(self, image: str, artifact: Optional[str], found_by: str, referrers: int,
+                 spec_bytes: Optional[bytes]) -> "Attached":
+        return Attached(image, artifact, found_by, referrers, spec_bytes, self.requests,
+                        time.monotonic() - self.started)
+
 
 # ---- the cache ---------------------------------------------------------------------------
 
@@ -4843,14 +4847,23 @@ class RegistryArtifacts:
         self._specs.put(digest, spec, 8 * len(spec_bytes) + 1024)
         return spec
 
+    def _holding(self) -> Tuple[Callable[[str], bool], Dict[str, Spec]]:
+        """A `known` for the client (is this digest's spec cached?) that holds on to what it found, so a spec
+        evicted between the question and its use needs no second fetch."""
+        held: Dict[str, Spec] = {}
+
+        def known(digest: str) -> bool:
+            spec = self._specs.get(digest)
+            if spec is not None:
+                held[digest] = spec
+            return spec is not None
+        return known, held
+
     def _pulled(self, ref: Reference, deadline: float) -> _Found:
         """A compatibility artifact, its blob skipped when its spec is cached."""
-        pulled = self.client.pull(ref, deadline, known=self._specs.__contains__)
-        spec = self._specs.get(pulled.digest) if pulled.spec_bytes is None else None
-        if pulled.spec_bytes is None and spec is None:  # evicted meanwhile: fetch the blob after all
-            pulled = self.client.pull(ref, deadline)
-        if pulled.spec_bytes is not None:
-            spec = self._parsed(pulled.digest, pulled.spec_bytes)
+        known, held = self._holding()
+        pulled = self.client.pull(ref, deadline, known)
+        spec = held[pulled.digest] if pulled.spec_bytes is None else self._parsed(pulled.digest, pulled.spec_bytes)
         log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
                  pulled.requests, pulled.seconds * 1000)
         return _Found(pulled.digest, pulled.digest, spec)
@@ -4858,10 +4871,9 @@ class RegistryArtifacts:
     def _attached(self, ref: Reference, deadline: float) -> _Found:
         """An image's digest and the newest compatibility artifact attached to it, its blob skipped when its
         spec is cached."""
-        found = self.client.attached(ref, deadline, known=self._specs.__contains__)
-        spec = self._specs.get(found.artifact_digest) if found.artifact_digest else None
-        if found.artifact_digest and found.spec_bytes is None and spec is None:  # evicted meanwhile
-            found = self.client.attached(ref, deadline)
+        known, held = self._holding()
+        found = self.client.attached(ref, deadline, known)
+        spec = held.get(found.artifact_digest or "")
         if found.artifact_digest and found.spec_bytes is not None:
             try:
                 spec = self._parsed(found.artifact_digest, found.spec_bytes)
@@ -4922,6 +4934,10 @@ class ArtifactUnavailable(Denial):
 class NoCandidates(Denial):
     reason = "no-candidates"
 
+    @classmethod
+    def nowhere(cls, placement: Placement) -> "NoCandidates":
+        return cls(f"no node matches the pod's {placement.describe()}; nothing to choose an image for")
+
 
 class NoMatch(Denial):
     reason = "no-match"
@@ -4937,6 +4953,13 @@ class NoTag(Denial):
 
 class NoFeatures(Denial):
     reason, code = "no-node-features", 503
+
+    @classmethod
+    def check(cls, snapshot: NodeSnapshot, spec: Spec, subject: str, candidates: int = 0) -> None:
+        """Raise one when a spec in NFD's dialect meets nodes whose features are missing, saying why."""
+        if spec.nfd and snapshot.features_note:
+            raise cls(f"{subject} is in NFD's dialect, which matches node features, but there are "
+                      f"{snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}", candidates)
 
 
 class NoCandidateFits(Denial):
@@ -5119,7 +5142,7 @@ def choose(spec: Spec, groups: Sequence[Tuple[Any, Tuple[str, ...]]], placement:
     """The one image all candidate groups select; NoCandidates, NoMatch or Disagreement otherwise (or, with
     `pin`, when some kinds of node match, the image to pin the pod to)."""
     if not groups:
-        raise NoCandidates(f"no node matches the pod's {placement.describe()}; nothing to choose an image for")
+        raise NoCandidates.nowhere(placement)
     by_tag: Dict[Optional[str], List[Tuple[Mapping[str, str], Tuple[str, ...], Selection]]] = {}
     for labels, names in groups:
         selection = spec.select(labels)
@@ -5401,9 +5424,7 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         raise SpecInvalid(f"artifact {ref} is not a valid compatibility spec: {exc}") from None
     except ArtifactError as exc:
         raise ArtifactUnavailable(str(exc)) from None
-    if artifact.spec.nfd and snapshot.features_note:
-        raise NoFeatures(f"artifact {ref} is in NFD's dialect, which matches node features, but there are "
-                         f"{snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}")
+    NoFeatures.check(snapshot, artifact.spec, f"artifact {ref}")
     try:
         choice = choose_for(snapshot, artifact.spec, pod.placement, pin=mode == "pin")
     except Denial as denial:
@@ -5482,7 +5503,7 @@ def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str
     pin, by the pod's annotation or the server's flag; candidates do not pin, and a denial says so.)"""
     nodes = candidate_node_count(snapshot, pod.placement)
     if not nodes:
-        raise NoCandidates(f"no node matches the pod's {pod.placement.describe()}; nothing to choose an image for")
+        raise NoCandidates.nowhere(pod.placement)
     if get_attached is None:
         raise ArtifactUnavailable("candidate images are chosen by the specs attached to them in registries, and "
                                   "this mode has no registry access")
@@ -5502,10 +5523,7 @@ def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str
             return candidate_mutation(pod, targets, attached, f"{rank}: no compatibility artifact attached, so it "
                                       f"runs on any of the {_plural(nodes, 'candidate node', 'candidate nodes')}",
                                       nodes, "generic")
-        if attached.spec.nfd and snapshot.features_note:
-            raise NoFeatures(f"candidate image {text}: its attached spec is in NFD's dialect, which matches node "
-                             f"features, but there are {snapshot.features_note.replace('no NodeFeatures: ', 'none: ')}",
-                             nodes)
+        NoFeatures.check(snapshot, attached.spec, f"candidate image {text}: its attached spec", nodes)
         fit = fit_for(snapshot, attached.spec, pod.placement)
         if not fit.failing:
             return candidate_mutation(pod, targets, attached, f"{rank}: its attached spec fits {every_node}", nodes)
