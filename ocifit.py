@@ -55,7 +55,6 @@ import io
 import ipaddress
 import json
 import logging
-import logging.handlers
 import os
 import platform
 import queue
@@ -397,10 +396,10 @@ def escape_controls(text: str) -> str:
     return text.translate(_CONTROL) if _HAS_CONTROL.search(text) else text
 
 
-def logfmt(pairs: Iterable[Tuple[str, Any]], keep_empty: bool = False) -> str:
-    """`key=value ...`, leaving out empty values unless asked; a value that is not one plain word (spaces,
-    quotes, `=`, control characters) and any message is JSON-quoted, so it cannot pass for other fields."""
-    return " ".join(logfmt_pair(key, value) for key, value in pairs if value or keep_empty)
+def logfmt(pairs: Iterable[Tuple[str, Any]]) -> str:
+    """`key=value ...`, leaving out empty values; a value that is not one plain word (spaces, quotes, `=`,
+    control characters) and any message is JSON-quoted, so it cannot pass for other fields."""
+    return " ".join(logfmt_pair(key, value) for key, value in pairs if value)
 
 
 def logfmt_pair(key: str, value: Any) -> str:
@@ -1083,18 +1082,12 @@ def load_yaml(text: str) -> Any:
 # ---- end of YAML ---------------------------------------------------------------------------
 
 
-class _EnqueueHandler(logging.handlers.QueueHandler):
+class _EnqueueHandler(logging.Handler):
     """Hands records to the writer thread as they are: formatting and the write happen off the request path."""
 
     def __init__(self, writer: "LogWriter"):
-        super().__init__(writer.records)
+        super().__init__()
         self.writer = writer
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.writer.put(record)
 
     def handle(self, record: logging.LogRecord) -> bool:
         """Queue the record: the queue is thread-safe, so no handler lock is taken (one less per admission)."""
@@ -1102,6 +1095,9 @@ class _EnqueueHandler(logging.handlers.QueueHandler):
             return False
         self.writer.put(record)
         return True
+
+    def emit(self, record: logging.LogRecord) -> None:  # for a caller that skips handle()
+        self.writer.put(record)
 
 
 class LogWriter(threading.Thread):
@@ -1435,11 +1431,12 @@ REAPER = SocketReaper()
 
 
 _interned: Dict[str, str] = {}
+MAX_INTERNED = 200000  # strings, and feature sets, shared; past it, new ones are simply not shared
 
 
 def _intern(text: str) -> str:
     """One shared copy of each label string: thousands of nodes repeat the same few hundred."""
-    return _interned.setdefault(text, text) if len(_interned) < 200000 else text
+    return _interned.setdefault(text, text) if len(_interned) < MAX_INTERNED else text
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -1614,11 +1611,13 @@ def process_metrics() -> Dict[str, Callable[[], Optional[float]]]:
 
     return {"process_cpu_seconds_total": time.process_time, "process_resident_memory_bytes": resident,
             "process_open_fds": open_fds, "process_max_fds": max_fds,
-            "process_start_time_seconds": lambda: _process_start_time()}
+            "process_start_time_seconds": _process_start_time}
 
 
+@functools.lru_cache(maxsize=None)
 def _process_start_time() -> float:
-    """When the process started: from /proc (boot time plus the start tick), else when ocifit was imported."""
+    """When the process started: from /proc (boot time plus the start tick), else when ocifit was imported.
+    Read once: it does not change, and every scrape asks."""
     try:
         with open("/proc/self/stat") as fh:
             start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
@@ -2081,9 +2080,6 @@ class NodeFeatures:
         self.flags, self.attributes, self.instances = flags, attributes, instances
         self._projections: Dict[Tuple[str, ...], tuple] = {}
 
-    def names(self) -> frozenset:
-        return frozenset(self.flags) | frozenset(self.attributes) | frozenset(self.instances)
-
     def projection(self, names: Tuple[str, ...]) -> tuple:
         """What a spec reading `names` sees of this node, as identities of interned sets: equal for nodes alike.
         Kept for the last few specs (features outlive node snapshots, so a node change costs one node's)."""
@@ -2110,9 +2106,21 @@ def _intern_set(key: Any, value: Any) -> Any:
     shared = _feature_sets.get(key)
     if shared is not None:
         return shared
-    if len(_feature_sets) < 200000:
+    if len(_feature_sets) < MAX_INTERNED:
         _feature_sets[key] = value
     return value
+
+
+def _shared_flags(names: frozenset) -> frozenset:
+    return _intern_set(("f", names), names)
+
+
+def _shared_attributes(values: Mapping[str, str]) -> Mapping[str, str]:
+    return _intern_set(("a", frozenset(values.items())), values)
+
+
+def _shared_instances(items: Tuple[Mapping[str, str], ...]) -> Tuple[Mapping[str, str], ...]:
+    return _intern_set(("i", tuple(frozenset(i.items()) for i in items)), items)
 
 
 def _string_map(raw: Any, where: str) -> Dict[str, str]:
@@ -2146,16 +2154,16 @@ def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
                 if not isinstance(elements, dict):
                     raise ValueError(f"{path}.elements is not an object")
                 names = frozenset(_intern(str(k)) for k in elements)
-                flags[key] = _intern_set(("f", names), names)
+                flags[key] = _shared_flags(names)
             elif kind == "attributes":
                 values = _string_map(elements or {}, f"{path}.elements")
-                attributes[key] = _intern_set(("a", frozenset(values.items())), values)
+                attributes[key] = _shared_attributes(values)
             else:
                 if not isinstance(elements or [], list):
                     raise ValueError(f"{path}.elements is not a list")
                 items = tuple(_string_map((item or {}).get("attributes") or {} if isinstance(item, dict) else None,
                                           f"{path}.elements[{i}].attributes") for i, item in enumerate(elements or []))
-                instances[key] = _intern_set(("i", tuple(frozenset(i.items()) for i in items)), items)
+                instances[key] = _shared_instances(items)
     return NodeFeatures(flags, attributes, instances)
 
 
@@ -2176,10 +2184,9 @@ def merge_features(parts: Sequence[NodeFeatures]) -> NodeFeatures:
             attributes.setdefault(name, {}).update(values)
         for name, items in part.instances.items():
             instances[name] = instances.get(name, ()) + tuple(items)
-    return NodeFeatures({k: _intern_set(("f", v), v) for k, v in flags.items()},
-                        {k: _intern_set(("a", frozenset(v.items())), v) for k, v in attributes.items()},
-                        {k: _intern_set(("i", tuple(frozenset(i.items()) for i in v)), v)
-                         for k, v in instances.items()})
+    return NodeFeatures({k: _shared_flags(v) for k, v in flags.items()},
+                        {k: _shared_attributes(v) for k, v in attributes.items()},
+                        {k: _shared_instances(v) for k, v in instances.items()})
 
 
 @dataclass(frozen=True)
@@ -2278,8 +2285,8 @@ class FeatureTerm:
                 outcomes.append(Outcome(f"{self.path}.matchExpressions.{element}", name, element, str(expression),
                                         holds, why))
             if not set_matched and insts:  # then the instances: all expressions on one of them
-                best = max(range(len(insts)), key=lambda i: sum(o.holds for o in self._on_instance(insts, i)))
-                outcomes = self._on_instance(insts, best)
+                outcomes = max((self._on_instance(insts, i) for i in range(len(insts))),
+                               key=lambda on_one: sum(o.holds for o in on_one))  # the first best, evaluated once
                 matched = all(o.holds for o in outcomes)
             else:
                 matched = set_matched
