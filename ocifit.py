@@ -2003,16 +2003,25 @@ def _parse_expression(raw: Any, path: str) -> Expression:
     return Expression(path, op, key, values, patterns, bounds)
 
 
-def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
+def _compatibility_head(raw: Any, index: int, allowed: Tuple[str, ...] = (), empty_tag: bool = False
+                        ) -> Tuple[str, str, str, int, List[Any]]:
+    """(path, tag, description, weight, rules list) of a compatibility, as both dialects read them. Without a
+    tag, a compatibility only says that an image can run (as a spec attached to an image does); `empty_tag`:
+    whether `tag: ""` may say so too. `allowed`: the only keys it may have, if given."""
     path = f"compatibilities[{index}]"
     _require(raw, dict, path, "an object")
-    # Without a tag, a compatibility only says that an image can run (as a spec attached to an image does).
+    if allowed:
+        _only_keys(raw, allowed, path)
     tag = _string(raw.get("tag", ""), f"{path}.tag", "the image to use (a string)")
-    if ("tag" in raw and not tag.strip()) or any(ch.isspace() or ord(ch) < 32 for ch in tag):
+    if ("tag" in raw and not tag and not empty_tag) or any(ch.isspace() or ord(ch) < 32 for ch in tag):
         raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
     description = _string(raw.get("description", ""), f"{path}.description")
     weight = _weight(raw.get("weight", 0), f"{path}.weight")
-    rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
+    return path, tag, description, weight, _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
+
+
+def _parse_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
+    path, tag, description, weight, rules = _compatibility_head(raw, index)
     expressions: List[Expression] = []
     for r, rule in enumerate(rules):
         rule_path = f"{path}.rules[{r}]"
@@ -2523,15 +2532,8 @@ def load_document(data: Any, what: str) -> Any:
 
 
 def _parse_nfd_compatibility(raw: Any, index: int, budget: List[int]) -> Compatibility:
-    path = f"compatibilities[{index}]"
-    _require(raw, dict, path, "an object")
-    _only_keys(raw, ("tag", "weight", "description", "rules"), path)
-    tag = _string(raw.get("tag", ""), f"{path}.tag", "the image to use (a string)")
-    if tag and (not tag.strip() or any(ch.isspace() or ord(ch) < 32 for ch in tag)):
-        raise SpecError(f"{path}.tag: {json.dumps(tag)} is not an image reference")
-    description = _string(raw.get("description", ""), f"{path}.description")
-    weight = _weight(raw.get("weight", 0), f"{path}.weight")
-    rules = _require(raw.get("rules"), list, f"{path}.rules", "a list of rules")
+    path, tag, description, weight, rules = _compatibility_head(raw, index, ("tag", "weight", "description", "rules"),
+                                                                empty_tag=True)
     parsed = tuple(_parse_feature_rule(rule, f"{path}.rules[{r}]", budget) for r, rule in enumerate(rules))
     return Compatibility(index, tag, description, weight, rules=parsed)
 
