@@ -72,7 +72,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional, Protocol,
-                    Sequence, Set, Tuple, cast)
+                    Sequence, Set, Tuple, TypeVar, cast)
 
 __version__ = "0.1.0"
 
@@ -4698,6 +4698,9 @@ class _Flight:
         raise self.error[0](self.error[1])
 
 
+_Made = TypeVar("_Made")
+
+
 class _Found(NamedTuple):
     """What a reference resolved to: its manifest digest, and the spec (by the digest of the manifest that
     carries it; for an image, its newest attached compatibility artifact, or none)."""
@@ -4731,8 +4734,7 @@ class RegistryArtifacts:
         ref = parse_reference(text)
         check_allowed(ref, self.allowed)
         found, origin, warnings = self._lookup(str(ref), ref, deadline, f"artifact {text}", self._pulled)
-        return cast(Artifact, self._answer(text, found, origin, warnings, lambda from_, why: Artifact(
-            text, found.spec, found.digest, from_, why)))  # type: ignore[arg-type]  # a pulled spec is never None
+        return self._answer(text, found, origin, warnings, Artifact, text, found.spec, found.digest)
 
     def attached(self, text: str, deadline: float) -> "AttachedSpec":
         """The image `text` names, with its digest and the compatibility spec attached to it (or none)."""
@@ -4740,18 +4742,18 @@ class RegistryArtifacts:
         check_allowed(ref, self.allowed, "image")
         found, origin, warnings = self._lookup("attached " + str(ref), ref, deadline,
                                                f"the spec attached to image {text}", self._attached)
-        return cast(AttachedSpec, self._answer("attached " + text, found, origin, warnings, lambda from_, why: (
-            AttachedSpec(text, ref, found.digest, found.spec, found.spec_digest, from_, why))))
+        return self._answer("attached " + text, found, origin, warnings, AttachedSpec, text, ref, found.digest,
+                            found.spec, found.spec_digest)
 
-    def _answer(self, key: str, found: _Found, origin: str, warnings: Tuple[str, ...],
-                make: Callable[[str, Tuple[str, ...]], Any]) -> Any:
-        """make(origin, warnings); for a cache hit, made once per key and resolution and then shared, so a storm
-        of admissions on a cached reference builds no object per admission."""
+    def _answer(self, key: str, found: _Found, origin: str, warnings: Tuple[str, ...], make: Callable[..., _Made],
+                *args: Any) -> _Made:
+        """make(*args, origin, warnings); for a cache hit, made once per key and resolution and then shared, so a
+        storm of admissions on a cached reference builds no object per admission."""
         if origin != "cache":
-            return make(origin, warnings)
+            return make(*args, origin, warnings)
         entry = self._hits.get(key)
         if entry is None or entry[0] != found[:2]:
-            entry = (found[:2], make("cache", ()))
+            entry = (found[:2], make(*args, "cache", ()))
             self._hits.put(key, entry, 512 + 2 * len(key))
         return entry[1]
 
