@@ -48,6 +48,7 @@ import datetime
 import email.utils
 import errno
 import functools
+import gc
 import hashlib
 import http.client
 import http.server
@@ -66,6 +67,7 @@ import ssl
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -226,6 +228,9 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "NodeFeature), for specs in NFD's dialect; re-read when it changes"),
         Option("--nfd-namespace", ("OCIFIT_NFD_NAMESPACE",), str, "node-feature-discovery",
                "NFD's own namespace: its NodeFeatures come first when a node has several"),
+        Option("--node-feature-namespaces", ("OCIFIT_NODE_FEATURE_NAMESPACES",), str, (),
+               "read NodeFeatures only in these namespaces (as nfd-master's nodeFeatureNamespaceSelector); "
+               "default: all. Set it where tenants may create NodeFeature objects", many=True),
         Option("--kube-api", ("OCIFIT_KUBE_API",), str, "",
                "Kubernetes API URL (e.g. http://127.0.0.1:8001 from kubectl proxy); default: in-cluster"),
         Option("--kube-token-file", ("OCIFIT_KUBE_TOKEN_FILE",), str, "", "bearer token file for --kube-api"),
@@ -297,6 +302,7 @@ class Settings:
     nodes: str = DEFAULTS["nodes"]
     node_features: str = DEFAULTS["node_features"]
     nfd_namespace: str = DEFAULTS["nfd_namespace"]
+    node_feature_namespaces: Tuple[str, ...] = DEFAULTS["node_feature_namespaces"]
     kube_api: str = DEFAULTS["kube_api"]
     kube_token_file: str = DEFAULTS["kube_token_file"]
     kube_ca: str = DEFAULTS["kube_ca"]
@@ -1330,51 +1336,118 @@ CACHE_BOUNDS: Dict[str, CacheBound] = {
 
 
 class BoundedCache:
-    """A least-recently-used map bounded by a CacheBound. Thread-safe; `size` is the caller's estimate of what
-    an entry holds, in bytes."""
+    """A map bounded by a CacheBound, evicting as a segmented LRU: an entry starts on probation and is protected
+    once asked for again, and eviction takes the least recently used entry on probation first. So a flood of
+    entries that nobody asks for twice (a tenant's junk references) cycles through probation and cannot push
+    out what serves admissions (and stands in for a registry that is down). Thread-safe; `size` is what an
+    entry holds, in bytes, as measured or bounded by its owner."""
+
+    PROTECTED_SHARE = 0.8  # of the entries and bytes, at most, in the protected segment
 
     def __init__(self, bound: CacheBound):
         self.bound = bound
-        self._data: "collections.OrderedDict[Any, Tuple[Any, int]]" = collections.OrderedDict()
-        self._bytes = 0
+        self._probation: "collections.OrderedDict[Any, Tuple[Any, int]]" = collections.OrderedDict()
+        self._protected: "collections.OrderedDict[Any, Tuple[Any, int]]" = collections.OrderedDict()
+        self._bytes = [0, 0]  # probation, protected
         self._lock = threading.Lock()
 
     def get(self, key: Any, default: Any = None) -> Any:
-        entry = self._data.get(key)  # no lock: each OrderedDict operation is atomic under the GIL
-        if entry is None:
-            return default
-        try:
-            self._data.move_to_end(key)
-        except KeyError:  # evicted in between: still a good answer
-            pass
-        return entry[0]
+        with self._lock:
+            entry = self._protected.get(key)
+            if entry is not None:
+                self._protected.move_to_end(key)
+                return entry[0]
+            entry = self._probation.pop(key, None)
+            if entry is None:
+                return default
+            self._bytes[0] -= entry[1]
+            self._protected[key] = entry
+            self._bytes[1] += entry[1]
+            while len(self._protected) > self.bound.entries * self.PROTECTED_SHARE \
+                    or self._bytes[1] > self.bound.bytes * self.PROTECTED_SHARE:
+                demoted, (value, size) = self._protected.popitem(last=False)
+                self._bytes[1] -= size
+                self._probation[demoted] = (value, size)
+                self._bytes[0] += size
+            return entry[0]
 
     def put(self, key: Any, value: Any, size: int = 64) -> None:
-        """Keep value under key, evicting the least recently used past the bounds; too large: not kept."""
+        """Keep value under key (on probation, or where it was), evicting past the bounds; too large: not kept."""
         if size > self.bound.largest:
+            self.pop(key)
             return
         with self._lock:
-            old = self._data.pop(key, None)
+            segment = 1 if key in self._protected else 0
+            store = (self._probation, self._protected)[segment]
+            old = store.pop(key, None)
             if old is not None:
-                self._bytes -= old[1]
-            self._data[key] = (value, size)
-            self._bytes += size
-            while len(self._data) > self.bound.entries or self._bytes > self.bound.bytes:
-                self._bytes -= self._data.popitem(last=False)[1][1]
+                self._bytes[segment] -= old[1]
+            store[key] = (value, size)
+            self._bytes[segment] += size
+            while len(self) > self.bound.entries or sum(self._bytes) > self.bound.bytes:
+                victims = 0 if self._probation else 1
+                self._bytes[victims] -= (self._probation, self._protected)[victims].popitem(last=False)[1][1]
 
     def pop(self, key: Any) -> Any:
         with self._lock:
-            entry = self._data.pop(key, None)
-            if entry is None:
-                return None
-            self._bytes -= entry[1]
-            return entry[0]
+            for segment, store in enumerate((self._probation, self._protected)):
+                entry = store.pop(key, None)
+                if entry is not None:
+                    self._bytes[segment] -= entry[1]
+                    return entry[0]
+            return None
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._data
+        return key in self._protected or key in self._probation
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._probation) + len(self._protected)
+
+
+_SHARED_CODE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                types.FrameType, types.TracebackType)
+
+
+def footprint(root: Any) -> int:
+    """The bytes an object holds, with all it refers to (each object once; classes and modules not), as caches
+    charge their entries: measured, not guessed."""
+    seen: Set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, _SHARED_CODE):
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        stack.extend(gc.get_referents(item))
+    return total
+
+
+class InFlight:
+    """Requests in flight and the bytes of their bodies, within a budget: request bodies the server reads, and
+    registry replies. A large body that would take the total past the budget waits for room until its deadline,
+    or (no deadline: the server answers 429 with Retry-After) is turned away at once, unless nothing else is in
+    flight: memory for bodies stays bounded, one body of the largest size is always taken, and bodies of
+    ordinary size (up to SMALL) always are, so large ones held open cannot starve ordinary ones."""
+
+    SMALL = 64 * 1024  # an API server's review of an ordinary pod, a manifest: never held up by large ones
+
+    def __init__(self, budget: int):
+        self.budget, self.requests, self.bytes = budget, 0, 0
+        self._room = threading.Condition()
+
+    def take(self, size: int, deadline: float = 0.0) -> bool:
+        with self._room:
+            while size > self.SMALL and self.requests and self.bytes + size > self.budget:
+                if not self._room.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+            self.requests, self.bytes = self.requests + 1, self.bytes + size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._room:
+            self.requests, self.bytes = self.requests - 1, self.bytes - size
+            self._room.notify_all()
 
 
 class SocketReaper:
@@ -1430,13 +1503,42 @@ class SocketReaper:
 REAPER = SocketReaper()
 
 
-_interned: Dict[str, str] = {}
-MAX_INTERNED = 200000  # strings, and feature sets, shared; past it, new ones are simply not shared
+_Shared = TypeVar("_Shared")
 
 
-def _intern(text: str) -> str:
-    """One shared copy of each label string: thousands of nodes repeat the same few hundred."""
-    return _interned.setdefault(text, text) if len(_interned) < MAX_INTERNED else text
+class SharedPool:
+    """One shared copy of each distinct value that some node still holds (a label set, a feature set), so
+    thousands of nodes of one kind hold one copy. Values are found by the hash of their content and checked
+    equal, and held weakly: a value is forgotten with the last node that holds it, so churn leaves nothing
+    behind. Two values whose hashes collide simply share less."""
+
+    def __init__(self) -> None:
+        self._table: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+
+    def share(self, content_hash: int, value: _Shared) -> _Shared:
+        found = self._table.get(content_hash)
+        if found is not None and found == value:
+            return cast(_Shared, found)
+        self._table[content_hash] = value
+        return value
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+class StringMap(Dict[str, str]):
+    """A shared map of strings (a node's common labels, an attribute set, an instance); weakly referable."""
+
+    __slots__ = ("__weakref__",)
+
+
+class InstanceList(List[StringMap]):
+    """A shared list of instances (attribute maps), never changed once made; weakly referable."""
+
+    __slots__ = ("__weakref__",)
+
+
+SHARED = SharedPool()
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -1499,7 +1601,7 @@ class Metrics:
                                    + [{"outcome": "denied", "reason": r} for r in (
                                        "missing-annotation", "no-placeholder", "malformed-pod", "spec-invalid",
                                        "artifact-unavailable", "no-candidates", "no-match", "disagreement", "no-tag",
-                                       "no-node-features", "no-candidate-fits", "internal-error")],
+                                       "no-node-features", "no-candidate-fits", "too-costly", "internal-error")],
         "ocifit_artifact_cache_total": [{"result": r} for r in ("hit", "miss", "stale")],
         "ocifit_requests_shed_total": [{"reason": "body-budget"}],
         "ocifit_connections_refused_total": [{"reason": r} for r in ("capacity", "per-client")],
@@ -1636,15 +1738,54 @@ class SpecError(ValueError):
     """The compatibility spec is malformed; the message names the offending place."""
 
 
+EVALUATION_BUDGET = 1_000_000  # units of work one admission may spend deciding: about 1 s of CPU at the most
+
+
+class BudgetExceeded(Exception):
+    """A decision needed more than its evaluation budget."""
+
+
+_METER = threading.local()  # the units the deciding thread has left (None: not metered, as match and review)
+
+
+def metered(decide: Callable[[], "_Decided"], units: int = EVALUATION_BUDGET) -> "_Decided":
+    """decide(), its evaluation metered: the expressions and placement requirements it tests on node values may
+    cost at most `units` (one a test; a regular expression one per 64 steps it may take), or BudgetExceeded.
+    Every spec, pod and node is someone else's, so this is what bounds the CPU one admission can take."""
+    _METER.left = units
+    try:
+        return decide()
+    finally:
+        _METER.left = None
+
+
+def charge(units: int = 1) -> None:
+    """Spend units of the deciding thread's evaluation budget (nothing if it is not metered)."""
+    left = getattr(_METER, "left", None)
+    if left is not None:
+        _METER.left = left - units
+        if left < units:
+            raise BudgetExceeded(f"deciding needed more than the evaluation budget of {EVALUATION_BUDGET:,} units "
+                                 "(one a requirement or expression tested on a node value)")
+
+
+_Decided = TypeVar("_Decided")
+
+
 OPERATORS = ("In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", "Lt", "Gte", "Lte", "GtLt",
              "IsTrue", "IsFalse")
 VALUELESS_OPERATORS = ("Exists", "DoesNotExist", "IsTrue", "IsFalse")
 SINGLE_INTEGER_OPERATORS = ("Gt", "Lt", "Gte", "Lte")
-MAX_COMPATIBILITIES = 1000
-MAX_EXPRESSIONS = 10000
-MAX_VALUES = 1000
-MAX_STRING = 4096
-MAX_PATTERN = 1024
+# Limits on a spec, each about 10x what the largest real specs need (NFD's and upstream ocifit's examples have at
+# most 3 compatibilities, 3 rules, 8 expressions, short values and patterns, in 4 KiB); a spec over one is
+# refused, naming it. With EVALUATION_BUDGET they bound what any spec can cost.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_COMPATIBILITIES = 32
+MAX_RULES = 64  # in all the compatibilities
+MAX_EXPRESSIONS = 256  # in all the rules, matchName included
+MAX_VALUES = 256  # in one expression
+MAX_STRING = 4096  # a value, tag or description
+MAX_PATTERN = 256  # a regular expression, in characters
 _INTEGER = re.compile(r"[+-]?[0-9]{1,19}\Z")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
@@ -1757,6 +1898,12 @@ def compile_pattern(pattern: str, path: str) -> "re.Pattern[str]":
         raise SpecError(f"{path}: pattern {pattern!r} does not compile: {exc}") from None
 
 
+def searched(pattern: Any, value: str) -> bool:
+    """Whether the pattern matches anywhere in the value, charged to the evaluation budget by its worst cost."""
+    charge(len(value) * getattr(pattern, "size", 64) // 64)
+    return bool(pattern.search(value))
+
+
 def _quote_values(values: Sequence[str], most: int = 5) -> str:
     shown = ", ".join(json.dumps(v) for v in values[:most])
     return "[" + shown + (f", …+{len(values) - most} more" if len(values) > most else "") + "]"
@@ -1775,6 +1922,7 @@ class Expression:
 
     def failure(self, labels: Mapping[str, str]) -> Optional[str]:
         """None when the expression holds on these labels, else why it does not."""
+        charge()
         op, value = self.op, labels.get(self.key)
         if op == "Exists":
             return None if value is not None else self._missing()
@@ -1790,7 +1938,7 @@ class Expression:
         if op == "InRegexp":
             if len(value) > MAX_REGEX_INPUT:
                 return self._value(value[:40] + "…", f"is longer than {MAX_REGEX_INPUT} characters: not matched")
-            return None if any(p.search(value) for p in self.patterns) else \
+            return None if any(searched(p, value) for p in self.patterns) else \
                 self._value(value, f"matches none of {_quote_values(self.values)}")
         if op in ("IsTrue", "IsFalse"):
             want = "true" if op == "IsTrue" else "false"
@@ -2085,7 +2233,7 @@ class NodeFeatures:
     __slots__ = ("flags", "attributes", "instances", "_projections")
 
     def __init__(self, flags: Mapping[str, frozenset], attributes: Mapping[str, Mapping[str, str]],
-                 instances: Mapping[str, Tuple[Mapping[str, str], ...]]):
+                 instances: Mapping[str, Sequence[Mapping[str, str]]]):
         self.flags, self.attributes, self.instances = flags, attributes, instances
         self._projections: Dict[Tuple[str, ...], tuple] = {}
 
@@ -2107,35 +2255,27 @@ class NodeFeatures:
 
 
 NO_FEATURES = NodeFeatures({}, {}, {})
-_feature_sets: Dict[Any, Any] = {}
 
 
-def _intern_set(key: Any, value: Any) -> Any:
-    """One shared copy of each distinct feature set (bounded: past the bound, sets are simply not shared)."""
-    shared = _feature_sets.get(key)
-    if shared is not None:
-        return shared
-    if len(_feature_sets) < MAX_INTERNED:
-        _feature_sets[key] = value
-    return value
+def _shared_flags(names: Iterable[str]) -> frozenset:
+    flags = frozenset(names)  # weakly referable as it is
+    return SHARED.share(hash(("flags", flags)), flags)
 
 
-def _shared_flags(names: frozenset) -> frozenset:
-    return _intern_set(("f", names), names)
+def shared_map(values: Mapping[str, str]) -> StringMap:
+    shared = StringMap(values)
+    return SHARED.share(hash(("map", frozenset(shared.items()))), shared)
 
 
-def _shared_attributes(values: Mapping[str, str]) -> Mapping[str, str]:
-    return _intern_set(("a", frozenset(values.items())), values)
-
-
-def _shared_instances(items: Tuple[Mapping[str, str], ...]) -> Tuple[Mapping[str, str], ...]:
-    return _intern_set(("i", tuple(frozenset(i.items()) for i in items)), items)
+def _shared_instances(items: Iterable[Mapping[str, str]]) -> InstanceList:
+    shared = InstanceList(shared_map(item) for item in items)
+    return SHARED.share(hash(("instances",) + tuple(id(item) for item in shared)), shared)
 
 
 def _string_map(raw: Any, where: str) -> Dict[str, str]:
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise ValueError(f"{where} is not an object of strings")
-    return {_intern(str(k)): _intern(v) for k, v in raw.items()}
+    return {str(k): v for k, v in raw.items()}
 
 
 def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
@@ -2148,7 +2288,7 @@ def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
         raise ValueError(f"{where} is not an object")
     flags: Dict[str, frozenset] = {}
     attributes: Dict[str, Mapping[str, str]] = {}
-    instances: Dict[str, Tuple[Mapping[str, str], ...]] = {}
+    instances: Dict[str, Sequence[Mapping[str, str]]] = {}
     for kind in ("flags", "attributes", "instances"):
         sets = raw.get(kind) or {}
         if not isinstance(sets, dict):
@@ -2156,17 +2296,16 @@ def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
         for name, body in sets.items():
             path = f"{where}.{kind}.{name}"
             elements = body.get("elements") if isinstance(body, dict) else None
-            key = _intern(str(name).lower())
+            key = str(name).lower()
             if kind == "flags":
                 if elements is None:
                     elements = {}
                 if not isinstance(elements, dict):
                     raise ValueError(f"{path}.elements is not an object")
-                names = frozenset(_intern(str(k)) for k in elements)
-                flags[key] = _shared_flags(names)
+                flags[key] = _shared_flags(str(k) for k in elements)
             elif kind == "attributes":
                 values = _string_map(elements or {}, f"{path}.elements")
-                attributes[key] = _shared_attributes(values)
+                attributes[key] = shared_map(values)
             else:
                 if not isinstance(elements or [], list):
                     raise ValueError(f"{path}.elements is not a list")
@@ -2174,6 +2313,14 @@ def features_from_object(raw: Any, where: str = "features") -> NodeFeatures:
                                           f"{path}.elements[{i}].attributes") for i, item in enumerate(elements or []))
                 instances[key] = _shared_instances(items)
     return NodeFeatures(flags, attributes, instances)
+
+
+def features_changed(old: NodeFeatures, new: NodeFeatures) -> int:
+    """How many feature sets differ between two views of a node (added, removed or changed)."""
+    return sum(old_sets.get(name) != new_sets.get(name)
+               for old_sets, new_sets in ((old.flags, new.flags), (old.attributes, new.attributes),
+                                          (old.instances, new.instances))
+               for name in set(old_sets) | set(new_sets))
 
 
 def merge_features(parts: Sequence[NodeFeatures]) -> NodeFeatures:
@@ -2194,7 +2341,7 @@ def merge_features(parts: Sequence[NodeFeatures]) -> NodeFeatures:
         for name, items in part.instances.items():
             instances[name] = instances.get(name, ()) + tuple(items)
     return NodeFeatures({k: _shared_flags(v) for k, v in flags.items()},
-                        {k: _shared_attributes(v) for k, v in attributes.items()},
+                        {k: shared_map(v) for k, v in attributes.items()},
                         {k: _shared_instances(v) for k, v in instances.items()})
 
 
@@ -2228,6 +2375,7 @@ class FeatureExpression:
 
     def holds(self, value: Optional[str]) -> Tuple[bool, str]:
         """(whether it holds, why) on an element's value; None: the element is missing."""
+        charge()
         op = self.op
         if op == "":
             return True, "no operator: always holds"
@@ -2246,7 +2394,7 @@ class FeatureExpression:
         if op == "InRegexp":
             if len(value) > MAX_REGEX_INPUT:
                 return False, f"a value longer than {MAX_REGEX_INPUT} characters is not matched against patterns"
-            return (True, f"{json.dumps(value)} matches") if any(p.search(value) for p in self.patterns) else \
+            return (True, f"{json.dumps(value)} matches") if any(searched(p, value) for p in self.patterns) else \
                 (False, f"{json.dumps(value)} matches none of {_quote_values(self.values)}")
         if op in ("IsTrue", "IsFalse"):
             want = "true" if op == "IsTrue" else "false"
@@ -2327,7 +2475,7 @@ class FeatureTerm:
                                                        else "present")
         return expression.holds(None)
 
-    def _on_instance(self, insts: Tuple[Mapping[str, str], ...], index: int) -> List[Outcome]:
+    def _on_instance(self, insts: Sequence[Mapping[str, str]], index: int) -> List[Outcome]:
         """The expressions on one instance (the first on which all hold wins the max above, being first)."""
         attributes = insts[index]
         return [Outcome(f"{self.path}.matchExpressions.{element}", self.feature, element, str(e),
@@ -2494,6 +2642,9 @@ def _as_list(value: Any) -> List[Any]:
 def parse_spec(data: Any) -> Spec:
     """Validate a compatibility spec (bytes, text or parsed JSON) as a whole, or raise SpecError."""
     if isinstance(data, (bytes, str)):
+        size = len(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"spec: {size} bytes, over the limit of {MAX_SPEC_BYTES // 1024} KiB")
         data = load_document(data, "spec")
     _require(data, dict, "spec", "an object with compatibilities")
     version = _string(data.get("version", ""), "version")
@@ -2501,7 +2652,10 @@ def parse_spec(data: Any) -> Spec:
     if not items:
         raise SpecError("compatibilities: the spec lists no compatibilities")
     if len(items) > MAX_COMPATIBILITIES:
-        raise SpecError(f"compatibilities: more than {MAX_COMPATIBILITIES} entries")
+        raise SpecError(f"compatibilities: more than {MAX_COMPATIBILITIES} entries, the limit")
+    rules = sum(len(c["rules"]) for c in items if isinstance(c, dict) and isinstance(c.get("rules"), list))
+    if rules > MAX_RULES:
+        raise SpecError(f"compatibilities: {rules} rules in all, over the limit of {MAX_RULES}")
     budget = [MAX_EXPRESSIONS]
     if is_nfd_dialect(data):
         compatibilities = tuple(_parse_nfd_compatibility(raw, i, budget) for i, raw in enumerate(items))
@@ -2515,12 +2669,13 @@ def parse_spec(data: Any) -> Spec:
 def load_document(data: Any, what: str) -> Any:
     """JSON or YAML text (the subset load_yaml reads) as plain values; SpecError saying which and where."""
     try:
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise SpecError(f"{what} is not UTF-8 text (byte {exc.start})") from None
-    if text.lstrip()[:1] in ("{", "["):
+    body = text[1:] if text.startswith("\ufeff") else text  # one byte order mark, as YAML readers take it
+    if body.lstrip()[:1] in ("{", "["):
         try:
-            return load_json(text)
+            return load_json(body)
         except ValueError as exc:
             raise SpecError(f"{what} is not valid JSON: {exc}") from None
     try:
@@ -2553,7 +2708,6 @@ UNSCHEDULABLE_TAINT = Taint("node.kubernetes.io/unschedulable", "", "NoSchedule"
 
 
 PER_NODE_LABELS = frozenset({"kubernetes.io/hostname"})
-_label_bases: Dict[frozenset, Dict[str, str]] = {}
 
 
 class NodeLabels(collections.abc.Mapping):
@@ -2569,13 +2723,7 @@ class NodeLabels(collections.abc.Mapping):
     def of(cls, name: str, labels: Mapping[str, str]) -> "NodeLabels":
         own = {k: v for k, v in labels.items() if k in PER_NODE_LABELS or v == name}
         base = {k: v for k, v in labels.items() if k not in own}
-        key = frozenset(base.items())
-        shared = _label_bases.get(key)
-        if shared is None:
-            if len(_label_bases) >= 10000:  # bounded: a cluster with more shapes simply shares less
-                _label_bases.clear()
-            shared = _label_bases[key] = base
-        return cls(shared, own)
+        return cls(shared_map(base), own)
 
     def __getitem__(self, key: str) -> str:
         value = self.own.get(key)
@@ -2651,10 +2799,9 @@ def node_from_object(obj: Any) -> Node:
     raw_taints = spec.get("taints") or []
     if not isinstance(raw_taints, list) or not all(isinstance(t, dict) for t in raw_taints):
         raise ValueError(f"node {name}: spec.taints is not a list of objects")
-    name = _intern(name)
-    labels = NodeLabels.of(name, {_intern(str(k)): _intern(v) for k, v in raw_labels.items()})
+    labels = NodeLabels.of(name, {str(k): v for k, v in raw_labels.items()})
     taints = tuple(
-        Taint(_intern(str(t.get("key", ""))), _intern(str(t.get("value", ""))), _intern(str(t.get("effect", ""))))
+        Taint(str(t.get("key", "")), str(t.get("value", "")), str(t.get("effect", "")))
         for t in raw_taints if t.get("effect") in ("NoSchedule", "NoExecute"))
     return Node(name, labels, bool(spec.get("unschedulable")), taints)
 
@@ -2710,8 +2857,13 @@ def feature_object(obj: Any) -> FeatureObject:
     spec = obj.get("spec") or {}
     if not isinstance(spec, dict):
         raise ValueError(f"NodeFeature {namespace}/{name}: spec is not an object")
-    return FeatureObject(_intern(namespace), _intern(name), _intern(node),
+    return FeatureObject(namespace, name, node,
                          features_from_object(spec.get("features"), f"NodeFeature {namespace}/{name} spec.features"))
+
+
+def admitted(namespace: str, namespaces: Sequence[str]) -> bool:
+    """Whether NodeFeatures in this namespace count: --node-feature-namespaces names it, or names none."""
+    return not namespaces or namespace in namespaces
 
 
 def merge_by_node(objects: Iterable[FeatureObject], nfd_namespace: str) -> Dict[str, NodeFeatures]:
@@ -2725,13 +2877,17 @@ def merge_by_node(objects: Iterable[FeatureObject], nfd_namespace: str) -> Dict[
             for node, objs in by_node.items()}
 
 
-def features_from_document(doc: Any, nfd_namespace: str) -> Dict[str, NodeFeatures]:
+def features_from_document(doc: Any, nfd_namespace: str, namespaces: Sequence[str] = ()
+                           ) -> Dict[str, NodeFeatures]:
     """Features by node name from `kubectl get nodefeatures -A -o json` output (a List), one NodeFeature, or a
-    bare {flags, attributes, instances} object (as the features of a node named "")."""
-    if isinstance(doc, dict) and isinstance(doc.get("items"), list):
-        return merge_by_node((feature_object(item) for item in doc["items"]), nfd_namespace)
-    if isinstance(doc, dict) and (doc.get("kind") == "NodeFeature" or "spec" in doc):
-        return merge_by_node([feature_object(doc)], nfd_namespace)
+    bare {flags, attributes, instances} object (as the features of a node named ""); `namespaces`: the only
+    namespaces whose objects count, if any."""
+    items = doc.get("items") if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and not isinstance(items, list) and (doc.get("kind") == "NodeFeature" or "spec" in doc):
+        items = [doc]
+    if isinstance(items, list):
+        return merge_by_node((o for o in map(feature_object, items) if admitted(o.namespace, namespaces)),
+                             nfd_namespace)
     if isinstance(doc, dict) and set(doc) <= {"flags", "attributes", "instances"}:
         return {"": features_from_object(doc)}
     raise ValueError("expected a NodeFeature list, a NodeFeature, or an object of flags, attributes and instances")
@@ -2767,6 +2923,8 @@ class NodeSnapshot:
         self._partitions = BoundedCache(CACHE_BOUNDS["partitions"])
         self._label_sets: Optional[int] = None
         self.memo = BoundedCache(CACHE_BOUNDS["decisions"])  # decisions on this snapshot (see choose_for)
+        self.computing: Dict[tuple, threading.Event] = {}  # memo keys being computed, and how to wait for them
+        self.lock = threading.Lock()
 
     @classmethod
     def from_dict(cls, nodes: Mapping[str, Node], shapes: Optional[Dict[tuple, Dict[str, Node]]] = None,
@@ -2889,10 +3047,12 @@ class Term:
     names: Tuple[Requirement, ...]
 
     def select(self, group: NodeGroup) -> Tuple[str, ...]:
+        charge(len(self.labels))
         if not all(r.holds(group.labels) for r in self.labels):
             return ()
         if not self.names:
             return group.names
+        charge(len(self.names) * len(group.names))
         return tuple(n for n in group.names if all(r.holds({"metadata.name": n}) for r in self.names))
 
 
@@ -2944,6 +3104,7 @@ class Placement(NamedTuple):
 
     def select(self, group: NodeGroup) -> Tuple[str, ...]:
         """The names in the group this pod can land on."""
+        charge(1 + len(self.node_selector) + len(self.tolerations) * len(group.taints))
         if not self.tolerates(group.taints):
             return ()
         if not self.constrained and group.control_plane:
@@ -3060,8 +3221,8 @@ class StaticNodes:
     when they change (a ConfigMap update, say)."""
 
     def __init__(self, path: str, interval: float = 2.0, features_path: str = "",
-                 nfd_namespace: str = DEFAULTS["nfd_namespace"]):
-        self.path, self.nfd_namespace = path, nfd_namespace
+                 nfd_namespace: str = DEFAULTS["nfd_namespace"], namespaces: Sequence[str] = ()):
+        self.path, self.nfd_namespace, self.namespaces = path, nfd_namespace, namespaces
         paths = [path] + ([features_path] if features_path else [])
         self.file = WatchedFile(paths, self._load, "nodes" + (" and node features" if features_path else ""),
                                 interval)
@@ -3071,7 +3232,7 @@ class StaticNodes:
         if len(contents) == 1:
             return NodeSnapshot(nodes, features_note="no NodeFeatures: ocifit reads nodes from a file, and no "
                                                      "--node-features file was given")
-        features = features_from_document(load_json(contents[1]), self.nfd_namespace)
+        features = features_from_document(load_json(contents[1]), self.nfd_namespace, self.namespaces)
         return NodeSnapshot(dataclasses.replace(n, features=features.get(n.name, NO_FEATURES)) for n in nodes)
 
     def snapshot(self) -> NodeSnapshot:
@@ -3497,6 +3658,10 @@ class KubeNodes(ListWatch):
         return node if node.features is features else dataclasses.replace(node, features=features)
 
     # -- their features, from the NodeFeature watcher --
+    def features_of(self, name: str) -> Optional[NodeFeatures]:
+        """The features last set for a node, if any."""
+        return self._features.get(name)
+
     def set_features(self, changed: Mapping[str, Optional[NodeFeatures]], note: Optional[str] = None) -> None:
         """New features for some nodes (None: none any more); or, given `note` (why features may be missing, ""
         once they are listed), the features of every node: a node `changed` does not name carries none."""
@@ -3540,13 +3705,17 @@ class KubeNodeFeatures(ListWatch):
         return feature_object(item)
 
     def replace(self, items: List[Any]) -> None:
-        self._objects = {(o.namespace, o.name): o for o in items if o is not None}
+        namespaces = self.settings.node_feature_namespaces
+        self._objects = {(o.namespace, o.name): o for o in items if o is not None and admitted(o.namespace,
+                                                                                                 namespaces)}
         merged = merge_by_node(self._objects.values(), self.settings.nfd_namespace)
         self.nodes.set_features(merged, note="")
 
     def apply(self, kind: str, obj: Dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        if not admitted(key[0], self.settings.node_feature_namespaces):
+            return
         old = self._objects.pop(key, None)
         touched = {old.node} if old is not None else set()
         if kind != "DELETED":
@@ -3555,7 +3724,16 @@ class KubeNodeFeatures(ListWatch):
             touched.add(new.node)
         objects = [o for o in self._objects.values() if o.node in touched]
         merged = merge_by_node(objects, self.settings.nfd_namespace)
+        for node in sorted(touched):
+            self._log_change(node, merged.get(node), [o for o in objects if o.node == node])
         self.nodes.set_features({node: merged.get(node) for node in touched})
+
+    def _log_change(self, node: str, new: Optional[NodeFeatures], objects: Sequence[FeatureObject]) -> None:
+        """One line when a node's effective features change: how many feature sets, and from which objects."""
+        changed = features_changed(self.nodes.features_of(node) or NO_FEATURES, new or NO_FEATURES)
+        if changed:
+            sources = ", ".join(sorted(f"{o.namespace}/{o.name}" for o in objects)) or "none (all deleted)"
+            log.info("node %s: %d feature sets changed; its NodeFeatures: %s", node, changed, sources)
 
     def unavailable(self, exc: KubeAPIError) -> bool:
         if exc.status == 404:
@@ -3633,11 +3811,12 @@ class ArtifactSource(Protocol):
     """Where admissions get an image-ref's compatibility spec, or a candidate image's attached one: local
     files, a registry, or both."""
 
-    def get(self, ref: str, deadline: float) -> Artifact:
-        """The artifact, by the monotonic deadline; ArtifactError (or SpecError) saying why not."""
+    def get(self, ref: str, deadline: float, requests: Optional[RequestBudget] = None) -> Artifact:
+        """The artifact, by the monotonic deadline, within the admission's registry requests; ArtifactError (or
+        SpecError) saying why not."""
 
-    def attached(self, ref: str, deadline: float) -> AttachedSpec:
-        """The image and the spec attached to it, by the monotonic deadline; ArtifactError (or SpecError)."""
+    def attached(self, ref: str, deadline: float, requests: Optional[RequestBudget] = None) -> AttachedSpec:
+        """The image and the spec attached to it, as get() finds an artifact."""
 
 
 class LocalArtifacts:
@@ -3645,8 +3824,9 @@ class LocalArtifacts:
 
     def __init__(self, files: Mapping[str, str], fallback: Optional[ArtifactSource] = None):
         self.fallback = fallback
+        # a broken one stops the start
         self.files = {ref: WatchedFile([path], functools.partial(self._load, ref, path), f"artifact {ref}",
-                                       cap=MiB) for ref, path in files.items()}  # a broken one stops the start
+                                       cap=MAX_SPEC_BYTES) for ref, path in files.items()}
 
     @staticmethod
     def _load(ref: str, path: str, contents: List[bytes]) -> Artifact:
@@ -3656,19 +3836,19 @@ class LocalArtifacts:
             raise SpecError(f"artifact {ref} ({path}): {exc}") from None
         return Artifact(ref, spec, "sha256:" + hashlib.sha256(contents[0]).hexdigest(), "file")
 
-    def get(self, ref: str, deadline: float) -> Artifact:
+    def get(self, ref: str, deadline: float, requests: Optional[RequestBudget] = None) -> Artifact:
         watched = self.files.get(ref)
         if watched is not None:
             return watched.value
         if self.fallback is not None:
-            return self.fallback.get(ref, deadline)
+            return self.fallback.get(ref, deadline, requests)
         known = ", ".join(sorted(self.files)) or "none"
         raise ArtifactError(f"artifact {ref} is not configured (local artifacts: {known}; no registry access in "
                             "this mode)")
 
-    def attached(self, ref: str, deadline: float) -> AttachedSpec:
+    def attached(self, ref: str, deadline: float, requests: Optional[RequestBudget] = None) -> AttachedSpec:
         if self.fallback is not None:
-            return self.fallback.attached(ref, deadline)
+            return self.fallback.attached(ref, deadline, requests)
         raise ArtifactError(f"image {ref}: the specs attached to candidate images are read from registries, and "
                             "this mode has no registry access")
 
@@ -3977,6 +4157,13 @@ class NotAnArtifact(RegistryError):
     """The reference names a manifest with no compatibility layer: an image, perhaps, with a spec attached."""
 
 
+class OverBudget(RegistryError):
+    """An admission has sent all the registry requests it may: no retry, and no other admission is told."""
+
+    def __init__(self, message: str):
+        super().__init__(message, -1)
+
+
 class ReferenceGone(RegistryError):
     """The registry answered that the reference itself (its tag or digest) does not exist: an answer, not an
     outage, so no stale spec stands in for it."""
@@ -4099,7 +4286,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd
                   "application/vnd.docker.distribution.manifest.v2+json",
                   "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_CAP = 4 * MiB
-SPEC_CAP = MiB
+SPEC_CAP = MAX_SPEC_BYTES
 NFD_ARTIFACT_TYPE = "application/vnd.nfd.image-compatibility.v1alpha1"
 NFD_SPEC_MEDIA_TYPE = "application/vnd.nfd.image-compatibility.spec.v1alpha1+yaml"
 ATTACHED_SPEC_TYPES = (NFD_SPEC_MEDIA_TYPE, COMPAT_MEDIA_TYPE)  # ocifit's dialect may be attached under NFD's type
@@ -4110,6 +4297,25 @@ MAX_STALE_REFERRERS = 3  # referrers listed but gone or broken, skipped before g
 _URL_SAFE = re.compile(r"[!-~]*\Z")  # printable ASCII, no spaces: a path and query as sent on the wire
 IO_TIMEOUT = 5.0
 MAX_INDEX_CHILDREN = 16
+MAX_RETRIES = 3  # of one request, on 429, 5xx or a broken connection
+RETRY_FLOOR = 0.25  # seconds between tries at the least, whatever Retry-After says
+REPLY_BYTES_IN_FLIGHT = 16 * MiB  # registry replies being read and parsed, across all fetches
+MAX_ADMISSION_REQUESTS = 128  # registry requests in all for one admission: 16 candidates, nothing cached, fit
+
+
+class RequestBudget:
+    """The registry requests one admission may still send, every retry and token request included, shared by
+    all the lookups it starts (a lookup another admission started costs it nothing)."""
+
+    def __init__(self, limit: int = MAX_ADMISSION_REQUESTS):
+        self.limit, self.sent = limit, 0
+
+    def spend(self, host: str) -> None:
+        if self.sent >= self.limit:
+            raise OverBudget(f"the admission has sent {self.limit} registry requests, its cap (the next was to "
+                             f"{host}); a pod may name at most {MAX_ADMISSION_REQUESTS // 8} images whose "
+                             "registries each need a few requests")
+        self.sent += 1
 
 
 def verify_digest(data: bytes, digest: str, what: str) -> None:
@@ -4220,6 +4426,7 @@ class RegistryClient:
         self._auth: Dict[Tuple[str, str], Tuple[str, float]] = {}  # (host, scope) -> (header, expires)
         self._auth_lock = threading.Lock()
         self._without_referrers_api = BoundedCache(CACHE_BOUNDS["no-referrers-api"])  # (host, repository) -> when
+        self.replies = InFlight(REPLY_BYTES_IN_FLIGHT)
 
     # -- where to go --
     def host_for(self, ref: Reference) -> str:
@@ -4234,15 +4441,20 @@ class RegistryClient:
         return f"{scheme}://{host}"
 
     # -- pulling --
-    def pull(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False) -> Pulled:
+    def pull(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False,
+             requests: Optional[RequestBudget] = None) -> Pulled:
         """Resolve the reference and fetch its compatibility spec, unless known(digest) says we have it."""
-        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
-        body, digest = self._resolve(fetch)
-        if known(digest):
-            return fetch.pulled(digest, None)
-        manifest = self._manifest_json(body, f"manifest of {ref}")
-        layer = self._compat_layer(fetch, manifest)
-        return fetch.pulled(digest, self._layer_blob(fetch, layer, f"artifact {ref}"))
+        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget, requests or RequestBudget(),
+                      self.replies)
+        try:
+            body, digest = self._resolve(fetch)
+            if known(digest):
+                return fetch.pulled(digest, None)
+            manifest = self._manifest_json(body, f"manifest of {ref}")
+            layer = self._compat_layer(fetch, manifest)
+            return fetch.pulled(digest, self._layer_blob(fetch, layer, f"artifact {ref}"))
+        finally:
+            fetch.release()
 
     def _layer_blob(self, fetch: "Fetch", layer: Mapping[str, Any], what: str) -> bytes:
         """A spec layer's bytes, capped, checked against its descriptor's digest and size."""
@@ -4335,14 +4547,21 @@ class RegistryClient:
         return layers[0]
 
     # -- attached specs: OCI referrers --
-    def attached(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False
-                 ) -> Attached:
+    def attached(self, ref: Reference, deadline: float, known: Callable[[str], bool] = lambda d: False,
+                 requests: Optional[RequestBudget] = None) -> Attached:
         """The compatibility spec attached to an image (NFD's workflow: `oras attach`), found through the
         referrers API or, on a registry without one, the referrers tag schema's fallback tag. Several: the
         newest by its created annotation (a missing one counts as oldest; ties to the smallest digest).
         `known`: digests whose spec the caller has, so that artifact is not fetched again (no spec_bytes)."""
-        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget)
-        _, image = self._resolve(fetch, f"image {ref}")
+        fetch = Fetch(ref, self.host_for(ref), deadline, self.settings.fetch_budget, requests or RequestBudget(),
+                      self.replies)
+        try:
+            return self._attached(fetch, known)
+        finally:
+            fetch.release()
+
+    def _attached(self, fetch: "Fetch", known: Callable[[str], bool]) -> Attached:
+        _, image = self._resolve(fetch, f"image {fetch.ref}")
         found_by, listed = self._referrers(fetch, image)
         candidates = list({d["digest"]: d for d in reversed(listed)}.values())  # each digest once, as first listed
         first_error: Optional[RegistryError] = None
@@ -4466,7 +4685,8 @@ class RegistryClient:
     # -- one request, with auth, retries, caps and the deadline --
     def _get(self, fetch: "Fetch", path: str, accept: str, cap: int, what: str) -> Tuple[bytes, Any]:
         """GET path from the fetch's host: authenticating on a 401, retrying 429, 5xx and connection errors with
-        backoff while the budget lasts; the body capped. RegistryError on anything else."""
+        backoff (at most MAX_RETRIES times, RETRY_FLOOR apart at least) while the budget lasts; the body capped.
+        RegistryError on anything else."""
         url = self.base_url(fetch.host) + path
         authenticated, attempt = False, 0
         while True:
@@ -4496,8 +4716,9 @@ class RegistryClient:
                     raise last from None
             attempt += 1
             delay = last.retry_after
-            delay = min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0) if delay is None else delay
-            if time.monotonic() + delay >= fetch.deadline:
+            delay = max(RETRY_FLOOR, min(2.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.0) if delay is None
+                        else delay)
+            if attempt > MAX_RETRIES or time.monotonic() + delay >= fetch.deadline:
                 raise last
             log.info("%s; retrying in %.2fs", last, delay)  # the error names the registry
             time.sleep(delay)
@@ -4602,6 +4823,7 @@ def _read_capped(response: Any, cap: int, fetch: "Fetch", what: str) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > cap:
         raise RegistryError(f"{what} from {fetch.host} is {declared} bytes, over the {cap} byte limit")
+    fetch.hold(int(declared) if declared and declared.isdigit() else cap, what)
     chunks: List[bytes] = []
     total = 0
     while True:
@@ -4642,8 +4864,25 @@ class Fetch:
     host: str
     deadline: float
     budget: float
+    allowance: RequestBudget = field(default_factory=RequestBudget)  # the admission's, shared by its lookups
+    replies: Optional[InFlight] = None  # the budget of registry reply bytes that every fetch shares
     started: float = field(default_factory=time.monotonic)
     requests: int = 0
+    held: int = 0  # bytes of the latest reply, held in the budget until the next one (or the end)
+
+    def hold(self, size: int, what: str) -> None:
+        """Hold room for the reply now read (and parsed) in place of the last one's, waiting for room by the
+        deadline: replies in flight across all fetches stay within the budget, parsed copies included."""
+        self.release()
+        if self.replies is not None:
+            if not self.replies.take(size, self.deadline):
+                raise self.timed_out(f"{what}: waiting for room among the registry replies in flight")
+            self.held = size
+
+    def release(self) -> None:
+        if self.replies is not None and self.held:
+            self.replies.give_back(self.held)
+        self.held = 0
 
     @property
     def scope(self) -> str:
@@ -4654,6 +4893,7 @@ class Fetch:
         """A request that carries the deadline (to its socket and redirects), counted; fails if it has passed."""
         if time.monotonic() >= self.deadline:
             raise self.timed_out(urllib.parse.urlsplit(url).path)
+        self.allowance.spend(urllib.parse.urlsplit(url).netloc)
         request = urllib.request.Request(url, data=data, headers=dict(headers, **{"User-Agent": USER_AGENT}))
         request.deadline = self.deadline  # type: ignore[attr-defined]
         if authorization:
@@ -4710,6 +4950,9 @@ class _Found(NamedTuple):
     spec: Optional[Spec]
 
 
+Resolver = Callable[[Reference, float, RequestBudget], _Found]
+
+
 class RegistryArtifacts:
     """Artifacts from registries, and the specs attached to images: specs cached by digest (LRU), tags and
     referrers by TTL, one fetch per reference at a time, and the last good spec served while the registry is
@@ -4729,19 +4972,22 @@ class RegistryArtifacts:
         self._flights: Dict[str, _Flight] = {}
         self._lock = threading.Lock()  # for _flights: one fetch per reference
 
-    def get(self, text: str, deadline: float) -> Artifact:
-        """The compatibility artifact `text` names."""
+    def get(self, text: str, deadline: float, requests: Optional[RequestBudget] = None) -> Artifact:
+        """The compatibility artifact `text` names; `requests`: the admission's registry requests (a lookup it
+        starts spends them)."""
         ref = parse_reference(text)
         check_allowed(ref, self.allowed)
-        found, origin, warnings = self._lookup(str(ref), ref, deadline, f"artifact {text}", self._pulled)
+        found, origin, warnings = self._lookup(str(ref), ref, deadline, f"artifact {text}", self._pulled,
+                                               requests or RequestBudget())
         return self._answer(text, found, origin, warnings, Artifact, text, found.spec, found.digest)
 
-    def attached(self, text: str, deadline: float) -> "AttachedSpec":
+    def attached(self, text: str, deadline: float, requests: Optional[RequestBudget] = None) -> "AttachedSpec":
         """The image `text` names, with its digest and the compatibility spec attached to it (or none)."""
         ref = parse_reference(text)
         check_allowed(ref, self.allowed, "image")
         found, origin, warnings = self._lookup("attached " + str(ref), ref, deadline,
-                                               f"the spec attached to image {text}", self._attached)
+                                               f"the spec attached to image {text}", self._attached,
+                                               requests or RequestBudget())
         return self._answer("attached " + text, found, origin, warnings, AttachedSpec, text, ref, found.digest,
                             found.spec, found.spec_digest)
 
@@ -4757,8 +5003,8 @@ class RegistryArtifacts:
             self._hits.put(key, entry, 512 + 2 * len(key))
         return entry[1]
 
-    def _lookup(self, key: str, ref: Reference, deadline: float, what: str,
-                resolve: Callable[[Reference, float], _Found]) -> Tuple[_Found, str, Tuple[str, ...]]:
+    def _lookup(self, key: str, ref: Reference, deadline: float, what: str, resolve: "Resolver",
+                requests: RequestBudget) -> Tuple[_Found, str, Tuple[str, ...]]:
         """(what the key resolved to, where from: "cache", "registry" or "stale", warnings): from the cache,
         from the flight already fetching it, or from a new flight; the last good one if the registry fails."""
         hit = self._fresh(key, ref)
@@ -4773,9 +5019,9 @@ class RegistryArtifacts:
                 flight = self._flights.get(key)
                 if flight is None:
                     hit = self._fresh(key, ref)  # a flight that just landed has left its result
-                    flight = self._start(key, ref, resolve) if hit is None else None
+                    flight = self._start(key, ref, resolve, requests) if hit is None else None
         if flight is None:
-            return self._lookup(key, ref, deadline, what, resolve)
+            return self._lookup(key, ref, deadline, what, resolve, requests)
         self.metrics.count("ocifit_artifact_cache_total", result="miss")
         finished = flight.done.wait(max(0.0, deadline - time.monotonic()))
         if finished and flight.error is None and flight.found is not None:
@@ -4823,23 +5069,25 @@ class RegistryArtifacts:
             return None
         return resolved[0]
 
-    def _start(self, key: str, ref: Reference, resolve: Callable[[Reference, float], _Found]) -> _Flight:
+    def _start(self, key: str, ref: Reference, resolve: "Resolver", requests: RequestBudget) -> _Flight:
         """A new flight for the key, fetched in a thread of its own. Holds the lock."""
         flight = _Flight()
         self._flights[key] = flight
-        threading.Thread(target=self._fetch, args=(key, ref, flight, resolve), name=f"fetch {key}",
+        threading.Thread(target=self._fetch, args=(key, ref, flight, resolve, requests), name=f"fetch {key}",
                          daemon=True).start()
         return flight
 
-    def _fetch(self, key: str, ref: Reference, flight: _Flight, resolve: Callable[[Reference, float], _Found]
+    def _fetch(self, key: str, ref: Reference, flight: _Flight, resolve: "Resolver", requests: RequestBudget
                ) -> None:
+        remembered = True  # a failure is remembered for ERROR_TTL, unless it was this admission's own cap
         try:
-            flight.found = resolve(ref, time.monotonic() + self.settings.fetch_budget)
+            flight.found = resolve(ref, time.monotonic() + self.settings.fetch_budget, requests)
             self._tags.put(key, (flight.found[:2], time.monotonic()), 300 + len(key))
         except SpecError as exc:
             flight.error = (SpecError, str(exc), False)
         except ArtifactError as exc:
             flight.error = (ArtifactError, str(exc), not isinstance(exc, ReferenceGone))
+            remembered = not isinstance(exc, OverBudget)
         except Exception as exc:  # a bug in a fetch must reach the admission as a message, not kill it silently
             log.exception("unexpected error fetching %s", ref)
             flight.error = (ArtifactError, f"{ref}: unexpected error: {exc!r}", True)
@@ -4847,7 +5095,7 @@ class RegistryArtifacts:
             flight.finished_at = time.monotonic()
             with self._lock:
                 self._flights.pop(key, None)
-                if flight.error is not None:
+                if flight.error is not None and remembered:
                     self._failures.put(key, flight, 256 + len(flight.error[1]))
                 else:
                     self._failures.pop(key)
@@ -4855,7 +5103,7 @@ class RegistryArtifacts:
 
     def _parsed(self, digest: str, spec_bytes: bytes) -> Spec:
         spec = parse_spec(spec_bytes)
-        self._specs.put(digest, spec, 8 * len(spec_bytes) + 1024)
+        self._specs.put(digest, spec, footprint(spec))
         return spec
 
     def _holding(self) -> Tuple[Callable[[str], bool], Dict[str, Spec]]:
@@ -4870,20 +5118,20 @@ class RegistryArtifacts:
             return spec is not None
         return known, held
 
-    def _pulled(self, ref: Reference, deadline: float) -> _Found:
+    def _pulled(self, ref: Reference, deadline: float, requests: RequestBudget) -> _Found:
         """A compatibility artifact, its blob skipped when its spec is cached."""
         known, held = self._holding()
-        pulled = self.client.pull(ref, deadline, known)
+        pulled = self.client.pull(ref, deadline, known, requests)
         spec = held[pulled.digest] if pulled.spec_bytes is None else self._parsed(pulled.digest, pulled.spec_bytes)
         log.info("artifact %s resolved to %s (%d registry requests, %.0f ms)", ref, pulled.digest,
                  pulled.requests, pulled.seconds * 1000)
         return _Found(pulled.digest, pulled.digest, spec)
 
-    def _attached(self, ref: Reference, deadline: float) -> _Found:
+    def _attached(self, ref: Reference, deadline: float, requests: RequestBudget) -> _Found:
         """An image's digest and the newest compatibility artifact attached to it, its blob skipped when its
         spec is cached."""
         known, held = self._holding()
-        found = self.client.attached(ref, deadline, known)
+        found = self.client.attached(ref, deadline, known, requests)
         spec = held.get(found.artifact_digest or "")
         if found.artifact_digest and found.spec_bytes is not None:
             try:
@@ -4960,6 +5208,10 @@ class Disagreement(Denial):
 
 class NoTag(Denial):
     reason, code = "no-tag", 422
+
+
+class TooCostly(Denial):
+    reason, code = "too-costly", 422
 
 
 class NoFeatures(Denial):
@@ -5198,16 +5450,31 @@ def _disagreement_message(spec: Spec, by_tag: Mapping[Optional[str], Sequence[tu
 
 def memoised(snapshot: NodeSnapshot, key: tuple, spec: Spec, compute: Callable[..., Tuple[Any, int]],
              *args: Any) -> Any:
-    """compute(*args)'s answer, kept on the snapshot under key (compute gives the answer and its size):
-    snapshot, spec and placement are all immutable, so the same question asked again (every pod of a
-    Deployment) gets the same answer for free. The spec is kept with the answer and checked by identity, since
-    the id() a key holds may be reused once a spec is gone."""
+    """compute(*args)'s answer, kept on the snapshot under key (compute gives the answer and the size of what
+    else the key holds): snapshot, spec and placement are all immutable, so the same question asked again (every
+    pod of a Deployment) gets the same answer for free, and asked at once, is computed once while the others
+    wait. The memo holds the spec only weakly, to check by identity that an answer is its own (the id() a key
+    holds may be reused once a spec is gone)."""
     hit = snapshot.memo.get(key)
-    if hit is not None and hit[0] is spec:
+    if hit is not None and hit[0]() is spec:
         return hit[1]
-    answer, size = compute(*args)
-    snapshot.memo.put(key, (spec, answer), size)
-    return answer
+    with snapshot.lock:
+        running = snapshot.computing.get(key)
+        if running is None:
+            snapshot.computing[key] = threading.Event()
+    if running is not None:  # the same decision is being made: wait for it, then take its answer
+        running.wait()
+        hit = snapshot.memo.get(key)
+        if hit is not None and hit[0]() is spec:
+            return hit[1]
+        return compute(*args)[0]  # it failed, or was too large to keep
+    try:
+        answer, size = compute(*args)
+        snapshot.memo.put(key, (weakref.ref(spec), answer), size + footprint(answer))
+        return answer
+    finally:
+        with snapshot.lock:
+            snapshot.computing.pop(key).set()
 
 
 def choose_for(snapshot: NodeSnapshot, spec: "Spec", placement: Placement, pin: bool = False) -> Any:
@@ -5222,8 +5489,8 @@ def _choice_or_denial(snapshot: NodeSnapshot, spec: Spec, placement: Placement, 
     try:
         outcome: Any = choose(spec, candidate_groups(snapshot, placement, spec), placement, pin)
     except Denial as denial:
-        return denial, placement.size + len(str(denial))
-    return outcome, placement.size + 256 + sum(len(t) for t in (outcome.pin.terms if outcome.pin else ()))
+        return denial.with_traceback(None), placement.size
+    return outcome, placement.size
 
 
 # ---- pinning: on disagreement, keep the pod on the kinds of node that fit the best image ----
@@ -5394,9 +5661,11 @@ def decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Art
     what to do when the candidate nodes disagree, unless the pod's annotation says: deny, or pin.
     `get_attached`: a candidate image's attached spec (None: candidates pods are denied)."""
     try:
-        return _decide(request, snapshot, get_artifact, on_disagreement, get_attached)
+        return metered(lambda: _decide(request, snapshot, get_artifact, on_disagreement, get_attached))
     except Denial as denial:
         return Decision.denied(denial.reason, str(denial), denial.code, denial.candidates)
+    except BudgetExceeded as exc:  # in placing the pod, before any spec was read
+        return Decision.denied(TooCostly.reason, f"the pod's placement: {exc}", TooCostly.code)
 
 
 def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: ArtifactGetter,
@@ -5440,6 +5709,8 @@ def _decide(request: Mapping[str, Any], snapshot: NodeSnapshot, get_artifact: Ar
         choice = choose_for(snapshot, artifact.spec, pod.placement, pin=mode == "pin")
     except Denial as denial:
         raise denial.again(f"artifact {ref}: ") from None
+    except BudgetExceeded as exc:
+        raise TooCostly(f"artifact {ref}: {exc}; simplify the spec, or keep the pod to fewer kinds of node") from None
     if not choice.compatibility.tag:
         raise NoTag(f"artifact {ref}: {choice.compatibility.name} matches the {choice.candidates} candidate nodes "
                     "but names no image (no tag); in NFD's dialect a compatibility without a tag only says that an "
@@ -5493,7 +5764,7 @@ def _fit(snapshot: NodeSnapshot, spec: Spec, placement: Placement) -> Tuple[Fit,
     every = sorted(name for _, names, _ in failing for name in names)
     first = min(failing, key=lambda entry: entry[0]) if failing else None
     fit = Fit(len(every), tuple(every[:3]), first[2].why_none() if first else "")
-    return fit, placement.size + 256 + len(fit.why)
+    return fit, placement.size
 
 
 def candidate_node_count(snapshot: NodeSnapshot, placement: Placement) -> int:
@@ -5535,7 +5806,10 @@ def choose_candidate(pod: PodFacts, targets: Sequence[str], images: Sequence[str
                                       f"runs on any of the {_plural(nodes, 'candidate node', 'candidate nodes')}",
                                       nodes, "generic")
         NoFeatures.check(snapshot, attached.spec, f"candidate image {text}: its attached spec", nodes)
-        fit = fit_for(snapshot, attached.spec, pod.placement)
+        try:
+            fit = fit_for(snapshot, attached.spec, pod.placement)
+        except BudgetExceeded as exc:
+            raise TooCostly(f"candidate image {text}: its attached spec: {exc}{later}{earlier}", nodes) from None
         if not fit.failing:
             return candidate_mutation(pod, targets, attached, f"{rank}: its attached spec fits {every_node}", nodes)
         misfits.append(f"({index + 1}) {text}: {fit.describe(nodes)}")
@@ -5591,9 +5865,11 @@ class Webhook:
             raise
         request = review["request"]
         deadline = started + self.settings.fetch_budget
+        requests = RequestBudget()
         try:
-            decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline),
-                              self.settings.on_disagreement, lambda ref: self.artifacts.attached(ref, deadline))
+            decision = decide(request, self.nodes.snapshot(), lambda ref: self.artifacts.get(ref, deadline, requests),
+                              self.settings.on_disagreement,
+                              lambda ref: self.artifacts.attached(ref, deadline, requests))
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
             decision = Decision.denied("internal-error", f"ocifit internal error: {exc!r}", 500)
@@ -5786,30 +6062,6 @@ class ConnectionTable:
 
     def __len__(self) -> int:
         return len(self._open)
-
-
-class InFlight:
-    """The admission requests in flight and the bytes of their bodies. A large body that would take the total
-    past the budget is turned away (the server answers 429 with Retry-After), unless nothing else is in flight:
-    memory for bodies stays bounded, one body of the largest size is always taken, and bodies of ordinary size
-    (up to SMALL) always are, so large uploads held open cannot starve ordinary admissions."""
-
-    def __init__(self, budget: int):
-        self.budget, self.requests, self.bytes = budget, 0, 0
-        self._lock = threading.Lock()
-
-    SMALL = 64 * 1024  # an API server's review of an ordinary pod: never held up by large uploads in flight
-
-    def take(self, size: int) -> bool:
-        with self._lock:
-            if size > self.SMALL and self.requests and self.bytes + size > self.budget:
-                return False
-            self.requests, self.bytes = self.requests + 1, self.bytes + size
-            return True
-
-    def give_back(self, size: int) -> None:
-        with self._lock:
-            self.requests, self.bytes = self.requests - 1, self.bytes - size
 
 
 class WebhookServer(http.server.ThreadingHTTPServer):
@@ -6149,7 +6401,8 @@ def build_node_source(settings: Settings, metrics: Optional[Metrics] = None) -> 
     """Where nodes come from: a NodeList file, else the cluster (--kube-api, or in-cluster config)."""
     if settings.nodes:
         source: NodeSource = StaticNodes(settings.nodes, features_path=settings.node_features,
-                                         nfd_namespace=settings.nfd_namespace)
+                                         nfd_namespace=settings.nfd_namespace,
+                                         namespaces=settings.node_feature_namespaces)
     else:
         if settings.node_features:
             raise ValueError("--node-features goes with --nodes (in a cluster, NodeFeatures are watched)")
@@ -6316,14 +6569,14 @@ def _match_snapshot(args: argparse.Namespace, settings: Settings, spec: Spec) ->
         raise ValueError(f"--spec {args.spec} is in NFD's dialect: it matches node features, so give "
                          "--node-features (with --nodes, or alone)")
     if args.nodes:
-        return StaticNodes(args.nodes, features_path=args.node_features or "",
-                           nfd_namespace=settings.nfd_namespace).snapshot()
+        return StaticNodes(args.nodes, features_path=args.node_features or "", nfd_namespace=settings.nfd_namespace,
+                           namespaces=settings.node_feature_namespaces).snapshot()
     if not spec.nfd:
         raise ValueError(f"--spec {args.spec} is in ocifit's dialect: it matches node labels, so give --labels or "
                          "--nodes")
     try:
         by_node = features_from_document(load_json(_read_input(args.node_features, "--node-features")),
-                                         settings.nfd_namespace)
+                                         settings.nfd_namespace, settings.node_feature_namespaces)
     except ValueError as exc:
         raise ValueError(f"--node-features {args.node_features}: {exc}") from None
     return NodeSnapshot(Node(name or "node", {}, features=features) for name, features in by_node.items())

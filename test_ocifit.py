@@ -395,7 +395,7 @@ def test_a_spec_that_is_not_a_json_object_is_rejected(data: bytes, message: str)
 
 def test_a_spec_with_too_many_expressions_is_rejected() -> None:
     many = [expr("Exists", f"k{i}") for i in range(ocifit.MAX_EXPRESSIONS + 1)]
-    with pytest.raises(ocifit.SpecError, match="more than 10000 expressions"):
+    with pytest.raises(ocifit.SpecError, match="more than 256 expressions"):
         ocifit.parse_spec(spec_doc(compat("a:1", *many)))
 
 
@@ -554,6 +554,23 @@ def intel_node_features(nic_vendor: str = "0fff") -> Dict[str, Any]:
                            "kernel.version": {"elements": {"full": "6.8.0-45-generic", "major": "6"}}},
             "instances": {"pci.device": {"elements": [{"attributes": {"vendor": "8086", "class": "0300"}},
                                                       {"attributes": {"vendor": nic_vendor, "class": "0200"}}]}}}
+
+
+def test_shared_feature_sets_are_let_go_with_the_last_node_holding_them() -> None:
+    """Churn: 50 versions of one node's 500 attributes, each shared while a node holds it, none kept after."""
+    import gc
+    gc.collect()
+    before = len(ocifit.SHARED)
+    def version(v: int) -> ocifit.NodeFeatures:
+        return ocifit.features_from_object({"attributes": {"big": {"elements": {f"a{i}": f"{v}-{i}"
+                                                                                for i in range(500)}}}})
+    held = [version(v) for v in range(50)]
+    again = version(49)
+    assert again.attributes["big"] is held[-1].attributes["big"]  # nodes alike share one copy
+    assert len(ocifit.SHARED) >= before + 50
+    del held, again
+    gc.collect()
+    assert len(ocifit.SHARED) == before
 
 
 def test_nfds_own_example_parses_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -2085,6 +2102,36 @@ def test_node_features_are_watched_and_decide_nfd_specs(kube_api: FakeKubeAPI, p
         source.stop()
 
 
+@pytest.mark.parametrize("namespaces", [(), ("node-feature-discovery",)])
+def test_node_features_from_other_namespaces_count_only_unless_restricted(
+        namespaces: "tuple[str, ...]", kube_api: FakeKubeAPI, pki: Dict[str, Path], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A tenant's NodeFeature naming a node gives it features (as nfd-master's default does) unless
+    --node-feature-namespaces keeps to NFD's namespace; either way a change of a node's features is logged."""
+    caplog.set_level("INFO")
+    flavor_cluster(kube_api)
+    kube_api.add_features(*[node_feature(f"kind-worker{i or ''}", cpu_features(avx2=False)) for i in range(3)])
+    source = ocifit.build_node_source(kube_settings(kube_api, pki, tmp_path, node_feature_namespaces=namespaces))
+    try:
+        assert source.wait_synced(30)
+        assert nfd_decision(source).image == "generic:1"
+        kube_api.add_features(node_feature("kind-worker2", {"flags": {"cpu.cpuid": {"elements": {"AVX2": {}}}}},
+                                           name="sneaky", namespace="tenant-a"))
+        kube_api.add_features(node_feature("kind-worker1", cpu_features()))  # NFD's own object changes
+        assert eventually(lambda: "node kind-worker1: 1 feature sets changed; its NodeFeatures: "
+                                  "node-feature-discovery/kind-worker1" in caplog.text)
+        decision = nfd_decision(source)
+        if namespaces:
+            assert "kind-worker2" not in caplog.text and "tenant-a" not in caplog.text
+            assert "1 wants fast:1 (kind-worker1)" in decision.message
+        else:
+            assert "node kind-worker2: 1 feature sets changed; its NodeFeatures: node-feature-discovery/" \
+                   "kind-worker2, tenant-a/sneaky" in caplog.text
+            assert "2 want fast:1 (kind-worker1, kind-worker2)" in decision.message
+    finally:
+        source.stop()
+
+
 def test_the_first_node_feature_list_gates_readiness(kube_api: FakeKubeAPI, pki: Dict[str, Path],
                                                      tmp_path: Path) -> None:
     feature_cluster(kube_api)
@@ -2845,6 +2892,81 @@ def test_a_candidate_whose_registry_fails_denies_the_pod_unless_its_last_spec_se
     assert (gone.reason, gone.code) == ("artifact-unavailable", 503)
     assert gone.message.startswith(f"candidate image {stub.host}/app:v1: image {stub.host}/app:v1 not found in "
                                    "registry (HTTP 404)")
+
+
+def test_an_admission_sends_at_most_its_cap_of_registry_requests_however_many_pages(stubs: Any) -> None:
+    """16 candidates, each behind referrers that page one entry at a time forever: the admission stops at the
+    cap and is denied naming the candidate it had reached and the cap."""
+    image = b'{"schemaVersion": 2, "layers": []}'
+    subject = _descriptor(ocifit.MANIFEST_TYPES[0], image)
+    digest = subject["digest"]
+    misfit = label_spec([expr("In", CPU_LABEL, ["none"])])
+    referrer, entry = compat_referrer(subject, misfit)
+    routes: Dict[str, Any] = {}
+    for n in range(16):
+        routes[f"/v2/app{n}/manifests/{entry['digest']}"] = lambda h: send(h, 200, referrer, {
+            "Content-Type": ocifit.MANIFEST_TYPES[0]})
+        routes[f"/v2/app{n}/blobs/{_descriptor('', misfit)['digest']}"] = lambda h: send(h, 200, misfit)
+        def page(h: Any, n: int = n) -> None:
+            number = int(dict(ocifit.urllib.parse.parse_qsl(h.path.partition("?")[2])).get("page", 0))
+            index = json.dumps({"schemaVersion": 2, "mediaType": ocifit.MANIFEST_TYPES[1], "manifests": [entry]})
+            send(h, 200, index.encode(), {"Content-Type": ocifit.MANIFEST_TYPES[1],
+                                          "Link": f'</v2/app{n}/referrers/{digest}?page={number + 1}>; rel="next"'})
+        routes[f"/v2/app{n}/manifests/v1"] = lambda h: send(h, 200, image, {"Content-Type": ocifit.MANIFEST_TYPES[0]})
+        routes[f"/v2/app{n}/referrers/{digest}"] = page
+    stub = stubs(routes)
+    settings = registry_settings(stub.host, nodes=str(EXAMPLE / "nodes-homogeneous.json"))
+    webhook = ocifit.Webhook(settings, ocifit.StaticNodes(settings.nodes), ocifit.build_artifacts(settings))
+    images = " ".join(f"{stub.host}/app{n}:v1" for n in range(16))
+    _, decision = webhook.review(json.dumps(review_of(candidates_pod(images))).encode())
+    assert decision.reason == "artifact-unavailable"
+    assert re.match(rf"candidate image {stub.host}/app[0-9]+:v1: the admission has sent 128 registry requests, its "
+                    "cap", decision.message), decision.message
+    assert 100 < len(stub.seen) <= ocifit.MAX_ADMISSION_REQUESTS
+
+
+def test_a_retry_after_of_zero_is_retried_a_few_times_and_not_at_once(stubs: Any) -> None:
+    times: List[float] = []
+    stub = stubs({"/v2/app/manifests/v1": lambda h: (times.append(time.monotonic()),
+                                                     send(h, 503, b"", {"Retry-After": "0"}))})
+    with pytest.raises(ocifit.RegistryError, match="answered HTTP 503"):
+        pull_spec(f"{stub.host}/app:v1", registry_settings(stub.host), budget=8)
+    assert len(times) == 1 + ocifit.MAX_RETRIES
+    assert all(b - a >= ocifit.RETRY_FLOOR * 0.9 for a, b in zip(times, times[1:]))
+
+
+def test_a_tenants_junk_lookups_do_not_evict_a_spec_that_serves_admissions(stubs: Any, monkeypatch: Any) -> None:
+    """Image B's spec answers admissions; its registry goes down; another namespace then names more junk
+    images than the caches hold. B's next pod is still served from its last good spec."""
+    monkeypatch.setitem(ocifit.CACHE_BOUNDS, "tags", ocifit.CacheBound(32, ocifit.MiB, 4096))
+    healthy, subject, _, _ = api_registry_with(b'{"schemaVersion": 2, "layers": ["b"]}',
+                                               label_spec([expr("In", CPU_LABEL, ["avx2", "avx512"])]))
+    stub = stubs(dict(healthy))
+    junk = stubs({f"/v2/junk{n}/manifests/v1": lambda h: send(h, 200, b'{"schemaVersion": 2}', {
+        "Content-Type": ocifit.MANIFEST_TYPES[0]}) for n in range(64)})
+    artifacts = ocifit.RegistryArtifacts(registry_settings(stub.host, junk.host, tag_ttl=0.0, fetch_budget=2.0))
+
+    def decided(images: str) -> ocifit.Decision:
+        return ocifit.decide(review_of(candidates_pod(images))["request"], candidate_cluster(), FileArtifacts(),
+                             get_attached=lambda ref: artifacts.attached(ref, time.monotonic() + 3))
+    assert decided(f"{stub.host}/app:v1").artifact_origin == "registry"
+    stub.routes.update({path: (lambda h: send(h, 500)) for path in healthy})  # B's registry is down
+    assert decided(f"{stub.host}/app:v1").artifact_origin == "stale"
+    for n in range(64):  # each looked up once, and never again
+        assert decided(f"{junk.host}/junk{n}:v1").reason == "generic"
+    after = decided(f"{stub.host}/app:v1")
+    assert (after.image, after.artifact_origin) == (f"{stub.host}/app:v1@{subject['digest']}", "stale")
+
+
+def test_a_bounded_cache_protects_what_is_asked_for_again() -> None:
+    cache = ocifit.BoundedCache(ocifit.CacheBound(10, 10_000, 1000))
+    cache.put("kept", 1)
+    assert cache.get("kept") == 1  # asked for again: protected
+    for n in range(100):
+        cache.put(f"junk{n}", n)
+    assert cache.get("kept") == 1 and len(cache) == 10
+    cache.put("big", 2, size=1001)
+    assert "big" not in cache
 
 
 def test_review_chooses_a_candidate_by_its_attached_nfd_spec_and_node_features(

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from _support import (EXAMPLE, ROOT, free_port, ocifit, pki, post, python, registry_with_flavor, stop, t, wait_ready,
                       workdir)
@@ -47,11 +47,11 @@ class FetchEveryTime:
     def __init__(self, settings: ocifit.Settings):
         self.client = ocifit.RegistryClient(settings)
 
-    def get(self, ref: str, deadline: float) -> ocifit.Artifact:
+    def get(self, ref: str, deadline: float, requests: Any = None) -> ocifit.Artifact:
         pulled = self.client.pull(ocifit.parse_reference(ref), deadline)
         return ocifit.Artifact(ref, ocifit.parse_spec(pulled.spec_bytes), pulled.digest, "registry")
 
-    def attached(self, ref: str, deadline: float) -> ocifit.AttachedSpec:
+    def attached(self, ref: str, deadline: float, requests: Any = None) -> ocifit.AttachedSpec:
         raise ocifit.ArtifactError("upstream has no candidate images")
 
 
