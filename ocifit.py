@@ -214,8 +214,9 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "largest request body accepted, in bytes (the API server sends at most 3 MiB)"),
         Option("--max-inflight-bytes", ("OCIFIT_MAX_INFLIGHT_BYTES",), _positive_int, 8 * MiB,
                "request body bytes being handled at once; past it, 429 (one body is always taken)"),
-        Option("--shutdown-grace", ("OCIFIT_SHUTDOWN_GRACE",), _seconds, 20.0,
-               "on SIGTERM, seconds to let in-flight admissions finish"),
+        Option("--drain-delay", ("OCIFIT_DRAIN_DELAY",), _seconds_or_zero, 5.0,
+               "on SIGTERM, seconds to keep serving, not ready and closing each connection after its reply, while "
+               "the API server's endpoints catch up; then in-flight admissions finish (up to --fetch-budget + 2 s)"),
         Option("--metrics-bind", ("OCIFIT_METRICS_BIND",), str, "",
                "also serve GET /metrics over plain HTTP on HOST:PORT (e.g. :9090), for scrapers without the "
                "webhook's certificate; empty: only on the webhook's port"),
@@ -297,7 +298,7 @@ class Settings:
     idle_timeout: float = DEFAULTS["idle_timeout"]
     max_body: int = DEFAULTS["max_body"]
     max_inflight_bytes: int = DEFAULTS["max_inflight_bytes"]
-    shutdown_grace: float = DEFAULTS["shutdown_grace"]
+    drain_delay: float = DEFAULTS["drain_delay"]
     metrics_bind: str = DEFAULTS["metrics_bind"]
     nodes: str = DEFAULTS["nodes"]
     node_features: str = DEFAULTS["node_features"]
@@ -1626,6 +1627,11 @@ class Metrics:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + amount
+
+    def total(self, name: str) -> int:
+        """A counter summed over its labels."""
+        with self._lock:
+            return sum(value for (counted, _), value in self._counters.items() if counted == name)
 
     def observe(self, name: str, seconds: Optional[float]) -> None:
         """Add an observation to a histogram (None: only make sure the histogram is there)."""
@@ -5972,6 +5978,10 @@ class Connection:
     waiting: bool = False
     since: float = 0.0  # when it began waiting
     evicted: bool = False
+    served: int = 0  # requests answered on it: a waiting connection that has served one is idle keep-alive
+
+
+NEW_CONNECTION_GRACE = 2.0  # after the drain delay, seconds a new connection may take to send its first request
 
 
 class ConnectionTable:
@@ -6014,16 +6024,31 @@ class ConnectionTable:
             c.waiting or (not c.handshaken and c.accepted < stalled_since))]
         if not idle:
             return False
-        victim = min(idle, key=lambda c: c.since if c.waiting else c.accepted)
-        self._drop(victim)
-        victim.evicted = True
-        REAPER.forget(victim)
-        try:
-            socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)  # its thread wakes, sees EOF and closes it
-        except OSError:
-            pass
+        self._close(min(idle, key=lambda c: c.since if c.waiting else c.accepted))
         self.metrics.count("ocifit_connections_evicted_total")
         return True
+
+    def close_idle(self, new_grace: float) -> int:
+        """Close the connections with no request under way: idle keep-alive ones, and new ones that have sent
+        nothing for `new_grace` seconds (a client may be writing its first request to a new one right now, as
+        Go's Server.Shutdown allows for). How many were closed."""
+        stalled_since = time.monotonic() - new_grace
+        with self._lock:
+            idle = [c for c in self._open.values() if c.waiting and (c.served or c.accepted < stalled_since)
+                    or not c.handshaken and c.accepted < stalled_since]
+            for connection in idle:
+                self._close(connection)
+        return len(idle)
+
+    def _close(self, connection: Connection) -> None:
+        """Take a connection out and shut its socket down: its thread wakes, sees EOF and ends. Holds the lock."""
+        self._drop(connection)
+        connection.evicted = True
+        REAPER.forget(connection)
+        try:
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _drop(self, connection: Connection) -> None:
         if self._open.pop(id(connection), None) is not None:
@@ -6075,7 +6100,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, settings: Settings, webhook: Webhook, tls: Optional[TLSFiles]):
         self.settings, self.webhook, self.tls = settings, webhook, tls
-        self.draining = False
+        self.draining = False  # SIGTERM came: not ready, every reply closes its connection
         self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client,
                                            webhook.metrics)
         self.bodies = InFlight(settings.max_inflight_bytes)
@@ -6222,11 +6247,14 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(settings.request_timeout)
         self.served += 1
         super().handle_one_request()
+        if tracked is not None:
+            tracked.served = self.served
 
     def reply(self, status: int, body: bytes, content_type: str = "application/json", close: bool = False,
               headers: Optional[Mapping[str, str]] = None) -> None:
         """Status line, headers and body in one write, so no response waits on Nagle's algorithm."""
         phrase = http.HTTPStatus(status).phrase
+        close = close or self.server.draining  # after SIGTERM, no client keeps a connection to reuse
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
         head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{extra}" + ("Connection: close\r\n" if close else "") + "\r\n")
@@ -6268,14 +6296,16 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         length = self.body_length()
         if length is None:
             return
+        chunked = length < 0
+        length = self.server.settings.max_body if chunked else length  # a chunked body may be as large as allowed
         if not self.server.bodies.take(length):
             self.server.webhook.metrics.count("ocifit_requests_shed_total", reason="body-budget")
             self.reply_json(429, {"error": "too many large request bodies in flight; retry shortly"}, close=True,
                             headers={"Retry-After": "1"})
             return
         try:  # in flight (for the drain on SIGTERM) from here, the body's upload included
-            body = self.rfile.read(length)
-            if len(body) < length:
+            body = self.read_chunked(length) if chunked else self.rfile.read(length)
+            if body is None or len(body) < length and not chunked:
                 self.close_connection = True
                 return
             if self.tracked is not None:  # the request is in; deciding is bounded by the fetch budget
@@ -6290,12 +6320,20 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             self.server.bodies.give_back(length)
 
     def body_length(self) -> Optional[int]:
-        """The request's Content-Length, or None after answering 400 (or 415) for a request ocifit won't read:
-        chunked, no length, two lengths, a length that is not plain digits, too long, or not JSON."""
+        """The request's Content-Length (-1: chunked), or None after answering 400, 501 or 415 for a request ocifit
+        won't read: no length, two lengths, a length that is not plain digits, a length and a Transfer-Encoding
+        (a smuggling door), a coding other than chunked alone, too long, or of a type other than JSON."""
         lengths = self.headers.get_all("Content-Length") or []
+        codings = [c.strip().lower() for h in self.headers.get_all("Transfer-Encoding") or [] for c in h.split(",")]
         error = ""
-        if self.headers.get_all("Transfer-Encoding"):
-            error = "Transfer-Encoding is not supported (no chunked bodies); send Content-Length alone"
+        if codings and lengths:
+            error = "Transfer-Encoding and Content-Length together are refused (RFC 9112 6.1); send one"
+        elif codings and codings != ["chunked"]:
+            self.reply_json(501, {"error": f"Transfer-Encoding {', '.join(codings)} is not supported: only chunked"},
+                            close=True)
+            return None
+        elif codings:
+            lengths = ["-1"]
         elif len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) < 20):
             error = "request needs exactly one Content-Length header of plain digits"
         elif int(lengths[0]) > self.server.settings.max_body:
@@ -6305,11 +6343,45 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             self.reply_json(400, {"error": error}, close=True)
             return None
         media_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
-            self.reply_json(415, {"error": f"Content-Type {media_type or '(none)'} is not application/json"},
-                            close=True)
+        if media_type not in ("application/json", ""):  # none, as `kubectl create --raw` sends: read as JSON
+            self.reply_json(415, {"error": f"Content-Type {media_type} is not application/json"}, close=True)
             return None
         return int(lengths[0])
+
+    def read_chunked(self, most: int) -> Optional[bytes]:
+        """A chunked body (RFC 9112 7.1) of at most `most` bytes, extensions and trailers read and ignored, by
+        the request's deadline (the reaper's); None after answering 400 for a malformed or too large one."""
+        parts: List[bytes] = []
+        total, error = 0, ""
+        while not error:
+            line = self.rfile.readline(1026)
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not size_text or len(size_text) > 16 or \
+                    not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+                error = "malformed chunk size line"
+            elif int(size_text, 16) == 0:
+                return self._trailers(b"".join(parts))
+            elif total + int(size_text, 16) > most:
+                error = f"chunked request body exceeds the limit of {most} bytes"
+            else:
+                chunk = self.rfile.read(int(size_text, 16))
+                total += len(chunk)
+                parts.append(chunk)
+                if len(chunk) < int(size_text, 16) or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    error = "chunk shorter than its size, or not ended by CRLF"
+        self.reply_json(400, {"error": error}, close=True)
+        return None
+
+    def _trailers(self, body: bytes) -> Optional[bytes]:
+        """Read past the trailer section (at most 32 lines) after the last chunk; the body, or None after a 400."""
+        for _ in range(32):
+            line = self.rfile.readline(8192)
+            if line in (b"\r\n", b"\n"):
+                return body
+            if not line.endswith(b"\n"):
+                break
+        self.reply_json(400, {"error": "malformed or endless trailer section"}, close=True)
+        return None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         if log.isEnabledFor(logging.DEBUG):  # the access log: formatted only when someone reads it
@@ -6442,15 +6514,26 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         log.info("serving GET /metrics over plain HTTP on %s:%d", *metrics_server.server_address[:2])
     stopping = threading.Event()
 
+    drained = threading.Event()
+
     def drain() -> None:
         server.draining = True
-        log.info("shutting down: not ready; letting in-flight admissions finish (up to %gs)",
-                 settings.shutdown_grace)
-        deadline = time.monotonic() + settings.shutdown_grace
-        time.sleep(min(1.0, settings.shutdown_grace))  # let endpoints notice readiness before we go
-        while server.bodies.requests and time.monotonic() < deadline:
+        answered = metrics.total("ocifit_admissions_total")
+        log.info("shutting down: not ready; serving for --drain-delay %gs while endpoints catch up, each reply "
+                 "closing its connection", settings.drain_delay)
+        time.sleep(settings.drain_delay)
+        server.shutdown()  # accept no more, and refuse new connections from here on
+        server.socket.close()
+        deadline = time.monotonic() + settings.fetch_budget + 2.0
+        closed = 0
+        while time.monotonic() < deadline:
+            closed += server.connections.close_idle(NEW_CONNECTION_GRACE)
+            if not len(server.connections):
+                break
             time.sleep(0.05)
-        server.shutdown()
+        log.info("drained: answered %d admissions after SIGTERM; closed %d idle connections; %d still open",
+                 metrics.total("ocifit_admissions_total") - answered, closed, len(server.connections))
+        drained.set()
 
     def on_signal(signum: int, _frame: Any) -> None:
         if not stopping.is_set():
@@ -6466,6 +6549,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         log.warning("serving plain HTTP: fine for a local trial, but the API server only calls HTTPS webhooks")
     try:
         server.serve_forever(poll_interval=0.2)
+        drained.wait()
     finally:
         server.server_close()
         if metrics_server is not None:

@@ -4109,11 +4109,10 @@ JSON_TYPE = ("Content-Type", "application/json")
     (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "2_6")], 400, "exactly one Content-Length"),
     (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Content-Length", "26"), ("Content-Length", "26")], 400,
      "exactly one Content-Length"),
-    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Transfer-Encoding", "identity"), ("Transfer-Encoding", "chunked")],
-     400, "Transfer-Encoding is not supported"),
-    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Transfer-Encoding", "gzip")], 400, "Transfer-Encoding is not"),
+    (b'{"kind":"AdmissionReview"}', [JSON_TYPE, ("Transfer-Encoding", "chunked")], 400,
+     "Transfer-Encoding and Content-Length together are refused"),
     (b'{"kind":"AdmissionReview"}', [("Content-Type", "text/plain")], 415, "text/plain is not application/json"),
-    (b'{"kind":"AdmissionReview"}', [], 415, "(none) is not application/json"),
+    (b'{"kind":"AdmissionReview"}', [], 400, "apiVersion None"),  # no Content-Type: read as JSON
     (json.dumps(dict(review_of(pod_obj()), apiVersion="admission.k8s.io/v2")).encode(), [JSON_TYPE], 400,
      "apiVersion admission.k8s.io/v2"),
 ])
@@ -4131,6 +4130,52 @@ def test_malformed_and_oversized_bodies_get_400_and_the_server_goes_on(
     assert (response.status, message in json.loads(response.read())["error"]) == (status, True)
     conn.close()
     assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+
+
+def raw_post(server: RunningServer, head: bytes, body: bytes) -> "tuple[int, bytes]":
+    """POST /mutate with these extra header lines and body bytes exactly as given; (status, reply body)."""
+    with server.tls_socket() as sock:
+        sock.sendall(b"POST /mutate HTTP/1.1\r\nHost: ocifit\r\nContent-Type: application/json\r\n" + head
+                     + b"\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+
+def chunked(data: bytes, size: int, extension: bytes = b"", trailers: bytes = b"") -> bytes:
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(data[i:i + size]), extension, data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\n" + trailers + b"\r\n"
+
+
+def test_a_chunked_body_is_read_in_small_chunks_with_extensions_and_trailers(https_server: RunningServer) -> None:
+    review = json.dumps(review_of(pod_obj())).encode()
+    te = b"Transfer-Encoding: chunked\r\n"
+    for body in (chunked(review, 7), chunked(review, 1000, b";name=value", b"X-Trailer: 1\r\n")):
+        status, reply = raw_post(https_server, te, body)
+        assert status == 200 and patch_of(json.loads(reply)["response"])[0]["value"] == "debian:11"
+    for head, body, status, message in [
+            (te, b"zz\r\n" + review, 400, "malformed chunk size"),
+            (te, b"5\r\n1234567\r\n0\r\n\r\n", 400, "not ended by CRLF"),
+            (te, b"%x\r\n" % (4 * ocifit.MiB), 400, "exceeds the limit"),
+            (b"Transfer-Encoding: gzip, chunked\r\n", chunked(review, 100), 501, "only chunked"),
+            (te + b"Content-Length: 10\r\n", chunked(review, 100), 400, "together are refused")]:
+        got = raw_post(https_server, head, body)
+        assert (got[0], message in json.loads(got[1])["error"]) == (status, True), got
+    assert https_server.post_review(review_of(pod_obj()))["response"]["allowed"] is True
+
+
+def test_kubectl_create_raw_posts_a_review_chunked_and_gets_the_answer(
+        https_server: RunningServer, pki: Dict[str, Path], tmp_path: Path) -> None:
+    """client-go's REST client streams a body of unknown length chunked; ocifit reads it."""
+    review = tmp_path / "review.json"
+    review.write_text(json.dumps(review_of(pod_obj())))
+    (tmp_path / "no-kubeconfig").write_text("apiVersion: v1\nkind: Config\n")
+    done = subprocess.run([need("kubectl"), f"--server=https://localhost:{https_server.port}", "--token=unused",
+                           f"--certificate-authority={pki['ca']}", f"--kubeconfig={tmp_path / 'no-kubeconfig'}",
+                           f"--cache-dir={tmp_path / 'kube-cache'}", "create", "--raw", "/mutate", "-f", str(review)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert patch_of(json.loads(done.stdout)["response"])[0]["value"] == "debian:11"
 
 
 def test_a_silent_client_does_not_stall_others_and_is_dropped(https_server: RunningServer) -> None:
@@ -5261,7 +5306,8 @@ def test_sigterm_drains_in_flight_admissions_then_exits(tmp_path: Path, pki: Dic
     port = _free_port()
     server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind",
                                "127.0.0.1", "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
-                               str(EXAMPLE / "nodes-homogeneous.json"), "--insecure-registry", stub.host],
+                               str(EXAMPLE / "nodes-homogeneous.json"), "--insecure-registry", stub.host,
+                               "--drain-delay", "0.5"],
                               stderr=subprocess.PIPE, text=True)
     running = RunningServer.__new__(RunningServer)
     running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
@@ -5281,7 +5327,51 @@ def test_sigterm_drains_in_flight_admissions_then_exits(tmp_path: Path, pki: Dic
     finally:
         if server.poll() is None:
             server.kill()
-    assert "letting in-flight admissions finish" in server.stderr.read()
+    assert "drained: answered 1 admissions after SIGTERM" in server.stderr.read()
+
+
+def test_after_sigterm_it_serves_through_the_drain_delay_closing_each_connection_then_exits(
+        tmp_path: Path, pki: Dict[str, Path]) -> None:
+    """As the API server sees it: a kept-alive connection and a new one are both answered during the drain
+    delay, each reply saying Connection: close; after it, new connections are refused and ocifit exits."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(HERE / "ocifit.py"), "serve", "--port", str(port), "--bind",
+                               "127.0.0.1", "--cert", str(pki["crt"]), "--key", str(pki["key"]), "--nodes",
+                               str(EXAMPLE / "nodes-homogeneous.json"), "--drain-delay", "2", "--artifact",
+                               f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}"],
+                              stderr=subprocess.PIPE, text=True)
+    running = RunningServer.__new__(RunningServer)
+    running.port, running.context = port, ssl.create_default_context(cafile=str(pki["ca"]))
+    body = json.dumps(review_of(pod_obj())).encode()
+
+    def post(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        conn.request("POST", "/mutate", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response
+    try:
+        _wait_ready(running)
+        kept = running.connect()
+        assert post(kept).getheader("Connection") is None  # kept alive
+        idle = running.connect()
+        assert post(idle).status == 200
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert running.request("GET", "/readyz")[0] == 503
+        reused = post(kept)
+        assert (reused.status, reused.getheader("Connection")) == (200, "close")
+        fresh = post(running.connect())
+        assert (fresh.status, fresh.getheader("Connection")) == (200, "close")
+        time.sleep(2.5)  # past the drain delay: no new connections, and the idle one is closed
+        with pytest.raises(OSError):
+            running.request("GET", "/healthz")
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log_text = server.stderr.read()
+    assert "serving for --drain-delay 2s" in log_text
+    assert "drained: answered 2 admissions after SIGTERM; closed 1 idle connections; 0 still open" in log_text
 
 
 def test_a_body_still_uploading_at_sigterm_is_answered_before_exit(tmp_path: Path, pki: Dict[str, Path]) -> None:
@@ -5303,7 +5393,7 @@ def test_a_body_still_uploading_at_sigterm_is_answered_before_exit(tmp_path: Pat
         conn.endheaders(body[:100])  # headers and the first bytes; the rest is still on its way
         time.sleep(0.3)
         server.send_signal(signal.SIGTERM)
-        time.sleep(1.5)  # past the one second the drain gives endpoints to notice
+        time.sleep(1.5)  # past the drain delay
         conn.send(body[100:])
         response = conn.getresponse()
         assert response.status == 200 and patch_of(json.loads(response.read())["response"])[0]["value"] == "debian:11"
