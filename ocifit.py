@@ -183,6 +183,9 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return read
 
 
+MODES = ("enforce", "warn", "audit")
+
+
 # Grouped by the subcommands that take them; each group is added to a subcommand's parser whole.
 OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
     "logging": (
@@ -241,6 +244,9 @@ OPTION_GROUPS: Dict[str, Tuple[Option, ...]] = {
                "seconds of failing node watch after which /readyz reports not ready"),
     ),
     "admission": (
+        Option("--mode", ("OCIFIT_MODE",), _choice(*MODES), "enforce",
+               "enforce; warn: a pod enforce would deny is allowed unchanged, with the reason as a warning; audit: "
+               "every pod is allowed unchanged, a warning saying what enforce would do. Logs and metrics carry both"),
         Option("--on-disagreement", ("OCIFIT_ON_DISAGREEMENT",), _choice("deny", "pin"), "deny",
                "when the candidate nodes disagree on the image: deny the pod, or pin it to the nodes that fit the "
                "best image (a pod's on-disagreement annotation wins)"),
@@ -309,6 +315,7 @@ class Settings:
     kube_ca: str = DEFAULTS["kube_ca"]
     resync: float = DEFAULTS["resync"]
     watch_failure_threshold: float = DEFAULTS["watch_failure_threshold"]
+    mode: str = DEFAULTS["mode"]
     on_disagreement: str = DEFAULTS["on_disagreement"]
     artifact: Tuple[str, ...] = DEFAULTS["artifact"]
     fetch_budget: float = DEFAULTS["fetch_budget"]
@@ -502,6 +509,7 @@ MAX_NUMBER_DIGITS = 64
 
 
 MAX_MESSAGE = 4096
+MAX_WARNING = 256  # an admission warning's length that the API server keeps whole
 
 
 def cap_text(text: str, most: int = MAX_MESSAGE) -> str:
@@ -1567,7 +1575,8 @@ class Metrics:
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
     HELP: Dict[str, Tuple[str, str]] = {
         "ocifit_build_info": ("gauge", "ocifit's version and the Python running it; always 1."),
-        "ocifit_admissions_total": ("counter", "Admission reviews answered, by outcome and reason."),
+        "ocifit_admissions_total": ("counter", "Admission reviews answered: the mode, and what enforce does (outcome, "
+                                    "reason)."),
         "ocifit_admission_duration_seconds": ("histogram", "Time to answer one admission review."),
         "ocifit_admissions_in_flight": ("gauge", "Admission requests being read or answered now."),
         "ocifit_requests_shed_total": ("counter", "Requests answered 429 because request bodies in flight were "
@@ -1610,14 +1619,14 @@ class Metrics:
         "ocifit_node_relists_total": [{}], "ocifit_node_watch_restarts_total": [{}],
     }
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "enforce") -> None:
         self._lock = threading.Lock()
         self._counters: Dict[Tuple[str, tuple], int] = {}
         self._histograms: Dict[str, List[float]] = {}
         self._gauges: Dict[str, Callable[[], Optional[float]]] = {}
         for name, label_sets in self.KNOWN.items():
             for labels in label_sets:
-                self.count(name, 0, **labels)
+                self.count(name, 0, **dict(labels, mode=mode) if name == "ocifit_admissions_total" else labels)
         self.observe("ocifit_admission_duration_seconds", None)
         self.gauge("ocifit_build_info", lambda: 1, version=__version__, python=platform.python_version())
         for name, read in process_metrics().items():
@@ -5252,6 +5261,7 @@ class Decision:
     artifact_origin: str = ""
     warnings: Tuple[str, ...] = ()
     pinned: str = ""  # how the pod was pinned to the nodes that fit, when the candidates disagreed
+    mode: str = "enforce"  # outcome and reason are what enforce does; warn and audit may answer otherwise
 
     @classmethod
     def untouched(cls, reason: str, image: str = "") -> "Decision":
@@ -5272,21 +5282,38 @@ class Decision:
         """Refused, with a message (capped at MAX_MESSAGE) for the user and an HTTP-style code."""
         return cls("denied", reason, cap_text(message), code, candidates=candidates)
 
+    def in_mode(self, mode: str) -> "Decision":
+        """This decision as `mode` answers it (enforce: as it is)."""
+        return self if mode == "enforce" or self.outcome == "untouched" else dataclasses.replace(self, mode=mode)
+
+    @property
+    def enforced(self) -> bool:
+        """Whether the answer is the outcome: in enforce mode, and in warn mode for a mutation."""
+        return self.mode == "enforce" or (self.mode == "warn" and self.outcome == "mutated")
+
     @property
     def allowed(self) -> bool:
-        return self.outcome != "denied"
+        return self.outcome != "denied" or not self.enforced
 
     def response_fields(self) -> Dict[str, Any]:
         """The AdmissionResponse fields after its uid."""
         response: Dict[str, Any] = {"allowed": self.allowed}
         if not self.allowed:
             response["status"] = {"code": self.code, "message": self.message}
-        if self.patch:
+        if self.patch and self.enforced:
             response["patchType"] = "JSONPatch"
             response["patch"] = self.encoded_patch
-        if self.warnings:
-            response["warnings"] = list(self.warnings)
+        warnings = self.warnings + (() if self.enforced else (self.mode_warning,))
+        if warnings:
+            response["warnings"] = list(warnings)
         return response
+
+    @property
+    def mode_warning(self) -> str:
+        """What enforce would have done, as a warning the API server shows (it may cut one past 256 characters)."""
+        would = f"deny the pod: {self.message}" if self.outcome == "denied" else f"set the image to {self.image}"
+        text = f"ocifit {self.mode} mode: enforce would {would}"
+        return text if len(text) <= MAX_WARNING else text[:MAX_WARNING - 1] + "…"
 
     @functools.cached_property
     def response_json(self) -> str:
@@ -5296,7 +5323,8 @@ class Decision:
     @functools.cached_property
     def log_fields(self) -> Dict[str, Any]:
         """The decision's fields in a log entry; one that does not apply (no image, no message) is left out."""
-        fields = {"outcome": self.outcome, "reason": self.reason, "image": self.image, "matched": self.matched,
+        fields = {"mode": "" if self.mode == "enforce" else self.mode,
+                  "outcome": self.outcome, "reason": self.reason, "image": self.image, "matched": self.matched,
                   "candidates": self.candidates, "artifact": self.artifact_origin, "pinned": self.pinned,
                   "message": self.message}
         return {k: v for k, v in fields.items() if v or k == "candidates"}
@@ -5867,7 +5895,8 @@ class Webhook:
         try:
             review = parse_review(body)
         except BadReview:
-            self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review")
+            self.metrics.count("ocifit_admissions_total", outcome="bad-request", reason="bad-review",
+                               mode=self.settings.mode)
             raise
         request = review["request"]
         deadline = started + self.settings.fetch_budget
@@ -5879,11 +5908,13 @@ class Webhook:
         except Exception as exc:  # a bug must cost one clear denial, never the connection
             log.exception("internal error deciding admission %s", request.get("uid"))
             decision = Decision.denied("internal-error", f"ocifit internal error: {exc!r}", 500)
+        decision = decision.in_mode(self.settings.mode)
         self._record(request, decision, time.monotonic() - started)
         return review, decision
 
     def _record(self, request: Mapping[str, Any], decision: Decision, elapsed: float) -> None:
-        self.metrics.count("ocifit_admissions_total", outcome=decision.outcome, reason=decision.reason)
+        self.metrics.count("ocifit_admissions_total", outcome=decision.outcome, reason=decision.reason,
+                           mode=self.settings.mode)
         self.metrics.observe("ocifit_admission_duration_seconds", elapsed)
         if decision.reason in ("not-pod-create", "not-enabled"):
             log.debug("admission %s allowed untouched (%s)", request.get("uid"), decision.reason)
@@ -6504,7 +6535,7 @@ def _read_input(path: str, what: str) -> bytes:
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     return_memory_eagerly()
-    metrics = Metrics()
+    metrics = Metrics(settings.mode)
     nodes = build_node_source(settings, metrics)
     webhook = Webhook(settings, nodes, build_artifacts(settings, metrics), metrics)
     server = build_server(settings, webhook)
@@ -6600,6 +6631,7 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
                               "compatibilities": [c.report(labels) for c in spec.compatibilities]}, indent=2))
         elif args.explain:
             print(selection.explain(), file=sys.stderr)
+        _explain_mode(args, selection.chosen.tag if selection.chosen else None, "no compatibility matches")
         if selection.chosen is None:
             print(f"ocifit: no compatibility matches: {selection.why_none()}", file=sys.stderr)
             return 1
@@ -6634,16 +6666,29 @@ def run_match(args: argparse.Namespace, settings: Settings) -> int:
                       f"{{\"nodeSelectorTerms\": [{', '.join(pinned.pin.terms)}]}}", file=sys.stderr)
             except Denial as why:
                 print(f"# on-disagreement pin would deny too: {why}", file=sys.stderr)
+        _explain_mode(args, None, exc.reason)
         if args.output == "json":
             print(json.dumps({"chosen": None, "reason": str(exc), "groups": report}, indent=2))
         print(f"ocifit: {exc}", file=sys.stderr)
         return 1
+    _explain_mode(args, choice.compatibility.tag or choice.compatibility.name, "")
     if args.output == "json":
         print(json.dumps({"chosen": choice.compatibility.tag or None, "compatibility": choice.compatibility.index,
                           "groups": report}, indent=2))
     elif choice.compatibility.tag:
         print(choice.compatibility.tag)
     return 0
+
+
+def _explain_mode(args: argparse.Namespace, chosen: Optional[str], why: str) -> None:
+    """With --explain and --mode warn or audit, what that mode would answer a pod here (chosen: None, denied)."""
+    if not args.explain or args.output == "json" or args.mode == "enforce":
+        return
+    if chosen is not None and args.mode == "warn":
+        print(f"# warn mode: the pod gets {chosen}, as in enforce", file=sys.stderr)
+        return
+    would = f"set the image to {chosen}" if chosen is not None else f"deny the pod ({why})"
+    print(f"# {args.mode} mode: the pod is allowed unchanged, warned that enforce would {would}", file=sys.stderr)
 
 
 def _match_snapshot(args: argparse.Namespace, settings: Settings, spec: Spec) -> NodeSnapshot:
@@ -6684,6 +6729,8 @@ def run_review(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ocifit: {args.file}: {payload['error']}", file=sys.stderr)
         return 2
     response = payload["response"]
+    for warning in response.get("warnings", ()):
+        print(f"ocifit: warning: {warning}", file=sys.stderr)
     if not response["allowed"]:
         if not args.patch:
             print(json.dumps(payload, indent=2))
@@ -6774,6 +6821,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(for NFD's dialect: each rule and expression, with its feature set, element and result)")
     match.add_argument("--output", choices=("text", "json"), default="text",
                        help="json: the choice and the whole explanation as one JSON object on stdout")
+    match.add_argument("--mode", choices=MODES, default="enforce",
+                       help="with --explain: also say what serve's --mode would answer a pod here")
     add_options(match, "logging")
     match.set_defaults(run=run_match)
 

@@ -3005,7 +3005,7 @@ def test_serve_answers_a_candidates_pod_and_counts_a_generic_choice(
         assert patch_of(answer["response"])[0]["value"] == \
             f"{registry.host}/cands:generic@{candidate_images['generic']['image']}"
         metrics = running.request("GET", "/metrics")[1].decode()
-        assert 'ocifit_admissions_total{outcome="mutated",reason="generic"} 1' in metrics
+        assert 'ocifit_admissions_total{mode="enforce",outcome="mutated",reason="generic"} 1' in metrics
     finally:
         running.stop()
 
@@ -4293,6 +4293,46 @@ def test_review_prints_what_serve_would_answer(tmp_path: Path) -> None:
     assert "disagree" in denied.stderr
 
 
+@pytest.mark.parametrize("mode", ["warn", "audit"])
+def test_warn_and_audit_allow_what_enforce_would_deny_saying_why(mode: str, tmp_path: Path) -> None:
+    """warn: a pod enforce denies is allowed unchanged, the reason a warning; a mutation is made as in enforce.
+    audit: every pod is allowed unchanged, a warning saying what enforce would do. The log says the mode."""
+    def reviewed(nodes: str) -> "tuple[int, Dict[str, Any], str]":
+        done = run_cli("review", str(EXAMPLE / "reviews" / "pod.json"), "--nodes", str(EXAMPLE / nodes),
+                       "--artifact", f"{FLAVOR_REF}={EXAMPLE / 'compatibility-test.json'}", "--mode", mode,
+                       "--log-level", "debug")
+        return done.returncode, json.loads(done.stdout)["response"], done.stderr
+    code, denied, log_text = reviewed("nodes-heterogeneous.json")
+    assert (code, denied["allowed"], "patch" in denied, "status" in denied) == (0, True, False, False)
+    assert denied["warnings"][0].startswith(f"ocifit {mode} mode: enforce would deny the pod: artifact {FLAVOR_REF}: "
+                                            "the 3 candidate nodes disagree on the image")
+    assert all(len(w) <= 256 for w in denied["warnings"])
+    assert f"mode={mode} outcome=denied reason=disagreement" in log_text
+    code, mutated, log_text = reviewed("nodes-homogeneous.json")
+    assert code == 0 and mutated["allowed"] is True
+    if mode == "warn":
+        assert patch_of(mutated)[0]["value"] == "debian:11" and "warnings" not in mutated
+    else:
+        assert "patch" not in mutated and mutated["warnings"] == [
+            "ocifit audit mode: enforce would set the image to debian:11"]
+    assert f"mode={mode} outcome=mutated reason=selected" in log_text
+    explained = run_cli("match", "--spec", str(EXAMPLE / "compatibility-test.json"), "--nodes",
+                        str(EXAMPLE / "nodes-heterogeneous.json"), "--explain", "--mode", mode)
+    assert explained.returncode == 1 and f"# {mode} mode: the pod is allowed unchanged, warned that enforce would " \
+        "deny the pod (disagreement)" in explained.stderr
+
+
+def test_the_mode_labels_the_admissions_counter(tmp_path: Path) -> None:
+    webhook = ocifit.Webhook(ocifit.Settings(mode="audit"), ocifit.StaticNodes(str(EXAMPLE / "nodes-homogeneous.json")),
+                             ocifit.LocalArtifacts({FLAVOR_REF: str(EXAMPLE / "compatibility-test.json")}),
+                             ocifit.Metrics("audit"))
+    status, reply = webhook.handle(json.dumps(review_of(pod_obj())).encode())
+    assert status == 200 and "patch" not in json.loads(reply)["response"]
+    text = webhook.metrics.render()
+    assert 'ocifit_admissions_total{mode="audit",outcome="mutated",reason="selected"} 1' in text
+    assert 'ocifit_admissions_total{mode="audit",outcome="denied",reason="no-match"} 0' in text
+
+
 def test_review_of_garbage_exits_2() -> None:
     done = run_cli("review", "-", "--nodes", str(EXAMPLE / "nodes-homogeneous.json"), stdin="not json")
     assert done.returncode == 2 and done.stderr.startswith("ocifit: -: not valid JSON") and "request body" not in \
@@ -5278,7 +5318,7 @@ def test_registry_faults_while_serving_are_denials_and_the_server_goes_on(tmp_pa
             assert time.monotonic() - started < 3  # within the budget, not the stub's 5 s
         assert running.post_review(review_of(pod_obj(ref=f"{stub.host}/good:v1")))["response"]["allowed"] is True
         metrics = running.request("GET", "/metrics")[1].decode()
-        assert 'ocifit_admissions_total{outcome="denied",reason="artifact-unavailable"} 3' in metrics
+        assert 'ocifit_admissions_total{mode="enforce",outcome="denied",reason="artifact-unavailable"} 3' in metrics
     finally:
         running.stop()
 
@@ -5576,8 +5616,8 @@ def test_metrics_cover_admissions_nodes_and_the_certificate(https_server: Runnin
     status, body = https_server.request("GET", "/metrics")
     text = body.decode()
     assert status == 200
-    for line in ('ocifit_admissions_total{outcome="mutated",reason="selected"} 1',
-                 'ocifit_admissions_total{outcome="denied",reason="missing-annotation"} 1',
+    for line in ('ocifit_admissions_total{mode="enforce",outcome="mutated",reason="selected"} 1',
+                 'ocifit_admissions_total{mode="enforce",outcome="denied",reason="missing-annotation"} 1',
                  "ocifit_admission_duration_seconds_count 2", "ocifit_nodes 4", "ocifit_node_label_sets 4"):
         assert line in text
     expiry = float(re.search(r"^ocifit_certificate_expiry_timestamp_seconds (\S+)$", text, re.M).group(1))
@@ -5587,7 +5627,7 @@ def test_metrics_cover_admissions_nodes_and_the_certificate(https_server: Runnin
     assert "# TYPE ocifit_registry_requests_total counter" in text  # documented, though no request yet
     for series in ("ocifit_build_info{python=", "process_cpu_seconds_total ", "process_resident_memory_bytes ",
                    "process_open_fds ", "process_max_fds ", "process_start_time_seconds ",
-                   'ocifit_admissions_total{outcome="untouched",reason="not-enabled"} 0',
+                   'ocifit_admissions_total{mode="enforce",outcome="untouched",reason="not-enabled"} 0',
                    "ocifit_admissions_in_flight 0", "ocifit_connections_open "):
         assert series in text, series
     assert float(re.search(r"^process_start_time_seconds (\S+)$", text, re.M).group(1)) <= time.time()
@@ -5612,7 +5652,7 @@ def test_metric_values_are_exact() -> None:
     metrics.gauge("ocifit_certificate_expiry_timestamp_seconds", lambda: 1795000123.25)
     metrics.observe("ocifit_admission_duration_seconds", 0.000123456789)
     text = metrics.render()
-    assert 'ocifit_admissions_total{outcome="mutated",reason="selected"} 1234567\n' in text
+    assert 'ocifit_admissions_total{mode="enforce",outcome="mutated",reason="selected"} 1234567\n' in text
     assert "ocifit_certificate_expiry_timestamp_seconds 1795000123.25\n" in text
     assert "ocifit_admission_duration_seconds_sum 0.000123456789\n" in text
 
