@@ -68,6 +68,7 @@ import sys
 import threading
 import time
 import types
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1746,6 +1747,731 @@ def _process_start_time() -> float:
 
 
 # ============================================================================================
+# Go regular expressions: Go's syntax and matches, in linear time
+# ============================================================================================
+# Patterns in specs are Go regular expressions (RE2 syntax), so ocifit parses them as Go's regexp/syntax does with
+# its Perl flags (same accepted syntax, same error text) and matches them the way Go's regexp.MatchString does:
+# the pattern compiles to a Thompson NFA program that is simulated as a lazily built DFA, so a search costs
+# O(program size x text length) at worst and never backtracks. Deliberate differences from Go, all refusals or
+# Unicode data: a program larger than max_program instructions is refused; Unicode *script* classes (\p{Greek})
+# are refused, since the standard library has no script property; general categories and case folding come from
+# Python's unicodedata, whose Unicode version may be older than Go's (characters assigned since then differ), plus
+# the few simple case folds Go has that str.upper/lower cannot derive (_FOLD_PAIRS). Go's internal limits (repeat
+# count 1000, nesting depth 1000, "expression too large") are mirrored on ocifit's parse tree, which is not
+# factored as Go's is, so a pattern right at Go's nesting or size limit may be judged one step differently.
+
+MAX_PROGRAM = 500           # instructions: the worst search of a 1 KiB text stays near 20 ms (bench.py); real patterns ~10
+_GO_MAX_REPEAT = 1000
+_GO_MAX_HEIGHT = 1000
+_GO_MAX_SIZE = (128 << 20) // 40
+_MAX_RUNE = 0x10FFFF
+_CACHE_LIMIT = 4096         # entries per transition cache of one compiled regex; cleared when full
+
+_FOLD, _ONE_LINE, _DOT_NL = 1, 2, 4                         # parser flags (U, non-greedy, cannot change a verdict)
+_BEGIN_TEXT, _END_TEXT, _BEGIN_LINE, _END_LINE, _WORD_BOUNDARY, _NOT_WORD_BOUNDARY = 1, 2, 4, 8, 16, 32
+_CHAR, _SPLIT, _JUMP, _ASSERT, _MATCH = range(5)           # instruction opcodes
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz")
+
+_PERL_GROUPS = {"d": ((0x30, 0x39),), "s": ((9, 10), (12, 13), (32, 32)),
+                "w": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))}
+_POSIX_GROUPS = {
+    "alnum": ((0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A)), "alpha": ((0x41, 0x5A), (0x61, 0x7A)),
+    "ascii": ((0, 0x7F),), "blank": ((9, 9), (32, 32)), "cntrl": ((0, 0x1F), (0x7F, 0x7F)),
+    "digit": ((0x30, 0x39),), "graph": ((0x21, 0x7E),), "lower": ((0x61, 0x7A),), "print": ((0x20, 0x7E),),
+    "punct": ((0x21, 0x2F), (0x3A, 0x40), (0x5B, 0x60), (0x7B, 0x7E)), "space": ((9, 13), (32, 32)),
+    "upper": ((0x41, 0x5A),), "word": _PERL_GROUPS["w"], "xdigit": ((0x30, 0x39), (0x41, 0x46), (0x61, 0x66))}
+
+_CATEGORIES = "Cc Cf Cn Co Cs Ll Lm Lo Lt Lu Mc Me Mn Nd Nl No Pc Pd Pe Pf Pi Po Ps Sc Sk Sm So Zl Zp Zs".split()
+_CATEGORY_ALIASES = dict(pair.split("=") for pair in (
+    "Casedletter=LC Closepunctuation=Pe Combiningmark=M Connectorpunctuation=Pc Control=Cc Currencysymbol=Sc "
+    "Dashpunctuation=Pd Decimalnumber=Nd Enclosingmark=Me Finalpunctuation=Pf Format=Cf Initialpunctuation=Pi "
+    "Letter=L Letternumber=Nl Lineseparator=Zl Lowercaseletter=Ll Mark=M Mathsymbol=Sm Modifierletter=Lm "
+    "Modifiersymbol=Sk Nonspacingmark=Mn Number=N Openpunctuation=Ps Other=C Otherletter=Lo Othernumber=No "
+    "Otherpunctuation=Po Othersymbol=So Paragraphseparator=Zp Privateuse=Co Punctuation=P Separator=Z "
+    "Spaceseparator=Zs Spacingmark=Mc Surrogate=Cs Symbol=S Titlecaseletter=Lt Unassigned=Cn Uppercaseletter=Lu "
+    "Cntrl=Cc Digit=Nd Punct=P").split())
+_SCRIPTS = frozenset((  # Go's unicode.Scripts, canonical names: refused rather than silently mismatched
+    "Adlam Ahom Anatolianhieroglyphs Arabic Armenian Avestan Balinese Bamum Bassavah Batak Bengali Beriaerfe "
+    "Bhaiksuki Bopomofo Brahmi Braille Buginese Buhid Canadianaboriginal Carian Caucasianalbanian Chakma Cham "
+    "Cherokee Chorasmian Common Coptic Cuneiform Cypriot Cyprominoan Cyrillic Deseret Devanagari Divesakuru Dogra "
+    "Duployan Egyptianhieroglyphs Elbasan Elymaic Ethiopic Garay Georgian Glagolitic Gothic Grantha Greek Gujarati "
+    "Gunjalagondi Gurmukhi Gurungkhema Han Hangul Hanifirohingya Hanunoo Hatran Hebrew Hiragana Imperialaramaic "
+    "Inherited Inscriptionalpahlavi Inscriptionalparthian Javanese Kaithi Kannada Katakana Kawi Kayahli Kharoshthi "
+    "Khitansmallscript Khmer Khojki Khudawadi Kiratrai Lao Latin Lepcha Limbu Lineara Linearb Lisu Lycian Lydian "
+    "Mahajani Makasar Malayalam Mandaic Manichaean Marchen Masaramgondi Medefaidrin Meeteimayek Mendekikakui "
+    "Meroiticcursive Meroitichieroglyphs Miao Modi Mongolian Mro Multani Myanmar Nabataean Nagmundari Nandinagari "
+    "Newtailue Newa Nko Nushu Nyiakengpuachuehmong Ogham Olchiki Olonal Oldhungarian Olditalic Oldnortharabian "
+    "Oldpermic Oldpersian Oldsogdian Oldsoutharabian Oldturkic Olduyghur Oriya Osage Osmanya Pahawhhmong Palmyrene "
+    "Paucinhau Phagspa Phoenician Psalterpahlavi Rejang Runic Samaritan Saurashtra Sharada Shavian Siddham Sidetic "
+    "Signwriting Sinhala Sogdian Sorasompeng Soyombo Sundanese Sunuwar Sylotinagri Syriac Tagalog Tagbanwa Taile "
+    "Taitham Taiviet Taiyo Takri Tamil Tangsa Tangut Telugu Thaana Thai Tibetan Tifinagh Tirhuta Todhri Tolongsiki "
+    "Toto Tulutigalari Ugaritic Vai Vithkuqi Wancho Warangciti Yezidi Yi Zanabazarsquare").split())
+
+# Case folding: Go's unicode.SimpleFold orbits are {key, key.upper()} plus the characters below, which fold to a
+# key that str.upper/lower cannot lead back to (Kelvin sign, long s, final sigma, ...), plus pairs Go folds that
+# str.upper/lower do not relate at all. Dotless i is alone in Go, as simple case folding leaves it alone.
+_ODD_FOLDS = "\u212a\u017f\u00b5\u212b\u1e9e\u01c5\u01c8\u01cb\u01f2\u0345\u1fbe\u03d0\u03f5\u03d1\u03f4\u03f0" \
+             "\u03d6\u03f1\u03c2\u03d5\u2126\u1c80\u1c81\u1c82\u1c83\u1c84\u1c85\u1c86\u1c87\u1c88\u1e9b"
+_FOLD_PAIRS = {a: b for x, y in ("\u019b\ua7dc", "\u0264\ua7cb", "\u0390\u1fd3", "\u03b0\u1fe3", "\ufb05\ufb06")
+               for a, b in ((x, y), (y, x))}
+
+
+class GoRegexError(ValueError):
+    """A pattern Go's regexp.Compile refuses (str() is Go's error text), or one over ocifit's size limit."""
+
+
+def _error(code: str, expr: str) -> GoRegexError:
+    return GoRegexError(f"error parsing regexp: {code}: `{expr}`")
+
+
+def _fold_key(char: str) -> str:
+    """The lowercase of the uppercase of char when both are single characters, else char itself."""
+    upper = char.upper()
+    if len(upper) == 1 and char != "\u0131":
+        lower = upper.lower()
+        if len(lower) == 1:
+            return lower
+    return char
+
+
+_ODD_BY_KEY: Dict[str, str] = {}
+for _odd in _ODD_FOLDS:
+    _ODD_BY_KEY[_fold_key(_odd)] = _ODD_BY_KEY.get(_fold_key(_odd), "") + _odd
+
+
+@functools.lru_cache(maxsize=4096)
+def _orbit(char: str) -> Tuple[str, ...]:
+    """All characters equal to char under Go's simple case folding, char included."""
+    key = _fold_key(char)
+    members = {char, key, *_ODD_BY_KEY.get(key, ""), *_FOLD_PAIRS.get(char, "")}
+    upper = key.upper()
+    if len(upper) == 1 and _fold_key(upper) == key:
+        members.add(upper)
+    return tuple(sorted(members))
+
+
+def _bounds(ranges) -> Tuple[int, ...]:
+    """Inclusive (lo, hi) code point ranges as sorted, merged, flat half-open bounds for bisect."""
+    flat: List[int] = []
+    for lo, hi in sorted(ranges):
+        if flat and lo <= flat[-1]:
+            flat[-1] = max(flat[-1], hi + 1)
+        else:
+            flat += [lo, hi + 1]
+    return tuple(flat)
+
+
+def _canonical_name(name: str) -> str:
+    """Go's canonicalName: no '_', '-' or ' ', first letter upper case, the other ASCII letters lower case."""
+    out = [ch for ch in name if ch not in "_- "]
+    return "".join(ch.upper() if i == 0 and "a" <= ch <= "z" else ch.lower() if i and "A" <= ch <= "Z" else ch
+                   for i, ch in enumerate(out))
+
+
+def _unicode_tables() -> Dict[str, Tuple[Tuple[int, ...], frozenset, bool]]:
+    """Canonical \\p{name} -> (bounds, general categories, inverted) for every class Go accepts but scripts."""
+    groups = {code: {code} for code in _CATEGORIES}
+    groups.update({major: {c for c in _CATEGORIES if c[0] == major} for major in "CLMNPSZ"}, LC={"Lu", "Ll", "Lt"})
+    tables = {_canonical_name(name): ((), frozenset(codes), False) for name, codes in groups.items()}
+    tables.update({alias: tables[_canonical_name(name)] for alias, name in _CATEGORY_ALIASES.items()})
+    tables.update(Any=((0, _MAX_RUNE + 1), frozenset(), False), Assigned=((), frozenset({"Cn"}), True),
+                  Ascii=((0, 0x80), frozenset(), False))
+    return tables
+
+
+_UNICODE_TABLES = _unicode_tables()
+
+
+@dataclass(frozen=True)
+class _CharClass:
+    """A set of characters: the union of items, each (bounds, general categories, negated), then negated.
+
+    With fold, an item holds a character when it holds any character of its case-folding orbit, and negated
+    items are negated after folding, as Go builds (?i)\\W. A literal is just its set of characters."""
+    items: tuple = ()
+    fold: bool = False
+    negated: bool = False
+    literal: frozenset = frozenset()
+
+
+def _char_class(items: tuple, fold: bool = False, negated: bool = False) -> _CharClass:
+    """A class with its negated items made positive wherever that is exact, for the merged lookup tables."""
+    if len(items) == 1 and items[0][2]:
+        items, negated = ((items[0][0], items[0][1], False),), not negated
+    return _CharClass(tuple(_positive_item(*item, fold) for item in items), fold, negated)
+
+
+@functools.lru_cache(maxsize=256)
+def _positive_item(bounds: tuple, categories: frozenset, negated: bool, fold: bool) -> tuple:
+    """The complement of a negated item as a positive one. Under (?i) Go negates after folding, so only small
+    code point sets (\\W, [:^alpha:]) qualify there, their folding spelled out; others stay negated."""
+    spans = list(zip(bounds[::2], bounds[1::2]))
+    if negated and fold and not categories and sum(hi - lo for lo, hi in spans) <= 512:
+        chars = {form for lo, hi in spans for code in range(lo, hi) for form in _orbit(chr(code))}
+        bounds = _bounds((ord(char), ord(char)) for char in chars)
+    elif not negated or fold:
+        return bounds, categories, negated
+    if not categories:
+        edges = (0,) + bounds + (_MAX_RUNE + 1,)
+        return tuple(x for lo, hi in zip(edges[::2], edges[1::2]) if lo < hi for x in (lo, hi)), categories, False
+    return bounds, frozenset(_CATEGORIES) - categories, False
+
+
+@dataclass
+class _ClassTable:
+    """The classes of a program (all folded, or none) merged for one lookup per character: positive items as
+    code point intervals and categories -> instructions; negated items (only under (?i)) tested once each."""
+    points: list
+    interval_masks: list
+    category_masks: dict
+    negated_items: list
+    negated: int
+
+    @classmethod
+    def build(cls, classes: List[Tuple[_CharClass, int]]) -> "_ClassTable":
+        unions, negated_items = [], {}
+        for char_class, pcs in classes:
+            positive = [item for item in char_class.items if not item[2]]
+            unions.append((_bounds((lo, hi - 1) for bounds, _, _ in positive for lo, hi in zip(bounds[::2], bounds[1::2])),
+                           frozenset().union(*(categories for _, categories, _ in positive)), pcs))
+            for bounds, categories, negated in char_class.items:
+                if negated:
+                    negated_items[bounds, categories] = negated_items.get((bounds, categories), 0) | pcs
+        points = sorted({point for bounds, _, _ in unions for point in bounds})
+        toggles, category_masks = [0] * (len(points) + 1), {}
+        for bounds, categories, pcs in unions:
+            for point in bounds:
+                toggles[bisect.bisect_left(points, point) + 1] ^= pcs
+            for category in categories:
+                category_masks[category] = category_masks.get(category, 0) | pcs
+        interval_masks, mask = [], 0
+        for toggle in toggles:
+            mask ^= toggle
+            interval_masks.append(mask)
+        return cls(points, interval_masks, category_masks, list(negated_items.items()),
+                   sum(pcs for char_class, pcs in classes if char_class.negated))
+
+    def mask(self, forms) -> int:
+        """The instructions whose class holds one of forms (a character, or its case-folding orbit)."""
+        found, forms = 0, [(ord(form), unicodedata.category(form)) for form in forms]
+        for code, category in forms:
+            found |= self.interval_masks[bisect.bisect_right(self.points, code)] | self.category_masks.get(category, 0)
+        for (bounds, categories), pcs in self.negated_items:
+            if not any(bisect.bisect_right(bounds, code) & 1 or category in categories for code, category in forms):
+                found |= pcs
+        return found ^ self.negated
+
+
+@dataclass
+class _Node:
+    """A parsed subexpression with its program fragment (relative jumps), or a '(' or '|' marker."""
+    kind: str
+    code: Optional[list]      # None once larger than the program limit (size still counts)
+    size: int
+    height: int = 1           # Go's tree height, for "expression nests too deeply"
+    go_size: int = 1          # Go's calcSize, for "expression too large"
+    repeats: int = 1          # product of nested {n,m} counts, for "invalid repeat count"
+    flags: int = 0            # '(' marker: parser flags to restore at ')'
+    capture: bool = False     # '(' marker: a capturing group
+
+
+def _star(code: list) -> list:
+    return [(_SPLIT, 1, len(code) + 2)] + code + [(_JUMP, -len(code) - 1, 0)]
+
+
+def _repeat_code(code: list, low: int, high: int) -> list:
+    """x{low,high} as x...x followed by high-low optional x (high -1: unbounded)."""
+    if high < 0:
+        return _star(code) if low == 0 else code * low + [(_SPLIT, -len(code), 1)]
+    optional, step = [], len(code) + 1
+    for k in range(high - low):
+        optional += [(_SPLIT, 1, (high - low - k) * step)] + code
+    return code * low + optional
+
+
+def _alternate_code(codes: List[list]) -> list:
+    code = codes[-1]
+    for branch in reversed(codes[:-1]):
+        code = [(_SPLIT, 1, len(branch) + 2)] + branch + [(_JUMP, len(code) + 1, 0)] + code
+    return code
+
+
+class _RegexParser:
+    """Go's regexp/syntax parser (Perl flags), a stack machine mirrored step for step, building program code."""
+
+    def __init__(self, pattern: str, max_program: int):
+        self.pattern, self.max_program = pattern, max_program
+        self.flags = _ONE_LINE
+        self.stack: List[_Node] = []
+
+    # -- stack ------------------------------------------------------------------------------------------------
+    def node(self, kind: str, subs: List[_Node], size: int, go_size: int, build, repeats: int = 0) -> _Node:
+        code = None if size > self.max_program else build() if size else []
+        return _Node(kind, code, size, 1 + max(sub.height for sub in subs), max(1, go_size),
+                     repeats or max(sub.repeats for sub in subs))
+
+    def push(self, node: _Node) -> None:
+        self.stack.append(node)
+        self.check_limits(node)
+
+    def check_limits(self, node: _Node) -> None:
+        if node.go_size > _GO_MAX_SIZE:
+            raise _error("expression too large", self.pattern)
+        if node.height > _GO_MAX_HEIGHT:
+            raise _error("expression nests too deeply", self.pattern)
+
+    def push_class(self, char_class: _CharClass) -> None:
+        self.push(_Node("char", [(_CHAR, char_class, 0)], 1))
+
+    def literal(self, char: str) -> None:
+        self.push_class(_CharClass(literal=frozenset(_orbit(char) if self.flags & _FOLD else char)))
+
+    def assertion(self, condition: int) -> None:
+        self.push(_Node("assert", [(_ASSERT, condition, 0)], 1))
+
+    def operands(self) -> List[_Node]:
+        """Pop and return the nodes above the topmost marker."""
+        i = len(self.stack)
+        while i and self.stack[i - 1].kind not in "(|":
+            i -= 1
+        operands, self.stack[i:] = self.stack[i:], []
+        return operands
+
+    def concat(self) -> None:
+        subs = self.operands() or [_Node("empty", [], 0)]
+        if len(subs) > 1:
+            subs = [self.node("cat", subs, sum(s.size for s in subs), sum(s.go_size for s in subs),
+                              lambda: [op for s in subs for op in s.code])]
+        self.push(subs[0])
+
+    def alternate(self) -> None:
+        """Close the alternation above the topmost '(' (the '|' marker already popped)."""
+        subs = self.operands()
+        if len(subs) > 1:
+            subs = [self.node("alt", subs, sum(s.size for s in subs) + 2 * len(subs) - 2,
+                              sum(s.go_size for s in subs) + len(subs) - 1,
+                              lambda: _alternate_code([s.code for s in subs]))]
+        self.push(subs[0])
+
+    def swap_vertical_bar(self) -> bool:
+        """Move a finished branch below the '|' marker, where the branches collect."""
+        if len(self.stack) >= 2 and self.stack[-2].kind == "|":
+            self.stack[-2], self.stack[-1] = self.stack[-1], self.stack[-2]
+            return True
+        return False
+
+    def vertical_bar(self) -> None:
+        self.concat()
+        if not self.swap_vertical_bar():
+            self.stack.append(_Node("|", None, 0))
+
+    def close_group(self) -> None:
+        self.concat()
+        if self.swap_vertical_bar():
+            self.stack.pop()
+        self.alternate()
+
+    def right_paren(self) -> None:
+        self.close_group()
+        if len(self.stack) < 2 or self.stack[-2].kind != "(":
+            raise _error("unexpected )", self.pattern)
+        inner, marker = self.stack.pop(), self.stack.pop()
+        self.flags = marker.flags
+        if marker.capture:
+            inner = self.node("capture", [inner], inner.size, 2 + inner.go_size, lambda: inner.code)
+        self.push(inner)
+
+    def repeat(self, low: int, high: int, before: int, after: int, last_repeat: int, kind: str = "repeat") -> int:
+        """Apply a repetition to the top of the stack; return the position after it (and a non-greedy '?')."""
+        if after < len(self.pattern) and self.pattern[after] == "?":
+            after += 1
+        if last_repeat >= 0:
+            raise _error("invalid nested repetition operator", self.pattern[last_repeat:after])
+        if not self.stack or self.stack[-1].kind in "(|":
+            raise _error("missing argument to repetition operator", self.pattern[before:after])
+        sub = self.stack[-1]
+        if kind == "repeat":
+            size = sub.size + 2 if high < 0 and low == 0 else low * sub.size + (1 if high < 0 else
+                                                                                (high - low) * (sub.size + 1))
+            go_size = (2 + sub.go_size if low == 0 else 1 + low * sub.go_size) if high < 0 else \
+                high * sub.go_size + high - low
+            count = high if high >= 0 else low
+            repeats = 1 if high == 0 else max(count, 1) * sub.repeats
+        else:
+            size, go_size, repeats = sub.size + 1 + (kind == "*"), sub.go_size + 1 + (kind == "*"), sub.repeats
+            low, high = {"*": (0, -1), "+": (1, -1), "?": (0, 1)}[kind]
+        self.stack[-1] = node = self.node(kind, [sub], size, go_size, lambda: _repeat_code(sub.code, low, high),
+                                          repeats)
+        self.check_limits(node)
+        if kind == "repeat" and (low >= 2 or high >= 2) and node.repeats > _GO_MAX_REPEAT:
+            raise _error("invalid repeat count", self.pattern[before:after])
+        return after
+
+    # -- lexical pieces ---------------------------------------------------------------------------------------
+    def parse_int(self, i: int) -> Tuple[Optional[int], int]:
+        pattern, j = self.pattern, i
+        while j < len(pattern) and "0" <= pattern[j] <= "9":
+            j += 1
+        if j == i or (j - i >= 2 and pattern[i] == "0"):
+            return None, i
+        return int(pattern[i:j]), j
+
+    def parse_repeat(self, i: int) -> Optional[Tuple[int, int, int]]:
+        """{n}, {n,} or {n,m} at i as (low, high or -1, end), or None when '{' is a literal."""
+        pattern, n = self.pattern, len(self.pattern)
+        low, i = self.parse_int(i + 1)
+        if low is None or i >= n:
+            return None
+        high = low
+        if pattern[i] == ",":
+            i += 1
+            if i < n and pattern[i] == "}":
+                high = -1
+            else:
+                high, i = self.parse_int(i)
+                if high is None:
+                    return None
+        if i >= n or pattern[i] != "}":
+            return None
+        return low, high, i + 1
+
+    def escape(self, i: int) -> Tuple[int, int]:
+        """The code point of the escape sequence at i, and the position after it."""
+        pattern, n = self.pattern, len(self.pattern)
+        if i + 1 >= n:
+            raise _error("trailing backslash at end of expression", "")
+        char, j = pattern[i + 1], i + 2
+        if char < "\x80" and not char.isalnum():
+            return ord(char), j
+        if char == "0" or "1" <= char <= "7" and j < n and "0" <= pattern[j] <= "7":
+            value = int(char)
+            for _ in range(2):
+                if j < n and "0" <= pattern[j] <= "7":
+                    value, j = value * 8 + int(pattern[j]), j + 1
+            return value, j
+        if char == "x" and j < n:
+            first, j = pattern[j], j + 1
+            if first == "{":
+                value, digits = 0, 0
+                while j < n:
+                    digit, j = pattern[j], j + 1
+                    if digit == "}" and digits:
+                        return value, j
+                    if digit not in _HEX_DIGITS:
+                        break
+                    value, digits = value * 16 + int(digit, 16), digits + 1
+                    if value > _MAX_RUNE:
+                        break
+                raise _error("invalid escape sequence", pattern[i:j])
+            second = pattern[j] if j < n else ""
+            j += j < n
+            if first in _HEX_DIGITS and second and second in _HEX_DIGITS:
+                return int(first + second, 16), j
+        elif char in "afnrtv":
+            return ord("\a\f\n\r\t\v"["afnrtv".index(char)]), j
+        raise _error("invalid escape sequence", pattern[i:j])
+
+    def unicode_class(self, i: int) -> Tuple[tuple, int]:
+        """The \\p or \\P class at i as a class item (bounds, categories, negated) and the position after it."""
+        pattern, negated = self.pattern, self.pattern[i + 1] == "P"
+        if pattern[i + 2:i + 3] == "{":
+            end = pattern.find("}", i)
+            if end < 0:
+                raise _error("invalid character class range", pattern[i:])
+            sequence, name, after = pattern[i:end + 1], pattern[i + 3:end], end + 1
+        else:
+            after = min(i + 3, len(pattern))
+            sequence = pattern[i:after]
+            name = sequence[2:]
+        if name.startswith("^"):
+            negated, name = not negated, name[1:]
+        table = _UNICODE_TABLES.get(_canonical_name(name))
+        if table is None:
+            if _canonical_name(name) in _SCRIPTS:
+                raise GoRegexError(f"error parsing regexp: Unicode script classes are not supported by ocifit: "
+                                   f"`{sequence}`")
+            raise _error("invalid character class range", sequence)
+        return (table[0], table[1], negated != table[2]), after
+
+    def perl_flags(self, i: int) -> int:
+        """Parse (?flags), (?flags:, (?P<name> or (?<name> at i; return the position after it."""
+        pattern, rest = self.pattern, self.pattern[i:]
+        if rest[2:4] == "P<" and len(rest) > 4 or rest[2:3] == "<" and len(rest) > 3:
+            end = rest.find(">")
+            if end < 0:
+                raise _error("invalid named capture", rest)
+            name = rest[(4 if rest[2] == "P" else 3):end]
+            if not name or not all(ch == "_" or ch.isascii() and ch.isalnum() for ch in name):
+                raise _error("invalid named capture", rest[:end + 1])
+            self.stack.append(_Node("(", None, 0, flags=self.flags, capture=True))
+            return i + end + 1
+        flags, negate, saw_flag, j = self.flags, False, False, i + 2
+        while j < len(pattern):
+            char, j = pattern[j], j + 1
+            if char in "imsU":
+                bit = {"i": _FOLD, "m": _ONE_LINE, "s": _DOT_NL, "U": 0}[char]
+                flags = flags & ~bit if negate != (char == "m") else flags | bit
+                saw_flag = True
+            elif char == "-" and not negate:
+                negate, saw_flag = True, False
+            elif char in ":)" and (saw_flag or not negate):
+                if char == ":":
+                    self.stack.append(_Node("(", None, 0, flags=self.flags))
+                self.flags = flags
+                return j
+            else:
+                break
+        raise _error("invalid or unsupported Perl syntax", pattern[i:j])
+
+    def parse_class(self, start: int) -> int:
+        """Parse the bracketed class at start, push it, return the position after it."""
+        pattern, n = self.pattern, len(self.pattern)
+        i, negated = start + 1, self.pattern[start + 1:start + 2] == "^"
+        i += negated
+        ranges: list = []
+        categories: set = set()
+        items: list = []
+
+        def add(bounds, cats, item_negated):
+            if item_negated:
+                items.append((bounds, frozenset(cats), True))
+            else:
+                ranges.extend(zip(bounds[::2], [hi - 1 for hi in bounds[1::2]]))
+                categories.update(cats)
+
+        first = True
+        while i >= n or pattern[i] != "]" or first:
+            first = False
+            if pattern.startswith("[:", i) and n - i > 2 and pattern.find(":]", i + 2) >= 0:
+                end = pattern.find(":]", i + 2) + 2
+                name = pattern[i + 2:end - 2]
+                group = _POSIX_GROUPS.get(name[1:] if name.startswith("^") else name)
+                if group is None:
+                    raise _error("invalid character class range", pattern[i:end])
+                add(_bounds(group), (), name.startswith("^"))
+                i = end
+            elif pattern.startswith(("\\p", "\\P"), i):
+                item, i = self.unicode_class(i)
+                add(*item)
+            elif pattern[i:i + 1] == "\\" and pattern[i + 1:i + 2] in tuple("dDsSwW"):
+                add(_bounds(_PERL_GROUPS[pattern[i + 1].lower()]), (), pattern[i + 1].isupper())
+                i += 2
+            else:
+                range_start = i
+                low, i = self.class_char(i, start)
+                high = low
+                if n - i >= 2 and pattern[i] == "-" and pattern[i + 1] != "]":
+                    high, i = self.class_char(i + 1, start)
+                    if high < low:
+                        raise _error("invalid character class range", pattern[range_start:i])
+                ranges.append((low, high))
+        items.insert(0, (_bounds(ranges), frozenset(categories), False))
+        self.push_class(_char_class(tuple(items), bool(self.flags & _FOLD), negated))
+        return i + 1
+
+    def class_char(self, i: int, start: int) -> Tuple[int, int]:
+        if i >= len(self.pattern):
+            raise _error("missing closing ]", self.pattern[start:])
+        return self.escape(i) if self.pattern[i] == "\\" else (ord(self.pattern[i]), i + 1)
+
+    # -- the main loop ----------------------------------------------------------------------------------------
+    def parse(self) -> _Node:
+        pattern, n, i, last_repeat = self.pattern, len(self.pattern), 0, -1
+        while i < n:
+            char, repeat_start = pattern[i], -1
+            if char == "(" and pattern.startswith("(?", i):
+                i = self.perl_flags(i)
+            elif char == "(":
+                self.stack.append(_Node("(", None, 0, flags=self.flags, capture=True))
+                i += 1
+            elif char == "|":
+                self.vertical_bar()
+                i += 1
+            elif char == ")":
+                self.right_paren()
+                i += 1
+            elif char in "^$":
+                one_line = self.flags & _ONE_LINE
+                self.assertion((_BEGIN_TEXT if one_line else _BEGIN_LINE) if char == "^" else
+                               (_END_TEXT if one_line else _END_LINE))
+                i += 1
+            elif char == ".":
+                newline = () if self.flags & _DOT_NL else (((10, 11), frozenset(), False),)
+                self.push_class(_CharClass(newline, negated=True))
+                i += 1
+            elif char == "[":
+                i = self.parse_class(i)
+            elif char in "*+?":
+                i, repeat_start = self.repeat(0, 0, i, i + 1, last_repeat, char), i
+            elif char == "{":
+                parsed = self.parse_repeat(i)
+                if parsed is None:
+                    self.literal("{")
+                    i += 1
+                else:
+                    low, high, after = parsed
+                    if low > _GO_MAX_REPEAT or high > _GO_MAX_REPEAT or 0 <= high < low:
+                        raise _error("invalid repeat count", pattern[i:after])
+                    i, repeat_start = self.repeat(low, high, i, after, last_repeat), i
+            elif char == "\\":
+                i = self.backslash(i)
+            else:
+                self.literal(char)
+                i += 1
+            last_repeat = repeat_start
+        self.close_group()
+        if len(self.stack) != 1:
+            raise _error("missing closing )", pattern)
+        return self.stack[0]
+
+    def backslash(self, i: int) -> int:
+        """Parse the escape at i (assertion, \\Q...\\E, class or literal); return the position after it."""
+        pattern, kind = self.pattern, self.pattern[i + 1:i + 2]
+        conditions = {"A": _BEGIN_TEXT, "b": _WORD_BOUNDARY, "B": _NOT_WORD_BOUNDARY, "z": _END_TEXT}
+        if kind in conditions:
+            self.assertion(conditions[kind])
+            return i + 2
+        if kind == "C":
+            raise _error("invalid escape sequence", "\\C")
+        if kind == "Q":
+            end = pattern.find("\\E", i + 2)
+            for char in pattern[i + 2:end if end >= 0 else len(pattern)]:
+                self.literal(char)
+            return end + 2 if end >= 0 else len(pattern)
+        fold = bool(self.flags & _FOLD)
+        if kind and kind in "pP":
+            item, after = self.unicode_class(i)
+            self.push_class(_char_class((item,), fold))
+            return after
+        if kind and kind in "dDsSwW":
+            self.push_class(_char_class(((_bounds(_PERL_GROUPS[kind.lower()]), frozenset(), kind.isupper()),), fold))
+            return i + 2
+        code_point, after = self.escape(i)
+        self.literal(chr(code_point))
+        return after
+
+
+def compile_go(pattern: str, max_program: int = MAX_PROGRAM) -> "GoRegex":
+    """Parse pattern as Go's regexp.Compile does; raise GoRegexError with Go's message if Go refuses it, or if
+    its program would exceed max_program instructions (ocifit's limit, far below Go's)."""
+    root = _RegexParser(pattern, max_program).parse()
+    size = root.size + 1
+    if size > max_program:
+        raise GoRegexError(f"error parsing regexp: pattern compiles to {size} instructions, more than the limit "
+                           f"of {max_program}: `{pattern}`")
+    program = [(op, pc + a, pc + b) if op in (_SPLIT, _JUMP) else (op, a, b)
+               for pc, (op, a, b) in enumerate(root.code + [(_MATCH, 0, 0)])]
+    return GoRegex(pattern, size, program)
+
+
+@dataclass(eq=False)
+class GoRegex:
+    """A compiled Go regular expression; search() is Go's MatchString, simulated as a lazily built DFA.
+
+    A DFA state is the bitmask of the program's character and match instructions alive at a position. A step
+    keeps the alive character instructions that accept the next character (a mask cached per character), moves
+    each to the next instruction (a shift: they always continue at pc + 1), adds the start (the search is
+    unanchored) and follows splits, jumps and the assertions true between the two characters (cached per
+    (seed, context), from per-instruction closures computed once each). A miss costs O(program size) bit
+    operations; the caches are bounded."""
+    pattern: str
+    size: int
+    program: list = field(repr=False)
+
+    def __post_init__(self) -> None:
+        self._literals: Dict[str, int] = {}
+        classes: Dict[_CharClass, int] = {}
+        self._conditions = 0
+        for pc, (op, arg, _) in enumerate(self.program):
+            if op == _CHAR and arg.literal:
+                for char in arg.literal:
+                    self._literals[char] = self._literals.get(char, 0) | 1 << pc
+            elif op == _CHAR:
+                classes[arg] = classes.get(arg, 0) | 1 << pc
+            elif op == _ASSERT:
+                self._conditions |= arg
+        by_fold = [[(c, pcs) for c, pcs in classes.items() if c.fold == fold] for fold in (False, True)]
+        self._plain, self._folded = (_ClassTable.build(group) if group else None for group in by_fold)
+        self._match_bit = 1 << (len(self.program) - 1)
+        self._consuming = sum(1 << pc for pc, (op, _, _) in enumerate(self.program) if op in (_CHAR, _MATCH))
+        self._reaches: Dict[Tuple[int, int], int] = {}   # (pc, context) -> _reach(), at most size x 64 entries
+        self._accepting: Dict[str, int] = {}
+        self._closures: Dict[Tuple[int, int], int] = {}
+
+    def search(self, text: str) -> bool:
+        """Whether the pattern matches anywhere in text, as Go's regexp.MatchString."""
+        closures, accepting, used, n = self._closures, self._accepting, self._conditions, len(text)
+        seed = 1
+        for i in range(n + 1):
+            context = self._context(text, i, n) & used if used else 0
+            state = closures.get((seed, context))
+            if state is None:
+                if len(closures) >= _CACHE_LIMIT:
+                    closures.clear()
+                state = closures[seed, context] = self._closure(seed, context)
+            if state & self._match_bit:
+                return True
+            if i == n:
+                return False
+            mask = accepting.get(text[i])
+            if mask is None:
+                if len(accepting) >= _CACHE_LIMIT:
+                    accepting.clear()
+                mask = accepting[text[i]] = self._accepting_mask(text[i])
+            seed = (state & mask) << 1 | 1
+        return False
+
+    def _accepting_mask(self, char: str) -> int:
+        mask = self._literals.get(char, 0)
+        if self._plain:
+            mask |= self._plain.mask((char,))
+        if self._folded:
+            mask |= self._folded.mask(_orbit(char))
+        return mask
+
+    @staticmethod
+    def _context(text: str, i: int, n: int) -> int:
+        """The empty-width conditions true between text[i-1] and text[i]."""
+        before, after = text[i - 1] if i else "", text[i] if i < n else ""
+        context = _BEGIN_TEXT | _BEGIN_LINE if not before else _BEGIN_LINE if before == "\n" else 0
+        context |= _END_TEXT | _END_LINE if not after else _END_LINE if after == "\n" else 0
+        return context | (_WORD_BOUNDARY if (before in _WORD_CHARS) != (after in _WORD_CHARS) else _NOT_WORD_BOUNDARY)
+
+    def _closure(self, seed: int, context: int) -> int:
+        """The character and match instructions reachable from the seed's instructions without input."""
+        state, seed, reaches = seed & self._consuming, seed & ~self._consuming, self._reaches
+        while seed:
+            low = seed & -seed
+            seed ^= low
+            key = (low.bit_length() - 1, context)
+            reach = reaches.get(key)
+            if reach is None:
+                reach = reaches[key] = self._reach(*key)
+            state |= reach
+        return state
+
+    def _reach(self, start: int, context: int) -> int:
+        """The character and match instructions reachable from instruction start without input: O(size)."""
+        program, alive, todo, seen = self.program, [], [start], set()
+        while todo:
+            pc = todo.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            op, arg, other = program[pc]
+            if op == _SPLIT:
+                todo += (other, arg)
+            elif op == _JUMP:
+                todo.append(arg)
+            elif op != _ASSERT:
+                alive.append(pc)
+            elif arg & context:
+                todo.append(pc + 1)
+        return sum(1 << pc for pc in alive)
+
+
+# ============================================================================================
 # Compatibility spec: parse, validate, match
 # ============================================================================================
 
@@ -1813,110 +2539,24 @@ def parse_integer(text: str) -> Optional[int]:
     return value if _INT64[0] <= value <= _INT64[1] else None
 
 
-def _quantifier(pattern: str, i: int) -> Tuple[int, bool, bool]:
-    """Length of the quantifier at pattern[i] (0 if none), whether it repeats more than once, and whether it is
-    unbounded (*, +, {n,})."""
-    if i >= len(pattern):
-        return 0, False, False
-    c = pattern[i]
-    if c in "*+":
-        length, repeats, unbounded = 1, True, True
-    elif c == "?":
-        length, repeats, unbounded = 1, False, False
-    elif c == "{":
-        m = re.match(r"\{(\d*)(,?)(\d*)\}", pattern[i:])
-        if not m or not (m.group(1) or m.group(3)):
-            return 0, False, False
-        upper = m.group(3) if m.group(2) else m.group(1)
-        length, repeats, unbounded = len(m.group(0)), (not upper) or int(upper) > 1, not upper
-    else:
-        return 0, False, False
-    if i + length < len(pattern) and pattern[i + length] in "?+":
-        length += 1
-    return length, repeats, unbounded
-
-
-MAX_UNBOUNDED = 2  # unbounded repetitions in one pattern: k of them can take time n**k on a failing match
 MAX_REGEX_INPUT = 1024  # longest value a pattern is tested against
 
 
-def regex_hazard(pattern: str) -> Optional[str]:
-    """Why a pattern is refused, or None: features Go's RE2 lacks, and repeated groups that can backtrack.
-
-    A group repeated more than once must not itself contain a repetition or an alternation: `(a+)+`,
-    `(a|aa)*` and the like take exponential time in a backtracking engine such as Python's. And a pattern may
-    repeat without bound at most MAX_UNBOUNDED times in all: `.*.*.*.*x` takes time n**4 when it fails.
-    """
-    stack: List[Dict[str, bool]] = []
-    unbounded_count = 0
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        closed: Optional[Dict[str, bool]] = None
-        if c == "\\":
-            nxt = pattern[i + 1:i + 2]
-            if nxt.isdigit() and nxt != "0":
-                return "backreferences are not supported (Go's regexp has none)"
-            i += 2
-        elif c == "[":
-            j = i + 1
-            if pattern[j:j + 1] == "^":
-                j += 1
-            if pattern[j:j + 1] == "]":
-                j += 1
-            while j < len(pattern) and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            i = j + 1
-        elif c == "(":
-            if re.match(r"\(\?(=|!|<=|<!|P=)", pattern[i:]):
-                return "lookaround and backreferences are not supported (Go's regexp has none)"
-            stack.append({"repeats": False, "alternates": False})
-            i += 1
-            continue
-        elif c == ")":
-            closed = stack.pop() if stack else None
-            i += 1
-        elif c == "|":
-            if stack:
-                stack[-1]["alternates"] = True
-            i += 1
-            continue
-        else:
-            i += 1
-        length, repeats, unbounded = _quantifier(pattern, i)
-        unbounded_count += unbounded
-        if unbounded_count > MAX_UNBOUNDED:
-            return (f"more than {MAX_UNBOUNDED} unbounded repetitions (*, +, {{n,}}), which can backtrack for very "
-                    "long on a value that does not match; anchor the pattern or use bounded counts ({0,64})")
-        if closed and repeats and (closed["repeats"] or closed["alternates"]):
-            return ("a repeated group contains a repetition or alternation, which can backtrack "
-                    "catastrophically; use a character class or drop the outer repetition")
-        if stack:
-            inner = stack[-1]
-            inner["repeats"] = inner["repeats"] or repeats or bool(closed and closed["repeats"])
-            inner["alternates"] = inner["alternates"] or bool(closed and closed["alternates"])
-        i += length
-    return None
-
-
-def compile_pattern(pattern: str, path: str) -> "re.Pattern[str]":
-    """Compile an InRegexp pattern with Go's meaning, or raise SpecError naming path."""
+def compile_pattern(pattern: str, path: str) -> "GoRegex":
+    """Compile an InRegexp pattern as Go does (its syntax, its matches, in linear time), or raise SpecError naming
+    path."""
     if len(pattern) > MAX_PATTERN:
-        raise SpecError(f"{path}: pattern longer than {MAX_PATTERN} characters")
-    hazard = regex_hazard(pattern)
-    if hazard:
-        raise SpecError(f"{path}: pattern {pattern!r} refused: {hazard}")
-    go_compatible = re.sub(r"(?<!\\)((?:\\\\)*)\\z", r"\1\\Z", pattern)  # Go's \z is Python's \Z
+        raise SpecError(f"{path}: pattern longer than {MAX_PATTERN} characters, the limit")
     try:
-        return re.compile(go_compatible)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise SpecError(f"{path}: pattern {pattern!r} does not compile: {exc}") from None
+        return compile_go(pattern)
+    except GoRegexError as exc:
+        raise SpecError(f"{path}: pattern {pattern!r} refused: {exc}") from None
 
 
-def searched(pattern: Any, value: str) -> bool:
+def searched(pattern: "GoRegex", value: str) -> bool:
     """Whether the pattern matches anywhere in the value, charged to the evaluation budget by its worst cost."""
-    charge(len(value) * getattr(pattern, "size", 64) // 64)
-    return bool(pattern.search(value))
+    charge(1 + len(value) * pattern.size // 64)
+    return pattern.search(value)
 
 
 def _quote_values(values: Sequence[str], most: int = 5) -> str:
@@ -1932,7 +2572,7 @@ class Expression:
     op: str
     key: str
     values: Tuple[str, ...] = ()
-    patterns: Tuple["re.Pattern[str]", ...] = ()
+    patterns: Tuple[GoRegex, ...] = ()
     bounds: Tuple[int, ...] = ()
 
     def failure(self, labels: Mapping[str, str]) -> Optional[str]:
@@ -2142,7 +2782,7 @@ def _parse_expression(raw: Any, path: str) -> Expression:
     if not key:
         raise SpecError(f"{path}.key: empty label key")
     values = _parse_values(raw.get("value"), f"{path}.value")
-    patterns: Tuple[re.Pattern, ...] = ()
+    patterns: Tuple[GoRegex, ...] = ()
     bounds: Tuple[int, ...] = ()
     if op in VALUELESS_OPERATORS:
         if values:
@@ -2379,7 +3019,7 @@ class FeatureExpression:
     path: str
     op: str
     values: Tuple[str, ...] = ()
-    patterns: Tuple["re.Pattern[str]", ...] = ()
+    patterns: Tuple[GoRegex, ...] = ()
     bounds: Tuple[Any, ...] = ()  # ints, or (major, minor, patch) with type: version
     version: bool = False
 

@@ -358,8 +358,8 @@ MALFORMED = [
     (_set_expr(0, value=7), "matchExpressions[0].value: expected a list of strings or a string, got int"),
     (_set_expr(0, value=["ok", 3]), "matchExpressions[0].value[1]: expected a string, got int"),
     (_set_expr(0, key=None), "matchExpressions[0].key: expected a string, got null"),
-    (_set_expr(0, op="InRegexp", value=["("]), "does not compile"),
-    (_set_expr(0, op="InRegexp", value=["(a+)+$"]), "backtrack catastrophically"),
+    (_set_expr(0, op="InRegexp", value=["("]), "missing closing ): `(`"),
+    (_set_expr(0, op="InRegexp", value=["a++"]), "invalid nested repetition operator"),
     (_set_expr(1, op="Gt", value=["five"]), 'compatibilities[1].rules[0].matchFeatures[0].matchExpressions[0]'
                                            '.value[0]: "five" is not an integer'),
     (_set_expr(0, op="Gt", value=["9" * 30]), "is not an integer"),
@@ -399,18 +399,171 @@ def test_a_spec_with_too_many_expressions_is_rejected() -> None:
         ocifit.parse_spec(spec_doc(compat("a:1", *many)))
 
 
-@pytest.mark.parametrize("pattern", ["(a+)+$", "(a*)*b", "(a|aa)+$", r"(\w+\s?)*$", "((ab)*)+", "(x+x+)+y",
-                                     "(.*a){20}", "(?:a|a)*", r"(a)\1", "(?=a)b", "(?<!a)b",
-                                     "^.*.*.*x$", "a+b+c+", ".*x{2,}.*"])
-def test_regexes_that_can_backtrack_or_go_lacks_are_refused(pattern: str) -> None:
-    assert ocifit.regex_hazard(pattern) is not None
+# Go's own verdicts (go1.27 regexp.Compile and MatchString, recorded from a Go program run on each pair):
+# (pattern, text, Go's error or None, whether it matches)
+GO_REGEX_VERDICTS = [
+    ('(?U)a+', 'aaa', None, True),
+    ('\\pL', '1é', None, True),
+    ('(?<n>a)', 'a', None, True),
+    ('[[:alpha:]]', '1', None, False),
+    ('\\Z', 'a', 'error parsing regexp: invalid escape sequence: `\\Z`', False),
+    ('a++', 'a', 'error parsing regexp: invalid nested repetition operator: `++`', False),
+    ('a{1001}', 'a', 'error parsing regexp: invalid repeat count: `{1001}`', False),
+    ('x*$', 'x\n', None, True),
+    ('x$', 'x\n', None, False),
+    ('(?m)^b', 'a\nb', None, True),
+    ('(?i)K', 'K', None, True),
+    ('(?i)ſ', 's', None, True),
+    ('(?i)s', 'ſ', None, True),
+    ('(?i)σ', 'ς', None, True),
+    ('(?i)i', 'ı', None, False),
+    ('(?i)ı', 'I', None, False),
+    ('(?i)ß', 'ẞ', None, True),
+    ('(?i)[k]', 'K', None, True),
+    ('(?i)\\W', 'ſ', None, False),
+    ('(?i)[^k]', 'K', None, False),
+    ('(?i)\\pL', 'ͅ', None, True),
+    ('(?i)\\p{Lu}', 'a', None, True),
+    ('(?i)\\P{Lu}', 'a', None, False),
+    ('(?i)[\\PL]', 'A', None, False),
+    ('(?i)ΐ', 'ΐ', None, True),
+    ('^5\\.1[0-5]', '5.12', None, True),
+    ('^(0x)?8086$', '0x8086', None, True),
+    ('^i[0-9]+$', 'i915', None, True),
+    ('a{,5}', 'a{,5}', None, True),
+    ('x{1001', 'x{1001', None, True),
+    ('a{', 'a{', None, True),
+    ('{', '{', None, True),
+    ('a{1,2', 'a{1,2', None, True),
+    ('\\b', '', None, False),
+    ('\\B', '', None, True),
+    ('^$', '', None, True),
+    ('(?m)^$', 'a\n', None, True),
+    ('(?m)$', '', None, True),
+    ('(?s).', '\n', None, True),
+    ('.', '\n', None, False),
+    ('[^a]', '\n', None, True),
+    ('\\Qa*\\E+', 'a*a*', None, True),
+    ('\\Q', '', None, True),
+    ('(|a)*', 'b', None, True),
+    ('(a*)*', 'b', None, True),
+    ('(a|)+b', 'b', None, True),
+    ('()', '', None, True),
+    ('(?i)(?-i:a)A', 'aA', None, True),
+    ('a(?i)b', 'aB', None, True),
+    ('a(?i)*', 'aaa', None, True),
+    ('a*(?i)*', 'a', None, True),
+    ('^*', 'a', None, True),
+    ('\\b*', 'a', None, True),
+    ('*', '', 'error parsing regexp: missing argument to repetition operator: `*`', False),
+    ('(*)', '', 'error parsing regexp: missing argument to repetition operator: `*`', False),
+    ('|*', '', 'error parsing regexp: missing argument to repetition operator: `*`', False),
+    ('a|*', '', 'error parsing regexp: missing argument to repetition operator: `*`', False),
+    ('(?i)', '', None, True),
+    ('[]a]', ']', None, True),
+    ('[^]a]', 'b', None, True),
+    ('[a-]', '-', None, True),
+    ('[a-b-c]', '-', None, True),
+    ('[]', '', 'error parsing regexp: missing closing ]: `[]`', False),
+    ('[^]', '', 'error parsing regexp: missing closing ]: `[^]`', False),
+    ('[a', '', 'error parsing regexp: missing closing ]: `[a`', False),
+    ('[[:alpha:]', '', 'error parsing regexp: missing closing ]: `[[:alpha:]`', False),
+    ('[\\d-z]', '-', None, True),
+    ('(?P<n>a)(?P<n>b)', 'ab', None, True),
+    ('\\p{Greek}', 'α', None, True),
+    ('\\pL{1000}', 'a', None, False),
+    ('(?:(?:a){2}){500}', '', None, False),
+    ('(?:(?:a){2}){501}', '', 'error parsing regexp: invalid repeat count: `{501}`', False),
+    ('((a{10}){10}){10}', '', None, False),
+    ('((a{10}){10}){11}', '', 'error parsing regexp: invalid repeat count: `{11}`', False),
+    ('(a{2}){0}{1000}', '', 'error parsing regexp: invalid nested repetition operator: `{0}{1000}`', False),
+    ('\\x{D7FF}', '\ud7ff', None, True),
+    ('\\', '', 'error parsing regexp: trailing backslash at end of expression: ``', False),
+    ('a\\', '', 'error parsing regexp: trailing backslash at end of expression: ``', False),
+    ('[\\', '', 'error parsing regexp: trailing backslash at end of expression: ``', False),
+    ('(?i)ǅ', 'Ǆ', None, True),
+    ('[\\x{0}-\\x{10FFFF}]', '\U0010ffff', None, True),
+    ('(?i)[\\x{100}-\\x{1E943}]', 'A', None, False),
+    ('\\C', '', 'error parsing regexp: invalid escape sequence: `\\C`', False),
+    ('(?P<n', '', 'error parsing regexp: invalid named capture: `(?P<n`', False),
+    ('(?<n', '', 'error parsing regexp: invalid named capture: `(?<n`', False),
+    ('(?P', '', 'error parsing regexp: invalid or unsupported Perl syntax: `(?P`', False),
+    ('(?', '', 'error parsing regexp: invalid or unsupported Perl syntax: `(?`', False),
+    ('(?i', '', 'error parsing regexp: invalid or unsupported Perl syntax: `(?i`', False),
+    ('x(?i', '', 'error parsing regexp: invalid or unsupported Perl syntax: `(?i`', False),
+    ('a.c', 'abc', None, True),
+    ('a.c', 'a\nc', None, False),
+    ('(?i)straße', 'STRASSE', None, False),
+    ('[[:^alpha:]]', 'a1', None, True),
+    ('\\p{^L}', '1', None, True),
+    ('(?i)[^K]', 'k', None, False),
+    ('\\bx\\b', 'a x', None, True),
+    ('\\Bx', 'ax', None, True),
+    ('(?m)a$', 'a\nb', None, True),
+    ('a$', 'a\n', None, False),
+    ('\\Aa', 'ba', None, False),
+    ('a\\z', 'ab', None, False),
+    ('[\\d-z]', '5', None, True),
+    ('x{2}{3}', '', 'error parsing regexp: invalid nested repetition operator: `{2}{3}`', False),
+    ('a**', '', 'error parsing regexp: invalid nested repetition operator: `**`', False),
+    ('(?i)\\W', 'k', None, False),
+    ('\\x{110000}', '', 'error parsing regexp: invalid escape sequence: `\\x{110000`', False),
+    ('\\pZ', '\xa0', None, True),
+    ('\\p{Nd}', '٣', None, True),
+    ('\\pN', 'Ⅷ', None, True),
+]
 
 
-@pytest.mark.parametrize("pattern", [r"^6\.[0-9]+$", "(ab)+", "[a-z]+(-[a-z]+)?", "a{2,3}", "(?:amd|arm)64",
-                                     r"\d+", "[(+*)]+", r"\(a+\)+"])
-def test_ordinary_regexes_are_accepted(pattern: str) -> None:
-    assert ocifit.regex_hazard(pattern) is None
-    ocifit.compile_pattern(pattern, "p")
+@pytest.mark.parametrize("pattern,text,error,match", GO_REGEX_VERDICTS)
+def test_patterns_are_read_and_matched_as_go_reads_and_matches_them(pattern: str, text: str, error: Optional[str],
+                                                                     match: bool) -> None:
+    if pattern.startswith("\\p{Greek"):  # the deliberate difference: no script property in the standard library
+        error = f"error parsing regexp: Unicode script classes are not supported by ocifit: `{pattern}`"
+    if error is not None:
+        with pytest.raises(ocifit.SpecError) as refused:
+            ocifit.compile_pattern(pattern, "p")
+        assert str(refused.value) == f"p: pattern {pattern!r} refused: {error}"
+        return
+    assert ocifit.compile_go(pattern, max_program=10 ** 7).search(text) is match
+    try:
+        assert ocifit.compile_pattern(pattern, "p").search(text) is match
+    except ocifit.SpecError as exc:  # the other deliberate difference: a program too large to search in bounded time
+        assert f"more than the limit of {ocifit.MAX_PROGRAM}" in str(exc)
+
+
+@pytest.mark.parametrize("pattern", [".?" * 40 + "Z", ".{0,9}" * 20 + "Z", "(a|a)*" * 20 + "b", "((a{0,9}){0,9}){0,5}"])
+def test_patterns_that_backtrack_elsewhere_are_evaluated_whole_or_refused_for_their_size(pattern: str) -> None:
+    """Linear time by construction: the matcher never backtracks, and a program past MAX_PROGRAM instructions is
+    refused naming the limit (bench/attack.py times the worst that fit)."""
+    try:
+        regex = ocifit.compile_pattern(pattern, "p")
+    except ocifit.SpecError as exc:
+        assert f"more than the limit of {ocifit.MAX_PROGRAM}" in str(exc)
+        return
+    assert regex.size <= ocifit.MAX_PROGRAM and regex.search("ocifit-worker" * 70) is False
+
+
+def test_a_pod_whose_placement_costs_past_the_budget_is_denied_and_others_are_not_held_up() -> None:
+    """2,000 nodes and a pod with 1,000 matchFields requirements: 2 million tests, over the evaluation budget."""
+    snapshot = snapshot_of(*(node_obj(f"w{i}", {"feature.node.ocifit-k8s.flavor": "vanilla"}) for i in range(2000)))
+    far = [{"key": "metadata.name", "operator": "NotIn", "values": [f"x{i}"]} for i in range(1000)]
+    pod = pod_obj(spec={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchFields": far}]}}}})
+    decision = ocifit.decide(review_of(pod)["request"], snapshot, FileArtifacts())
+    assert (decision.allowed, decision.reason, decision.code) == (False, "too-costly", 422)
+    assert "more than the evaluation budget of 1,000,000 units" in decision.message
+    assert ocifit.decide(review_of(pod_obj())["request"], snapshot, FileArtifacts()).image == "debian:11"
+
+
+def test_a_spec_over_a_limit_is_refused_naming_it() -> None:
+    big = spec_doc(compat("a:1", expr("In", "k", ["v" * 4000] * 20)))
+    with pytest.raises(ocifit.SpecError, match="bytes, over the limit of 64 KiB"):
+        ocifit.parse_spec(json.dumps(big).encode())
+    four_rules = [{"matchFeatures": [{"matchExpressions": [expr("Exists", "k")]}]}] * 4
+    with pytest.raises(ocifit.SpecError, match="80 rules in all, over the limit of 64"):
+        ocifit.parse_spec(spec_doc(*(dict(compat(f"a:{i}"), rules=four_rules) for i in range(20))))
+    with pytest.raises(ocifit.SpecError, match="more than 256 values"):
+        ocifit.parse_spec(spec_doc(compat("a:1", expr("In", "k", [str(i) for i in range(257)]))))
 
 
 # ---- NFD's dialect: its own test tables, its example, explanations ----
