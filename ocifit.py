@@ -54,8 +54,10 @@ import http.client
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import logging
+import operator
 import os
 import platform
 import queue
@@ -1760,7 +1762,7 @@ def _process_start_time() -> float:
 # count 1000, nesting depth 1000, "expression too large") are mirrored on ocifit's parse tree, which is not
 # factored as Go's is, so a pattern right at Go's nesting or size limit may be judged one step differently.
 
-MAX_PROGRAM = 500           # instructions: the worst search of a 1 KiB text stays near 20 ms (bench.py); real patterns ~10
+MAX_PROGRAM = 500  # instructions: the worst search of a 1 KiB text stays near 20 ms; real patterns take about 10
 _GO_MAX_REPEAT = 1000
 _GO_MAX_HEIGHT = 1000
 _GO_MAX_SIZE = (128 << 20) // 40
@@ -1772,6 +1774,9 @@ _BEGIN_TEXT, _END_TEXT, _BEGIN_LINE, _END_LINE, _WORD_BOUNDARY, _NOT_WORD_BOUNDA
 _CHAR, _SPLIT, _JUMP, _ASSERT, _MATCH = range(5)           # instruction opcodes
 _HEX_DIGITS = "0123456789abcdefABCDEF"
 _WORD_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz")
+
+# A class item is (bounds, general categories, negated): bounds are flat sorted half-open code point intervals.
+_Item = Tuple[Tuple[int, ...], frozenset, bool]
 
 _PERL_GROUPS = {"d": ((0x30, 0x39),), "s": ((9, 10), (12, 13), (32, 32)),
                 "w": ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))}
@@ -1851,7 +1856,7 @@ def _orbit(char: str) -> Tuple[str, ...]:
     return tuple(sorted(members))
 
 
-def _bounds(ranges) -> Tuple[int, ...]:
+def _bounds(ranges: Iterable[Tuple[int, int]]) -> Tuple[int, ...]:
     """Inclusive (lo, hi) code point ranges as sorted, merged, flat half-open bounds for bisect."""
     flat: List[int] = []
     for lo, hi in sorted(ranges):
@@ -1862,18 +1867,22 @@ def _bounds(ranges) -> Tuple[int, ...]:
     return tuple(flat)
 
 
+def _ranges(bounds: Tuple[int, ...]) -> List[Tuple[int, int]]:
+    """Flat half-open bounds back as inclusive (lo, hi) ranges."""
+    return [(lo, hi - 1) for lo, hi in zip(bounds[::2], bounds[1::2])]
+
+
 def _canonical_name(name: str) -> str:
-    """Go's canonicalName: no '_', '-' or ' ', first letter upper case, the other ASCII letters lower case."""
-    out = [ch for ch in name if ch not in "_- "]
-    return "".join(ch.upper() if i == 0 and "a" <= ch <= "z" else ch.lower() if i and "A" <= ch <= "Z" else ch
-                   for i, ch in enumerate(out))
+    """Go's canonicalName for lookups: no '_', '-' or ' ', capitalized (non-ASCII names match no table)."""
+    name = "".join(ch for ch in name if ch not in "_- ")
+    return name.capitalize() if name.isascii() else name
 
 
-def _unicode_tables() -> Dict[str, Tuple[Tuple[int, ...], frozenset, bool]]:
-    """Canonical \\p{name} -> (bounds, general categories, inverted) for every class Go accepts but scripts."""
+def _unicode_tables() -> Dict[str, _Item]:
+    """Canonical \\p{name} -> class item, for every class Go accepts but scripts."""
     groups = {code: {code} for code in _CATEGORIES}
     groups.update({major: {c for c in _CATEGORIES if c[0] == major} for major in "CLMNPSZ"}, LC={"Lu", "Ll", "Lt"})
-    tables = {_canonical_name(name): ((), frozenset(codes), False) for name, codes in groups.items()}
+    tables: Dict[str, _Item] = {_canonical_name(name): ((), frozenset(codes), False) for name, codes in groups.items()}
     tables.update({alias: tables[_canonical_name(name)] for alias, name in _CATEGORY_ALIASES.items()})
     tables.update(Any=((0, _MAX_RUNE + 1), frozenset(), False), Assigned=((), frozenset({"Cn"}), True),
                   Ascii=((0, 0x80), frozenset(), False))
@@ -1885,37 +1894,40 @@ _UNICODE_TABLES = _unicode_tables()
 
 @dataclass(frozen=True)
 class _CharClass:
-    """A set of characters: the union of items, each (bounds, general categories, negated), then negated.
+    """A set of characters: items[0] (positive) united with the negated items after it, then negated.
 
     With fold, an item holds a character when it holds any character of its case-folding orbit, and negated
     items are negated after folding, as Go builds (?i)\\W. A literal is just its set of characters."""
-    items: tuple = ()
+    items: Tuple[_Item, ...] = ()
     fold: bool = False
     negated: bool = False
     literal: frozenset = frozenset()
 
 
-def _char_class(items: tuple, fold: bool = False, negated: bool = False) -> _CharClass:
-    """A class with its negated items made positive wherever that is exact, for the merged lookup tables."""
+def _char_class(items: List[_Item], fold: bool = False, negated: bool = False) -> _CharClass:
+    """A class with its negated items made positive wherever that is exact, and its positive items merged."""
     if len(items) == 1 and items[0][2]:
-        items, negated = ((items[0][0], items[0][1], False),), not negated
-    return _CharClass(tuple(_positive_item(*item, fold) for item in items), fold, negated)
+        items, negated = [(items[0][0], items[0][1], False)], not negated
+    items = [_positive_item(*item, fold) for item in items]
+    positive = [item for item in items if not item[2]]
+    merged = (_bounds(span for bounds, _, _ in positive for span in _ranges(bounds)),
+              frozenset().union(*(categories for _, categories, _ in positive)), False)
+    return _CharClass((merged, *(item for item in items if item[2])), fold, negated)
 
 
 @functools.lru_cache(maxsize=256)
-def _positive_item(bounds: tuple, categories: frozenset, negated: bool, fold: bool) -> tuple:
+def _positive_item(bounds: tuple, categories: frozenset, negated: bool, fold: bool) -> _Item:
     """The complement of a negated item as a positive one. Under (?i) Go negates after folding, so only small
     code point sets (\\W, [:^alpha:]) qualify there, their folding spelled out; others stay negated."""
-    spans = list(zip(bounds[::2], bounds[1::2]))
-    if negated and fold and not categories and sum(hi - lo for lo, hi in spans) <= 512:
-        chars = {form for lo, hi in spans for code in range(lo, hi) for form in _orbit(chr(code))}
+    if negated and fold and not categories and sum(hi + 1 - lo for lo, hi in _ranges(bounds)) <= 512:
+        chars = {form for lo, hi in _ranges(bounds) for code in range(lo, hi + 1) for form in _orbit(chr(code))}
         bounds = _bounds((ord(char), ord(char)) for char in chars)
     elif not negated or fold:
         return bounds, categories, negated
-    if not categories:
-        edges = (0,) + bounds + (_MAX_RUNE + 1,)
-        return tuple(x for lo, hi in zip(edges[::2], edges[1::2]) if lo < hi for x in (lo, hi)), categories, False
-    return bounds, frozenset(_CATEGORIES) - categories, False
+    if categories:
+        return bounds, frozenset(_CATEGORIES) - categories, False
+    edges = (0,) + bounds + (_MAX_RUNE + 1,)
+    return tuple(x for lo, hi in zip(edges[::2], edges[1::2]) if lo < hi for x in (lo, hi)), categories, False
 
 
 @dataclass
@@ -1930,27 +1942,20 @@ class _ClassTable:
 
     @classmethod
     def build(cls, classes: List[Tuple[_CharClass, int]]) -> "_ClassTable":
-        unions, negated_items = [], {}
+        points = sorted({point for char_class, _ in classes for point in char_class.items[0][0]})
+        toggles = [0] * (len(points) + 1)
+        category_masks: Dict[str, int] = {}
+        negated_items: Dict[Tuple[Tuple[int, ...], frozenset], int] = {}
         for char_class, pcs in classes:
-            positive = [item for item in char_class.items if not item[2]]
-            unions.append((_bounds((lo, hi - 1) for bounds, _, _ in positive for lo, hi in zip(bounds[::2], bounds[1::2])),
-                           frozenset().union(*(categories for _, categories, _ in positive)), pcs))
-            for bounds, categories, negated in char_class.items:
-                if negated:
-                    negated_items[bounds, categories] = negated_items.get((bounds, categories), 0) | pcs
-        points = sorted({point for bounds, _, _ in unions for point in bounds})
-        toggles, category_masks = [0] * (len(points) + 1), {}
-        for bounds, categories, pcs in unions:
+            (bounds, categories, _), *negated = char_class.items
             for point in bounds:
                 toggles[bisect.bisect_left(points, point) + 1] ^= pcs
             for category in categories:
                 category_masks[category] = category_masks.get(category, 0) | pcs
-        interval_masks, mask = [], 0
-        for toggle in toggles:
-            mask ^= toggle
-            interval_masks.append(mask)
-        return cls(points, interval_masks, category_masks, list(negated_items.items()),
-                   sum(pcs for char_class, pcs in classes if char_class.negated))
+            for item in negated:
+                negated_items[item[:2]] = negated_items.get(item[:2], 0) | pcs
+        return cls(points, list(itertools.accumulate(toggles, operator.xor)), category_masks,
+                   list(negated_items.items()), sum(pcs for char_class, pcs in classes if char_class.negated))
 
     def mask(self, forms) -> int:
         """The instructions whose class holds one of forms (a character, or its case-folding orbit)."""
@@ -1966,27 +1971,32 @@ class _ClassTable:
 @dataclass
 class _Node:
     """A parsed subexpression with its program fragment (relative jumps), or a '(' or '|' marker."""
-    kind: str
-    code: Optional[list]      # None once larger than the program limit (size still counts)
+    code: Any                 # a list of instructions; None once larger than the program limit (size still counts)
     size: int
-    height: int = 1           # Go's tree height, for "expression nests too deeply"
     go_size: int = 1          # Go's calcSize, for "expression too large"
+    height: int = 1           # Go's tree height, for "expression nests too deeply"
     repeats: int = 1          # product of nested {n,m} counts, for "invalid repeat count"
+    marker: str = ""          # "(" or "|" for a marker, else ""
     flags: int = 0            # '(' marker: parser flags to restore at ')'
     capture: bool = False     # '(' marker: a capturing group
 
 
-def _star(code: list) -> list:
-    return [(_SPLIT, 1, len(code) + 2)] + code + [(_JUMP, -len(code) - 1, 0)]
+def _repeat_size(size: int, low: int, high: int) -> int:
+    """The instructions of x{low,high} (high -1: unbounded) from x's; also Go's calcSize from x's."""
+    if high < 0:
+        return size + 2 if low == 0 else low * size + 1
+    return high * size + high - low
 
 
 def _repeat_code(code: list, low: int, high: int) -> list:
     """x{low,high} as x...x followed by high-low optional x (high -1: unbounded)."""
+    if high < 0 and low == 0:
+        return [(_SPLIT, 1, len(code) + 2)] + code + [(_JUMP, -len(code) - 1, 0)]
     if high < 0:
-        return _star(code) if low == 0 else code * low + [(_SPLIT, -len(code), 1)]
-    optional, step = [], len(code) + 1
-    for k in range(high - low):
-        optional += [(_SPLIT, 1, (high - low - k) * step)] + code
+        return code * low + [(_SPLIT, -len(code), 1)]
+    optional = []
+    for left in range(high - low, 0, -1):
+        optional += [(_SPLIT, 1, left * (len(code) + 1))] + code
     return code * low + optional
 
 
@@ -2006,57 +2016,55 @@ class _RegexParser:
         self.stack: List[_Node] = []
 
     # -- stack ------------------------------------------------------------------------------------------------
-    def node(self, kind: str, subs: List[_Node], size: int, go_size: int, build, repeats: int = 0) -> _Node:
-        code = None if size > self.max_program else build() if size else []
-        return _Node(kind, code, size, 1 + max(sub.height for sub in subs), max(1, go_size),
-                     repeats or max(sub.repeats for sub in subs))
-
-    def push(self, node: _Node) -> None:
-        self.stack.append(node)
-        self.check_limits(node)
-
-    def check_limits(self, node: _Node) -> None:
+    def node(self, subs: List[_Node], size: int, go_size: int, build, repeats: int = 0) -> _Node:
+        """A new node over subs, its code built only within the program limit; Go's limits checked."""
+        node = _Node(None if size > self.max_program else build() if size else [], size, max(1, go_size),
+                     1 + max(sub.height for sub in subs), repeats or max(sub.repeats for sub in subs))
         if node.go_size > _GO_MAX_SIZE:
             raise _error("expression too large", self.pattern)
         if node.height > _GO_MAX_HEIGHT:
             raise _error("expression nests too deeply", self.pattern)
+        return node
 
     def push_class(self, char_class: _CharClass) -> None:
-        self.push(_Node("char", [(_CHAR, char_class, 0)], 1))
+        self.stack.append(_Node([(_CHAR, char_class, 0)], 1))
 
     def literal(self, char: str) -> None:
         self.push_class(_CharClass(literal=frozenset(_orbit(char) if self.flags & _FOLD else char)))
 
     def assertion(self, condition: int) -> None:
-        self.push(_Node("assert", [(_ASSERT, condition, 0)], 1))
+        self.stack.append(_Node([(_ASSERT, condition, 0)], 1))
+
+    def open_group(self, capture: bool) -> None:
+        self.stack.append(_Node(None, 0, marker="(", flags=self.flags, capture=capture))
 
     def operands(self) -> List[_Node]:
         """Pop and return the nodes above the topmost marker."""
         i = len(self.stack)
-        while i and self.stack[i - 1].kind not in "(|":
+        while i and not self.stack[i - 1].marker:
             i -= 1
         operands, self.stack[i:] = self.stack[i:], []
         return operands
 
     def concat(self) -> None:
-        subs = self.operands() or [_Node("empty", [], 0)]
+        subs = self.operands() or [_Node([], 0)]
         if len(subs) > 1:
-            subs = [self.node("cat", subs, sum(s.size for s in subs), sum(s.go_size for s in subs),
+            subs = [self.node(subs, sum(s.size for s in subs), sum(s.go_size for s in subs),
                               lambda: [op for s in subs for op in s.code])]
-        self.push(subs[0])
+        self.stack.append(subs[0])
 
     def alternate(self) -> None:
         """Close the alternation above the topmost '(' (the '|' marker already popped)."""
         subs = self.operands()
         if len(subs) > 1:
-            subs = [self.node("alt", subs, sum(s.size for s in subs) + 2 * len(subs) - 2,
+            subs = [self.node(subs, sum(s.size for s in subs) + 2 * len(subs) - 2,
                               sum(s.go_size for s in subs) + len(subs) - 1,
                               lambda: _alternate_code([s.code for s in subs]))]
-        self.push(subs[0])
+        self.stack.append(subs[0])
 
     def swap_vertical_bar(self) -> bool:
         """Move a finished branch below the '|' marker, where the branches collect."""
-        if len(self.stack) >= 2 and self.stack[-2].kind == "|":
+        if len(self.stack) >= 2 and self.stack[-2].marker == "|":
             self.stack[-2], self.stack[-1] = self.stack[-1], self.stack[-2]
             return True
         return False
@@ -2064,7 +2072,7 @@ class _RegexParser:
     def vertical_bar(self) -> None:
         self.concat()
         if not self.swap_vertical_bar():
-            self.stack.append(_Node("|", None, 0))
+            self.stack.append(_Node(None, 0, marker="|"))
 
     def close_group(self) -> None:
         self.concat()
@@ -2074,38 +2082,96 @@ class _RegexParser:
 
     def right_paren(self) -> None:
         self.close_group()
-        if len(self.stack) < 2 or self.stack[-2].kind != "(":
+        if len(self.stack) < 2 or self.stack[-2].marker != "(":
             raise _error("unexpected )", self.pattern)
-        inner, marker = self.stack.pop(), self.stack.pop()
-        self.flags = marker.flags
-        if marker.capture:
-            inner = self.node("capture", [inner], inner.size, 2 + inner.go_size, lambda: inner.code)
-        self.push(inner)
+        inner, group = self.stack.pop(), self.stack.pop()
+        self.flags = group.flags
+        if group.capture:
+            inner = self.node([inner], inner.size, 2 + inner.go_size, lambda: inner.code)
+        self.stack.append(inner)
 
-    def repeat(self, low: int, high: int, before: int, after: int, last_repeat: int, kind: str = "repeat") -> int:
-        """Apply a repetition to the top of the stack; return the position after it (and a non-greedy '?')."""
+    def repeat(self, low: int, high: int, before: int, after: int, last_repeat: int) -> int:
+        """Apply x{low,high} (high -1: unbounded; also *, + and ?) to the top of the stack; return the position
+        after it and its non-greedy '?'."""
         if after < len(self.pattern) and self.pattern[after] == "?":
             after += 1
         if last_repeat >= 0:
             raise _error("invalid nested repetition operator", self.pattern[last_repeat:after])
-        if not self.stack or self.stack[-1].kind in "(|":
+        if not self.stack or self.stack[-1].marker:
             raise _error("missing argument to repetition operator", self.pattern[before:after])
         sub = self.stack[-1]
-        if kind == "repeat":
-            size = sub.size + 2 if high < 0 and low == 0 else low * sub.size + (1 if high < 0 else
-                                                                                (high - low) * (sub.size + 1))
-            go_size = (2 + sub.go_size if low == 0 else 1 + low * sub.go_size) if high < 0 else \
-                high * sub.go_size + high - low
-            count = high if high >= 0 else low
-            repeats = 1 if high == 0 else max(count, 1) * sub.repeats
-        else:
-            size, go_size, repeats = sub.size + 1 + (kind == "*"), sub.go_size + 1 + (kind == "*"), sub.repeats
-            low, high = {"*": (0, -1), "+": (1, -1), "?": (0, 1)}[kind]
-        self.stack[-1] = node = self.node(kind, [sub], size, go_size, lambda: _repeat_code(sub.code, low, high),
-                                          repeats)
-        self.check_limits(node)
-        if kind == "repeat" and (low >= 2 or high >= 2) and node.repeats > _GO_MAX_REPEAT:
+        repeats = 1 if high == 0 else max(high if high >= 0 else low, 1) * sub.repeats
+        self.stack[-1] = node = self.node([sub], _repeat_size(sub.size, low, high),
+                                          _repeat_size(sub.go_size, low, high),
+                                          lambda: _repeat_code(sub.code, low, high), repeats)
+        if (low >= 2 or high >= 2) and node.repeats > _GO_MAX_REPEAT:
             raise _error("invalid repeat count", self.pattern[before:after])
+        return after
+
+    # -- the main loop ----------------------------------------------------------------------------------------
+    def parse(self) -> _Node:
+        pattern, i, last_repeat = self.pattern, 0, -1
+        while i < len(pattern):
+            char, repeat_start = pattern[i], -1
+            repetition = self.repetition(i)
+            if repetition:
+                low, high, after = repetition
+                if low > _GO_MAX_REPEAT or high > _GO_MAX_REPEAT or 0 <= high < low:
+                    raise _error("invalid repeat count", pattern[i:after])
+                i, repeat_start = self.repeat(low, high, i, after, last_repeat), i
+            elif pattern.startswith("(?", i):
+                i = self.perl_flags(i)
+            elif char == "[":
+                i = self.parse_class(i)
+            elif char == "\\":
+                i = self.backslash(i)
+            else:
+                self.single(char)
+                i += 1
+            last_repeat = repeat_start
+        self.close_group()
+        if len(self.stack) != 1:
+            raise _error("missing closing )", pattern)
+        return self.stack[0]
+
+    def single(self, char: str) -> None:
+        """Parse a one-character token other than a repetition: (, |, ), ^, $, . or a literal."""
+        if char == "(":
+            self.open_group(capture=True)
+        elif char == "|":
+            self.vertical_bar()
+        elif char == ")":
+            self.right_paren()
+        elif char in "^$":
+            one_line = self.flags & _ONE_LINE
+            self.assertion((_BEGIN_TEXT if one_line else _BEGIN_LINE) if char == "^" else
+                           (_END_TEXT if one_line else _END_LINE))
+        elif char == ".":
+            newline: List[_Item] = [] if self.flags & _DOT_NL else [((10, 11), frozenset(), False)]
+            self.push_class(_char_class(newline, negated=True))
+        else:
+            self.literal(char)
+
+    def backslash(self, i: int) -> int:
+        """Parse the escape at i (assertion, \\Q...\\E, class or literal); return the position after it."""
+        pattern, kind = self.pattern, self.pattern[i + 1:i + 2]
+        conditions = {"A": _BEGIN_TEXT, "b": _WORD_BOUNDARY, "B": _NOT_WORD_BOUNDARY, "z": _END_TEXT}
+        if kind in conditions:
+            self.assertion(conditions[kind])
+            return i + 2
+        if kind == "C":
+            raise _error("invalid escape sequence", "\\C")
+        if kind == "Q":
+            end = pattern.find("\\E", i + 2)
+            for char in pattern[i + 2:end if end >= 0 else len(pattern)]:
+                self.literal(char)
+            return end + 2 if end >= 0 else len(pattern)
+        class_item = self.class_escape(i)
+        if class_item:
+            self.push_class(_char_class([class_item[0]], bool(self.flags & _FOLD)))
+            return class_item[1]
+        code_point, after = self.escape(i)
+        self.literal(chr(code_point))
         return after
 
     # -- lexical pieces ---------------------------------------------------------------------------------------
@@ -2117,22 +2183,21 @@ class _RegexParser:
             return None, i
         return int(pattern[i:j]), j
 
-    def parse_repeat(self, i: int) -> Optional[Tuple[int, int, int]]:
-        """{n}, {n,} or {n,m} at i as (low, high or -1, end), or None when '{' is a literal."""
+    def repetition(self, i: int) -> Optional[Tuple[int, int, int]]:
+        """*, +, ?, {n}, {n,} or {n,m} at i as (low, high or -1, end), or None (also for a literal '{')."""
         pattern, n = self.pattern, len(self.pattern)
+        if pattern[i] in "*+?":
+            return {"*": (0, -1), "+": (1, -1), "?": (0, 1)}[pattern[i]] + (i + 1,)
+        if pattern[i] != "{":
+            return None
         low, i = self.parse_int(i + 1)
         if low is None or i >= n:
             return None
-        high = low
+        high: Optional[int] = low
         if pattern[i] == ",":
             i += 1
-            if i < n and pattern[i] == "}":
-                high = -1
-            else:
-                high, i = self.parse_int(i)
-                if high is None:
-                    return None
-        if i >= n or pattern[i] != "}":
+            high, i = (-1, i) if i < n and pattern[i] == "}" else self.parse_int(i)
+        if high is None or i >= n or pattern[i] != "}":
             return None
         return low, high, i + 1
 
@@ -2150,49 +2215,48 @@ class _RegexParser:
                 if j < n and "0" <= pattern[j] <= "7":
                     value, j = value * 8 + int(pattern[j]), j + 1
             return value, j
-        if char == "x" and j < n:
-            first, j = pattern[j], j + 1
-            if first == "{":
-                value, digits = 0, 0
-                while j < n:
-                    digit, j = pattern[j], j + 1
-                    if digit == "}" and digits:
-                        return value, j
-                    if digit not in _HEX_DIGITS:
-                        break
-                    value, digits = value * 16 + int(digit, 16), digits + 1
-                    if value > _MAX_RUNE:
-                        break
-                raise _error("invalid escape sequence", pattern[i:j])
-            second = pattern[j] if j < n else ""
-            j += j < n
-            if first in _HEX_DIGITS and second and second in _HEX_DIGITS:
-                return int(first + second, 16), j
-        elif char in "afnrtv":
+        if char in "afnrtv":
             return ord("\a\f\n\r\t\v"["afnrtv".index(char)]), j
-        raise _error("invalid escape sequence", pattern[i:j])
+        if char == "x" and pattern[j:j + 1] == "{":
+            value, end = 0, j + 1
+            while end < n and pattern[end] in _HEX_DIGITS and value <= _MAX_RUNE:
+                value, end = value * 16 + int(pattern[end], 16), end + 1
+            if value > _MAX_RUNE:
+                raise _error("invalid escape sequence", pattern[i:end])
+            if end == j + 1 or pattern[end:end + 1] != "}":
+                raise _error("invalid escape sequence", pattern[i:end + 1])
+            return value, end + 1
+        if char == "x" and all(digit in _HEX_DIGITS for digit in pattern[j:j + 2]) and j + 2 <= n:
+            return int(pattern[j:j + 2], 16), j + 2
+        raise _error("invalid escape sequence", pattern[i:j + 2 * (char == "x")])
 
-    def unicode_class(self, i: int) -> Tuple[tuple, int]:
-        """The \\p or \\P class at i as a class item (bounds, categories, negated) and the position after it."""
+    def class_escape(self, i: int) -> Optional[Tuple[_Item, int]]:
+        """The \\d, \\D, \\s, \\S, \\w, \\W, \\p or \\P class at i as an item and the position after it, else None."""
+        kind = self.pattern[i + 1:i + 2]
+        if kind and kind in "dDsSwW":
+            return (_bounds(_PERL_GROUPS[kind.lower()]), frozenset(), kind.isupper()), i + 2
+        return self.unicode_class(i) if kind and kind in "pP" else None
+
+    def unicode_class(self, i: int) -> Tuple[_Item, int]:
+        """The \\p or \\P class at i as an item and the position after it."""
         pattern, negated = self.pattern, self.pattern[i + 1] == "P"
         if pattern[i + 2:i + 3] == "{":
             end = pattern.find("}", i)
             if end < 0:
                 raise _error("invalid character class range", pattern[i:])
-            sequence, name, after = pattern[i:end + 1], pattern[i + 3:end], end + 1
+            sequence, name = pattern[i:end + 1], pattern[i + 3:end]
         else:
-            after = min(i + 3, len(pattern))
-            sequence = pattern[i:after]
+            sequence = pattern[i:i + 3]
             name = sequence[2:]
         if name.startswith("^"):
             negated, name = not negated, name[1:]
         table = _UNICODE_TABLES.get(_canonical_name(name))
+        if table is None and _canonical_name(name) in _SCRIPTS:
+            raise GoRegexError(f"error parsing regexp: Unicode script classes are not supported by ocifit: "
+                               f"`{sequence}`")
         if table is None:
-            if _canonical_name(name) in _SCRIPTS:
-                raise GoRegexError(f"error parsing regexp: Unicode script classes are not supported by ocifit: "
-                                   f"`{sequence}`")
             raise _error("invalid character class range", sequence)
-        return (table[0], table[1], negated != table[2]), after
+        return (table[0], table[1], negated != table[2]), i + len(sequence)
 
     def perl_flags(self, i: int) -> int:
         """Parse (?flags), (?flags:, (?P<name> or (?<name> at i; return the position after it."""
@@ -2204,7 +2268,7 @@ class _RegexParser:
             name = rest[(4 if rest[2] == "P" else 3):end]
             if not name or not all(ch == "_" or ch.isascii() and ch.isalnum() for ch in name):
                 raise _error("invalid named capture", rest[:end + 1])
-            self.stack.append(_Node("(", None, 0, flags=self.flags, capture=True))
+            self.open_group(capture=True)
             return i + end + 1
         flags, negate, saw_flag, j = self.flags, False, False, i + 2
         while j < len(pattern):
@@ -2217,7 +2281,7 @@ class _RegexParser:
                 negate, saw_flag = True, False
             elif char in ":)" and (saw_flag or not negate):
                 if char == ":":
-                    self.stack.append(_Node("(", None, 0, flags=self.flags))
+                    self.open_group(capture=False)
                 self.flags = flags
                 return j
             else:
@@ -2227,129 +2291,40 @@ class _RegexParser:
     def parse_class(self, start: int) -> int:
         """Parse the bracketed class at start, push it, return the position after it."""
         pattern, n = self.pattern, len(self.pattern)
-        i, negated = start + 1, self.pattern[start + 1:start + 2] == "^"
-        i += negated
-        ranges: list = []
-        categories: set = set()
-        items: list = []
-
-        def add(bounds, cats, item_negated):
-            if item_negated:
-                items.append((bounds, frozenset(cats), True))
-            else:
-                ranges.extend(zip(bounds[::2], [hi - 1 for hi in bounds[1::2]]))
-                categories.update(cats)
-
-        first = True
-        while i >= n or pattern[i] != "]" or first:
-            first = False
-            if pattern.startswith("[:", i) and n - i > 2 and pattern.find(":]", i + 2) >= 0:
-                end = pattern.find(":]", i + 2) + 2
-                name = pattern[i + 2:end - 2]
+        negated = pattern[start + 1:start + 2] == "^"
+        i = start + 1 + negated
+        items: List[_Item] = []
+        ranges: List[Tuple[int, int]] = []
+        while i >= n or pattern[i] != "]" or not (items or ranges):
+            posix_end = pattern.find(":]", i + 2) if pattern.startswith("[:", i) else -1
+            class_item = self.class_escape(i) if pattern[i:i + 1] == "\\" else None
+            if posix_end >= 0:
+                name = pattern[i + 2:posix_end]
                 group = _POSIX_GROUPS.get(name[1:] if name.startswith("^") else name)
                 if group is None:
-                    raise _error("invalid character class range", pattern[i:end])
-                add(_bounds(group), (), name.startswith("^"))
-                i = end
-            elif pattern.startswith(("\\p", "\\P"), i):
-                item, i = self.unicode_class(i)
-                add(*item)
-            elif pattern[i:i + 1] == "\\" and pattern[i + 1:i + 2] in tuple("dDsSwW"):
-                add(_bounds(_PERL_GROUPS[pattern[i + 1].lower()]), (), pattern[i + 1].isupper())
-                i += 2
+                    raise _error("invalid character class range", pattern[i:posix_end + 2])
+                items.append((_bounds(group), frozenset(), name.startswith("^")))
+                i = posix_end + 2
+            elif class_item:
+                items.append(class_item[0])
+                i = class_item[1]
             else:
-                range_start = i
-                low, i = self.class_char(i, start)
+                low, after = self.class_char(i, start)
                 high = low
-                if n - i >= 2 and pattern[i] == "-" and pattern[i + 1] != "]":
-                    high, i = self.class_char(i + 1, start)
+                if n - after >= 2 and pattern[after] == "-" and pattern[after + 1] != "]":
+                    high, after = self.class_char(after + 1, start)
                     if high < low:
-                        raise _error("invalid character class range", pattern[range_start:i])
+                        raise _error("invalid character class range", pattern[i:after])
                 ranges.append((low, high))
-        items.insert(0, (_bounds(ranges), frozenset(categories), False))
-        self.push_class(_char_class(tuple(items), bool(self.flags & _FOLD), negated))
+                i = after
+        self.push_class(_char_class([(_bounds(ranges), frozenset(), False)] + items, bool(self.flags & _FOLD),
+                                    negated))
         return i + 1
 
     def class_char(self, i: int, start: int) -> Tuple[int, int]:
         if i >= len(self.pattern):
             raise _error("missing closing ]", self.pattern[start:])
         return self.escape(i) if self.pattern[i] == "\\" else (ord(self.pattern[i]), i + 1)
-
-    # -- the main loop ----------------------------------------------------------------------------------------
-    def parse(self) -> _Node:
-        pattern, n, i, last_repeat = self.pattern, len(self.pattern), 0, -1
-        while i < n:
-            char, repeat_start = pattern[i], -1
-            if char == "(" and pattern.startswith("(?", i):
-                i = self.perl_flags(i)
-            elif char == "(":
-                self.stack.append(_Node("(", None, 0, flags=self.flags, capture=True))
-                i += 1
-            elif char == "|":
-                self.vertical_bar()
-                i += 1
-            elif char == ")":
-                self.right_paren()
-                i += 1
-            elif char in "^$":
-                one_line = self.flags & _ONE_LINE
-                self.assertion((_BEGIN_TEXT if one_line else _BEGIN_LINE) if char == "^" else
-                               (_END_TEXT if one_line else _END_LINE))
-                i += 1
-            elif char == ".":
-                newline = () if self.flags & _DOT_NL else (((10, 11), frozenset(), False),)
-                self.push_class(_CharClass(newline, negated=True))
-                i += 1
-            elif char == "[":
-                i = self.parse_class(i)
-            elif char in "*+?":
-                i, repeat_start = self.repeat(0, 0, i, i + 1, last_repeat, char), i
-            elif char == "{":
-                parsed = self.parse_repeat(i)
-                if parsed is None:
-                    self.literal("{")
-                    i += 1
-                else:
-                    low, high, after = parsed
-                    if low > _GO_MAX_REPEAT or high > _GO_MAX_REPEAT or 0 <= high < low:
-                        raise _error("invalid repeat count", pattern[i:after])
-                    i, repeat_start = self.repeat(low, high, i, after, last_repeat), i
-            elif char == "\\":
-                i = self.backslash(i)
-            else:
-                self.literal(char)
-                i += 1
-            last_repeat = repeat_start
-        self.close_group()
-        if len(self.stack) != 1:
-            raise _error("missing closing )", pattern)
-        return self.stack[0]
-
-    def backslash(self, i: int) -> int:
-        """Parse the escape at i (assertion, \\Q...\\E, class or literal); return the position after it."""
-        pattern, kind = self.pattern, self.pattern[i + 1:i + 2]
-        conditions = {"A": _BEGIN_TEXT, "b": _WORD_BOUNDARY, "B": _NOT_WORD_BOUNDARY, "z": _END_TEXT}
-        if kind in conditions:
-            self.assertion(conditions[kind])
-            return i + 2
-        if kind == "C":
-            raise _error("invalid escape sequence", "\\C")
-        if kind == "Q":
-            end = pattern.find("\\E", i + 2)
-            for char in pattern[i + 2:end if end >= 0 else len(pattern)]:
-                self.literal(char)
-            return end + 2 if end >= 0 else len(pattern)
-        fold = bool(self.flags & _FOLD)
-        if kind and kind in "pP":
-            item, after = self.unicode_class(i)
-            self.push_class(_char_class((item,), fold))
-            return after
-        if kind and kind in "dDsSwW":
-            self.push_class(_char_class(((_bounds(_PERL_GROUPS[kind.lower()]), frozenset(), kind.isupper()),), fold))
-            return i + 2
-        code_point, after = self.escape(i)
-        self.literal(chr(code_point))
-        return after
 
 
 def compile_go(pattern: str, max_program: int = MAX_PROGRAM) -> "GoRegex":
@@ -2479,7 +2454,8 @@ class SpecError(ValueError):
     """The compatibility spec is malformed; the message names the offending place."""
 
 
-EVALUATION_BUDGET = 1_000_000  # units of work one admission may spend deciding: about 1 s of CPU at the most
+EVALUATION_BUDGET = 1_000_000  # units of work one admission may spend deciding, about a microsecond each
+EXPRESSION_COST = 5  # units for an expression tested on a value (a regular expression costs more, by its size)
 
 
 class BudgetExceeded(Exception):
@@ -2491,7 +2467,7 @@ _METER = threading.local()  # the units the deciding thread has left (None: not 
 
 def metered(decide: Callable[[], "_Decided"], units: int = EVALUATION_BUDGET) -> "_Decided":
     """decide(), its evaluation metered: the expressions and placement requirements it tests on node values may
-    cost at most `units` (one a test; a regular expression one per 64 steps it may take), or BudgetExceeded.
+    cost at most `units` (measured: about a microsecond each), or BudgetExceeded.
     Every spec, pod and node is someone else's, so this is what bounds the CPU one admission can take."""
     _METER.left = units
     try:
@@ -2555,7 +2531,7 @@ def compile_pattern(pattern: str, path: str) -> "GoRegex":
 
 def searched(pattern: "GoRegex", value: str) -> bool:
     """Whether the pattern matches anywhere in the value, charged to the evaluation budget by its worst cost."""
-    charge(1 + len(value) * pattern.size // 64)
+    charge(len(value) * (1 + pattern.size // 32))  # about a microsecond a unit, cached or not
     return pattern.search(value)
 
 
@@ -2577,7 +2553,7 @@ class Expression:
 
     def failure(self, labels: Mapping[str, str]) -> Optional[str]:
         """None when the expression holds on these labels, else why it does not."""
-        charge()
+        charge(EXPRESSION_COST)
         op, value = self.op, labels.get(self.key)
         if op == "Exists":
             return None if value is not None else self._missing()
@@ -2742,6 +2718,8 @@ def _require(value: Any, kind: type, path: str, what: str) -> Any:
 
 
 def _weight(value: Any, path: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5.0 and 1e2, as NFD's decoder reads them into an int
     _require(value, int, path, "an integer")
     if not _INT64[0] <= value <= _INT64[1]:
         raise SpecError(f"{path}: out of range (a 64-bit integer)")
@@ -3030,7 +3008,7 @@ class FeatureExpression:
 
     def holds(self, value: Optional[str]) -> Tuple[bool, str]:
         """(whether it holds, why) on an element's value; None: the element is missing."""
-        charge()
+        charge(EXPRESSION_COST)
         op = self.op
         if op == "":
             return True, "no operator: always holds"
@@ -3104,6 +3082,7 @@ class FeatureTerm:
                 matched = set_matched
         if matched and self.match_name is not None:
             every = sorted(set(flags or ()) | set(attrs or ()) | {k for i in insts or () for k in i})
+            charge(len(every) // 4)
             hit = next((n for n in every if self.match_name.holds(n)[0]), None)
             matched = hit is not None
             outcomes.append(Outcome(f"{self.path}.matchName", name, "", str(self.match_name), matched,
@@ -3321,6 +3300,10 @@ def parse_spec(data: Any) -> Spec:
     return Spec(version, compatibilities, keys)
 
 
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+_SPEC_JSON = json.JSONDecoder(parse_int=_bounded_int, parse_constant=str)
+
+
 def load_document(data: Any, what: str) -> Any:
     """JSON or YAML text (the subset load_yaml reads) as plain values; SpecError saying which and where."""
     try:
@@ -3329,8 +3312,14 @@ def load_document(data: Any, what: str) -> Any:
         raise SpecError(f"{what} is not UTF-8 text (byte {exc.start})") from None
     body = text[1:] if text.startswith("\ufeff") else text  # one byte order mark, as YAML readers take it
     if body.lstrip()[:1] in ("{", "["):
+        # Read as NFD reads it (YAML 1.1 through yaml.v2): bare NaN and Infinity are words, not numbers, and a
+        # UTF-16 surrogate escape is an error, not half of a character.
+        surrogate = _SURROGATE_ESCAPE.search(body)
+        if surrogate:
+            raise SpecError(f"{what}: {surrogate.group(1)} is a UTF-16 surrogate escape, which NFD's YAML reader "
+                            "refuses; write the character itself")
         try:
-            return load_json(body)
+            return _SPEC_JSON.decode(body)
         except ValueError as exc:
             raise SpecError(f"{what} is not valid JSON: {exc}") from None
     try:

@@ -385,12 +385,25 @@ def test_a_malformed_spec_is_rejected_whole_naming_the_place(mutate: Any, messag
 
 
 @pytest.mark.parametrize("data,message", [
-    (b"{not json", "spec is not valid JSON"), (b"[" * 100000, "spec is not valid JSON"),
+    (b"{not json", "spec is not valid JSON"), (b"[" * 60000, "spec is not valid JSON"),
     (b"[]", "spec: expected an object with compatibilities"),
 ])
 def test_a_spec_that_is_not_a_json_object_is_rejected(data: bytes, message: str) -> None:
     with pytest.raises(ocifit.SpecError, match=message):
         ocifit.parse_spec(data)
+
+
+def test_a_json_spec_reads_as_nfds_decoder_reads_it_and_one_byte_order_mark_is_stripped() -> None:
+    rules = [{"matchFeatures": [{"matchExpressions": [{"op": "Exists", "key": "k"}]}]}]
+    text = json.dumps(spec_doc({"tag": "a:1", "weight": 5.0, "rules": rules},
+                               {"tag": "b:1", "weight": 1, "rules": rules}))
+    spec = ocifit.parse_spec(text.replace("5.0", "1e2").replace('"a:1"', "NaN").encode())
+    assert [(c.tag, c.weight) for c in spec.compatibilities] == [("NaN", 100), ("b:1", 1)]  # NaN: a word in YAML 1.1
+    with pytest.raises(ocifit.SpecError, match=r"\\ud83d is a UTF-16 surrogate escape"):
+        ocifit.parse_spec(text.replace("a:1", "\\ud83d\\ude00").encode())
+    with pytest.raises(ocifit.SpecError, match="byte order mark"):  # a second one is content, refused
+        ocifit.load_document("\ufeff\ufeffa: 1".encode(), "spec")
+    assert ocifit.load_document("\ufeffa: 1".encode(), "spec") == {"a": 1}
 
 
 def test_a_spec_with_too_many_expressions_is_rejected() -> None:
@@ -5801,7 +5814,7 @@ def headers_of(running: RunningServer, path: str) -> Dict[str, str]:
 
 def test_metric_values_are_exact() -> None:
     metrics = ocifit.Metrics()
-    metrics.count("ocifit_admissions_total", 1_234_567, outcome="mutated", reason="selected")
+    metrics.count("ocifit_admissions_total", 1_234_567, outcome="mutated", reason="selected", mode="enforce")
     metrics.gauge("ocifit_certificate_expiry_timestamp_seconds", lambda: 1795000123.25)
     metrics.observe("ocifit_admission_duration_seconds", 0.000123456789)
     text = metrics.render()
