@@ -22,7 +22,20 @@ only when a run could not be made (a server that does not start, an attacker tha
       it can; target as in (b)), and 50 refs whose response headers drip a byte a second (target: the server's
       thread count back to idle, and no connection to the stub left, at --fetch-budget + 1 s and 20 s later).
 
-    python3 bench/attack.py [--baseline REV] [--only a,b,c] [--connections 1100] [--attack-seconds 20]
+  (d)-(k), issue 18's cost model, each against its own server (hostile specs from a loopback OCI registry stub on
+      127.0.0.x, so a refused spec is a denial; a server frozen past 15 s is killed and reported so):
+      (d) InRegexp patterns that backtrack (`.?`x40+Z, `.{0,9}` chains, `(a|a)?` chains, nested counted repeats)
+          on label values of 13-1024 chars, /healthz polled every 50 ms (<= 100 ms), the admission <= 1 s CPU;
+      (e) a ~850 KiB spec of 10,000 matchName terms on realistic NodeFeatures (bench/nodefeatures.py's, 40 nodes):
+          one, then 8 in flight with good admissions (p99 <= 250 ms) and /healthz (<= 500 ms); pin mode, 2,000
+          nodes x 20,000 matchFields, 3 times: <= 1 s CPU each (/proc/PID/stat);
+      (f) 22 distinct ~1 MiB specs, (g) 200 MODIFIED of a 534 KB NodeFeature then DELETED (the API double),
+      (h) 80 admissions x 16 referrer pages of ~4 MiB: RSS peak <= 200 MB, back within 40 MB;
+      (i) registry requests per admission <= 128 (503 Retry-After: 0; 16 registries of endless pages);
+      (j) a stale spec still served after another namespace's 1,120 junk candidates;
+      (k) a tenant-a NodeFeature must not change w2's image (--node-feature-namespaces), and a log line names w2.
+
+    python3 bench/attack.py [--baseline REV] [--only a,...,k] [--connections 1100] [--attack-seconds 20]
 
 --baseline REV also runs every scenario against `git show REV:ocifit.py`, in the same run, one after the other,
 and prints both side by side (--ocifit PATH measures another file than the working tree's ocifit.py). Flags a
@@ -50,7 +63,7 @@ import time
 import queue
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 MB = 1e6
 MiB = 1024 * 1024
@@ -373,7 +386,10 @@ class Served:
 
     REQUIRED = ("--bind", "--port", "--cert", "--key", "--nodes", "--artifact")
 
-    def __init__(self, env: Env, version: Version, name: str):
+    def __init__(self, env: Env, version: Version, name: str, replace: Optional[Dict[str, Optional[str]]] = None,
+                 add: Sequence[Tuple[str, str]] = (), ready_seconds: float = 60.0):
+        """replace: flags whose default value is replaced (None: not passed at all, e.g. --nodes with --kube-api);
+        add: flags passed as well (repeatable ones such as --artifact may be given again)."""
         self.env, self.version = env, version
         self.port = free_port()
         self.log = env.work / f"{re.sub(r'[^A-Za-z0-9]+', '-', version.label)}-{name}.log"
@@ -382,7 +398,10 @@ class Served:
                  ("--artifact", f"{LOCAL_REF}={EXAMPLE / 'compatibility-test.json'}"),
                  ("--insecure-registry", env.stub.host), ("--allowed-registries", env.stub.host),
                  ("--fetch-budget", f"{env.args.fetch_budget:g}"), ("--log-level", "warning")]
-        missing = [f for f in self.REQUIRED if f not in version.flags]
+        replace = replace or {}
+        chosen = [(f, replace[f]) if f in replace else (f, v) for f, v in flags]
+        flags = [(f, v) for f, v in chosen if v is not None] + list(add)
+        missing = [f for f in self.REQUIRED if f not in version.flags and (f not in replace or replace[f] is not None)]
         if missing:
             raise RuntimeError(f"{version.script} serve takes none of {', '.join(missing)}")
         argv = [python(), str(version.script), "serve"]
@@ -393,7 +412,7 @@ class Served:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                             cwd=env.work)
         self.pid = self.process.pid
-        self._ready(60.0)
+        self._ready(ready_seconds)
 
     def _ready(self, seconds: float) -> None:
         until = time.monotonic() + seconds
@@ -420,6 +439,14 @@ class Served:
 
     def stop(self) -> None:
         stop(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: a server stuck in C code (a regular expression holding the GIL) never sees SIGTERM."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
 
 
 def request(port: int, context: ssl.SSLContext, method: str, path: str, body: Optional[bytes] = None,
@@ -895,6 +922,786 @@ def drip(env: Env, version: Version) -> List[Row]:
              open_at_budget == 0 and open_later == 0)]
 
 
+# ---- shared by (d)-(k): CPU, pollers, an OCI registry stub, pods naming candidates -------------------------
+
+SCENARIO_CAP = 15.0  # seconds any one hostile request is given; old code that freezes is killed after it
+HEALTHZ_TARGET = 0.1  # (d): /healthz while a hostile pattern is evaluated
+CPU_TARGET = 1.0  # CPU seconds one admission may cost
+NFD_ARTIFACT_TYPE = "application/vnd.nfd.image-compatibility.v1alpha1"
+NFD_SPEC_MEDIA_TYPE = "application/vnd.nfd.image-compatibility.spec.v1alpha1+yaml"
+COMPAT_MEDIA_TYPE = "application/vnd.oci.image.compatibilities.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+CANDIDATES_ANNOTATION = "oci.image.compatibilities.selection/candidates"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a live process has used, from /proc/PID/stat (as bench/nodefeatures.py)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def outcome_of(status: Optional[int], data: bytes, uid: str, error: str, took: float, cap: float) -> str:
+    """An admission's reply in a few words: allowed (image), denied: why, or no answer."""
+    response = answered(status, data, uid)
+    if response is None:
+        return f"no answer in {cap:g} s" if took >= cap - 0.5 or error == "TimeoutError" else \
+            f"no answer ({error or status})"
+    if response.get("allowed"):
+        return "allowed"
+    message = str((response.get("status") or {}).get("message") or "")
+    return "denied: " + re.sub(r"^(?:artifact|candidate image) \S+?:? ", "", message)[:80]
+
+
+class Poller(threading.Thread):
+    """One request every `interval` s, one at a time (a frozen server shows as one long request), each on a new
+    connection from 127.0.0.2: GET /healthz, or POST a good admission (uid checked). Latencies, failures."""
+
+    def __init__(self, env: Env, port: int, interval: float, admission: bool = False, cap: float = SCENARIO_CAP):
+        super().__init__(daemon=True)
+        self.env, self.port, self.interval, self.admission, self.cap = env, port, interval, admission, cap
+        self.halt = threading.Event()
+        self.latencies: List[float] = []
+        self.failures = 0
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.is_set():
+            started = time.monotonic()
+            if self.admission:
+                body, uid = review(f"good-{i}")
+                status, data, took, _ = request(self.port, self.env.context, "POST", "/mutate", body, timeout=self.cap)
+                ok = answered(status, data, uid) is not None
+            else:
+                status, _, took, _ = request(self.port, self.env.context, "GET", "/healthz", timeout=self.cap)
+                ok = status == 200
+            self.latencies.append(took)
+            self.failures += not ok
+            i += 1
+            self.halt.wait(max(0.0, started + self.interval - time.monotonic()))
+
+    def finish(self) -> "Poller":
+        self.halt.set()
+        self.join(timeout=self.cap + 5)
+        return self
+
+    def figures(self) -> str:
+        if not self.latencies:
+            return "-"
+        ordered = sorted(self.latencies)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        return (f"n {len(ordered)}, p99 {p99 * 1e3:,.0f} / max {ordered[-1] * 1e3:,.0f} ms"
+                + (f", {self.failures} failed" if self.failures else ""))
+
+    def worst(self) -> float:
+        return max(self.latencies, default=0.0)
+
+    def p99(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
+
+
+def watched(env: Env, server: "Served", good_interval: float = 0.2, healthz_interval: float = 0.05
+            ) -> Tuple[Poller, Poller]:
+    """A /healthz poller and a good-admission poller, started."""
+    health, good = Poller(env, server.port, healthz_interval), Poller(env, server.port, good_interval, True)
+    health.start()
+    good.start()
+    return health, good
+
+
+def post_timed(env: Env, server: "Served", body: bytes, uid: str, cap: float = SCENARIO_CAP
+               ) -> Tuple[str, float, float]:
+    """(outcome, seconds, server CPU seconds meanwhile) of one admission given at most `cap` s."""
+    cpu = server.cpu()
+    status, data, took, error = request(server.port, env.context, "POST", "/mutate", body, timeout=cap)
+    return outcome_of(status, data, uid, error, took, cap), took, server.cpu() - cpu
+
+
+def wait_idle(pid: int, seconds: float = 60.0, quiet: float = 0.05) -> float:
+    """Wait until the process uses less than `quiet` CPU s over 0.5 s (its work done); seconds waited."""
+    started = time.monotonic()
+    last = cpu_seconds(pid)
+    while time.monotonic() - started < seconds:
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now - last < quiet:
+            break
+        last = now
+    return time.monotonic() - started
+
+
+def pod_review(name: str, annotations: Dict[str, str], namespace: str = "default",
+               ref: Optional[str] = LOCAL_REF, spec: Optional[Dict[str, Any]] = None) -> Tuple[bytes, str]:
+    """(body, uid) of pod.json's review renamed, in `namespace`, with these annotations (ref None: no image-ref)
+    and these pod spec fields."""
+    doc = json.loads(review(name, ref=ref or LOCAL_REF)[0])
+    pod = doc["request"]["object"]
+    doc["request"]["namespace"] = pod["metadata"]["namespace"] = namespace
+    if ref is None:
+        del pod["metadata"]["annotations"][IMAGE_REF_ANNOTATION]
+    pod["metadata"]["annotations"].update(annotations)
+    pod["spec"].update(spec or {})
+    return json.dumps(doc, separators=(",", ":")).encode(), doc["request"]["uid"]
+
+
+def sha256(data: bytes) -> str:
+    import hashlib
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class OciStub:
+    """A loopback OCI registry on `address` (127.0.0.x: a host name of its own), counting every request.
+
+    Any /v2/REPO/manifests/TAG is an image (a small manifest of its own). Modes:
+      ok        images in `specs` (repo -> spec bytes) have that spec attached (referrers API, one page) or, for
+                repos in `pulled`, are a compatibility artifact themselves; other images have `default_spec`
+                attached, or nothing
+      503       every request: 503 with Retry-After: 0
+      endless   referrers pages without end, one entry each (the attached spec again), Link to the next
+      big       16 referrer pages of `page_bytes` each (one entry of another artifact type, padded), then none
+    stop() closes the socket: connection refused from then on."""
+
+    def __init__(self, address: str = "127.0.0.1", mode: str = "ok", page_bytes: int = 4 * MiB):
+        import http.server
+        stub = self
+        self.mode, self.page_bytes = mode, page_bytes
+        self.specs: Dict[str, bytes] = {}
+        self.default_spec: Optional[bytes] = None  # attached to every image not in specs
+        self.pulled: set = set()
+        self.requests = 0
+        self.lock = threading.Lock()
+        self.objects: Dict[str, Tuple[str, bytes]] = {}  # digest -> (media type, bytes)
+        self._pages: Dict[int, bytes] = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                with stub.lock:
+                    stub.requests += 1
+                try:
+                    status, headers, body = stub.route(self.path)
+                except Exception as exc:  # noqa: BLE001 - a stub bug is a 500, visible in the figures
+                    status, headers, body = 500, {}, repr(exc).encode()
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    try:
+                        self.wfile.write(body)
+                    except OSError:
+                        pass
+
+        self.server = http.server.ThreadingHTTPServer((address, 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"{address}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _put(self, media_type: str, data: bytes) -> Dict[str, Any]:
+        digest = sha256(data)
+        self.objects[digest] = (media_type, data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def image(self, repo: str, tag: str) -> Tuple[str, bytes]:
+        """The manifest of REPO:TAG (made on first use)."""
+        if repo in self.pulled:
+            config = self._put("application/vnd.oci.empty.v1+json", b"{}")
+            layer = self._put(COMPAT_MEDIA_TYPE, self.specs[repo])
+            manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": COMPAT_MEDIA_TYPE,
+                        "config": config, "layers": [layer]}
+        else:
+            config = self._put("application/vnd.oci.image.config.v1+json",
+                               json.dumps({"architecture": "amd64", "os": "linux", "repo": repo}).encode())
+            manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+        data = json.dumps(manifest).encode()
+        return OCI_MANIFEST, data
+
+    def referrers(self, repo: str, subject: str, page: int, query: str) -> Tuple[Dict[str, str], bytes]:
+        entries: List[Dict[str, Any]] = []
+        headers = {"Content-Type": OCI_INDEX}
+        base = f"/v2/{repo}/referrers/{subject}?artifactType={NFD_ARTIFACT_TYPE.replace('/', '%2F')}"
+        spec = self.specs.get(repo, self.default_spec)
+        if self.mode == "endless":  # the same attached spec listed on every page
+            entries = [self.attached(repo, subject, spec)] if spec is not None else [
+                {"mediaType": OCI_MANIFEST, "artifactType": NFD_ARTIFACT_TYPE, "size": 300,
+                 "digest": sha256(f"{repo}{subject}{page}".encode())}]
+            headers["Link"] = f'<{base}&page={page + 1}>; rel="next"'
+        elif self.mode == "big":
+            if page < 16:
+                if page not in self._pages:
+                    pad = "x" * max(0, self.page_bytes - 400)
+                    self._pages[page] = json.dumps([{
+                        "mediaType": OCI_MANIFEST, "artifactType": "application/vnd.example.sbom",
+                        "size": 300, "digest": sha256(b"%d" % page), "annotations": {"pad": pad}}]).encode()
+                body = (b'{"schemaVersion":2,"mediaType":"%s","manifests":' % OCI_INDEX.encode()
+                        + self._pages[page] + b"}")
+                if page < 15:
+                    headers["Link"] = f'<{base}&page={page + 1}>; rel="next"'
+                return headers, body
+        elif spec is not None and repo not in self.pulled:
+            entries = [self.attached(repo, subject, spec)]
+        return headers, json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+
+    def attached(self, repo: str, subject: str, spec: bytes) -> Dict[str, Any]:
+        """The descriptor of an artifact attaching `spec` to the image `subject` (stored, so it can be fetched)."""
+        layer = self._put(NFD_SPEC_MEDIA_TYPE, spec)
+        config = self._put("application/vnd.oci.empty.v1+json", b"{}")
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": NFD_ARTIFACT_TYPE,
+                               "config": config, "layers": [layer],
+                               "subject": {"mediaType": OCI_MANIFEST, "digest": subject,
+                                           "size": len(self.image(repo, "")[1])}}).encode()
+        return dict(self._put(OCI_MANIFEST, manifest), artifactType=NFD_ARTIFACT_TYPE)
+
+    def route(self, path: str) -> Tuple[int, Dict[str, str], bytes]:
+        if self.mode == "503":
+            return 503, {"Retry-After": "0", "Content-Type": "application/json"}, \
+                b'{"errors":[{"code":"UNAVAILABLE","message":"try again"}]}'
+        path, _, query = path.partition("?")
+        if path == "/v2/" or path == "/v2":
+            return 200, {"Content-Type": "application/json"}, b"{}"
+        match = re.fullmatch(r"/v2/(.+)/(manifests|blobs|referrers)/([^/]+)", path)
+        if not match:
+            return 404, {}, b'{"errors":[{"code":"NOT_FOUND"}]}'
+        repo, kind, ref = match.groups()
+        if kind == "referrers":
+            number = re.search(r"(?:^|&)page=(\d+)", query)
+            page = int(number[1]) if number else 0
+            headers, body = self.referrers(repo, ref, page, query)
+            return 200, headers, body
+        if ref.startswith("sha256:"):
+            found = self.objects.get(ref)
+            if found is None:
+                return 404, {"Content-Type": "application/json"}, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
+            return 200, {"Content-Type": found[0], "Docker-Content-Digest": ref}, found[1]
+        media_type, data = self.image(repo, ref)
+        self._put(media_type, data)
+        return 200, {"Content-Type": media_type, "Docker-Content-Digest": sha256(data)}, data
+
+    def count(self) -> int:
+        with self.lock:
+            return self.requests
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+MISFIT_SPEC = json.dumps({"version": "v1alpha1", "compatibilities": [{"tag": "never:1", "rules": [{"matchFeatures": [
+    {"matchExpressions": [{"op": "In", "key": "feature.node.ocifit-k8s.flavor", "value": ["never"]}]}]}]}]}).encode()
+# attached to a candidate, it fits no node: the next candidate is tried
+
+
+def registry_flags(stubs: Sequence[OciStub]) -> List[Tuple[str, str]]:
+    """--insecure-registry and --allowed-registries for each stub (the flags repeat; the defaults stay)."""
+    return [(flag, s.host) for s in stubs for flag in ("--insecure-registry", "--allowed-registries")]
+
+
+# ---- (d) regular expressions that freeze a backtracking engine ---------------------------------------------
+
+REGEX_VARIANTS = [  # label, pattern, the node label it is tested against
+    ("`.?`x40 + Z", ".?" * 40 + "Z", "kubernetes.io/hostname"),
+    ("`.{0,9}`x20 + Z", ".{0,9}" * 20 + "Z", "example.com/pad"),
+    ("`(a|a)?`x30 + Z", "(a|a)?" * 30 + "Z", "example.com/pad"),
+    ("`(a?){30}a{30}Z` nested", "(a?){30}a{30}Z", "example.com/pad"),
+    ("`(a|a)*Z` (a heuristic's)", "(a|a)*Z", "example.com/pad"),
+]
+PAD_LENGTHS = (13, 256, 1024)  # example.com/pad on the three workers: "a" repeated
+
+
+def regex_freeze(env: Env, version: Version) -> List[Row]:
+    doc = json.loads((EXAMPLE / "nodes-homogeneous.json").read_text())
+    workers = [n for n in doc["items"] if not (n.get("spec") or {}).get("taints")]
+    for node, length in zip(workers, PAD_LENGTHS):
+        node["metadata"]["labels"]["example.com/pad"] = "a" * length
+    nodes_path = env.work / "d-nodes.json"
+    nodes_path.write_text(json.dumps(doc))
+    rows: List[Row] = []
+    stub = OciStub("127.0.0.45")  # the specs come from a registry: a spec refused is a denial, not a failed start
+    for i, (_, pattern, key) in enumerate(REGEX_VARIANTS):
+        stub.specs[f"regex{i}"] = json.dumps({"version": "v1alpha1", "compatibilities": [{
+            "tag": "hostile:1", "rules": [{"matchFeatures": [{"matchExpressions": [
+                {"op": "InRegexp", "key": key, "value": [pattern]}]}]}]}]}).encode()
+        stub.pulled.add(f"regex{i}")
+    for i, (label, _, _) in enumerate(REGEX_VARIANTS):
+        ref = f"{stub.host}/regex{i}:v1"
+        server = Served(env, version, f"d-regex-{i}", replace={"--nodes": str(nodes_path)},
+                        add=registry_flags([stub]))
+        try:
+            warm_up(env, server)
+            health, good = watched(env, server)
+            time.sleep(0.5)
+            body, uid = review(f"regex-{i}", ref=ref)
+            outcome, took, cpu = post_timed(env, server, body, uid)
+            hung = outcome.startswith("no answer")
+            if hung:
+                server.kill()  # frozen in C: the pollers' requests fail from here on
+            else:
+                time.sleep(0.5)
+            health.finish()
+            good.finish()
+        finally:
+            server.stop()
+        values = "hostnames" if key == "kubernetes.io/hostname" else "a*13..1024"
+        rows += [(f"{label} vs {values}", f"answered, <= {CPU_TARGET:g}s CPU",
+                  f"{outcome[:40]}, {cpu:.2f}s CPU" + (" (killed)" if hung else ""),
+                  not hung and cpu <= CPU_TARGET),
+                 ("  /healthz every 50 ms", f"max <= {HEALTHZ_TARGET * 1e3:.0f} ms", health.figures(),
+                  health.worst() <= HEALTHZ_TARGET and not health.failures),
+                 ("  good admissions every 0.2 s", "", good.figures(), None)]
+    stub.stop()
+    return rows
+
+
+# ---- (e) CPU per admission: a spec of 10,000 matchName terms, and pin mode ---------------------------------
+
+def heavy_spec(kinds: List[Dict[str, Any]], terms: int = 10000) -> bytes:
+    """NFD's dialect (as JSON: YAML this size passes a YAML parser's node limit): one rule of `terms` matchName
+    InRegexp terms on kernel.config, each matching only the element name that sorts last in every kind (so every
+    term holds, and each scans every name): exactly the 10,000 expressions ab5b346 allows."""
+    common = set.intersection(*(set(k["attributes"]["kernel.config"]["elements"]) for k in kinds))
+    last = max(common)
+    terms_ = [{"feature": "kernel.config", "matchName": {"op": "InRegexp", "value": [f"^{last}$|^q{i:05d}"]}}
+              for i in range(terms)]
+    return json.dumps({"version": "v1alpha1", "compatibilities": [
+        {"tag": "heavy:1", "rules": [{"name": "heavy", "matchFeatures": terms_}]}]}, separators=(",", ":")).encode()
+
+
+def kube_flags(api: Any, env: Env, token: Path) -> List[Tuple[str, str]]:
+    return [("--kube-api", api.url), ("--kube-token-file", str(token)), ("--kube-ca", str(env.certs["ca"]))]
+
+
+def cpu_per_admission(env: Env, version: Version) -> List[Row]:
+    import nodefeatures as nf
+    kinds = nf.hardware_kinds()
+    stub = OciStub("127.0.0.46")
+    stub.specs["heavy"] = heavy_spec(kinds)
+    stub.pulled.add("heavy")
+    spec_size = len(stub.specs["heavy"])
+    api = t.FakeKubeAPI(env.certs)
+    nf.load_cluster(api, 40, False)  # 2 nodes of each of the 20 kinds
+    token = env.work / "e-token"
+    token.write_text(api.token)
+    ref = f"{stub.host}/heavy:v1"
+    replace: Dict[str, Optional[str]] = {"--nodes": None}
+    add = kube_flags(api, env, token) + registry_flags([stub])
+    rows: List[Row] = []
+
+    def pinned(i: int) -> Tuple[bytes, str]:
+        return pod_review(f"heavy-{i}", {IMAGE_REF_ANNOTATION: ref},
+                          spec={"nodeSelector": {nf.KIND_LABEL: kinds[i % nf.KINDS]["type"]}})
+    try:
+        server = Served(env, version, "e-one", replace=replace, add=add)
+        try:
+            warm_up(env, server)
+            body, uid = pinned(0)
+            outcome, took, cpu = post_timed(env, server, body, uid)
+            hung = outcome.startswith("no answer")
+            if hung:
+                server.kill()
+        finally:
+            server.stop()
+        rows.append((f"{spec_size / 1024:,.0f} KiB spec, 10,000 matchName terms", f"<= {CPU_TARGET:g}s CPU",
+                     f"{outcome[:36]}, {cpu:.1f}s CPU" + (" (killed)" if hung else ""), cpu <= CPU_TARGET))
+        rows.append(("  (one node kind, 40 nodes with NFD features)", "", f"{took:.1f}s", None))
+
+        server = Served(env, version, "e-eight", replace=replace, add=add)
+        try:
+            warm_up(env, server)
+            health, good = watched(env, server, healthz_interval=0.1)
+            time.sleep(0.5)
+            results: List[Tuple[str, float]] = []
+            cpu = server.cpu()
+
+            def hostile(i: int) -> None:
+                body, uid = pinned(i)
+                status, data, took, error = request(server.port, env.context, "POST", "/mutate", body,
+                                                    timeout=SCENARIO_CAP)
+                results.append((outcome_of(status, data, uid, error, took, SCENARIO_CAP), took))
+            threads = [threading.Thread(target=hostile, args=(i,), daemon=True) for i in range(1, 9)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=SCENARIO_CAP + 5)
+            used = server.cpu() - cpu
+            health.finish()
+            good.finish()
+            hung = any(r[0].startswith("no answer") for r in results) or len(results) < 8
+            if hung:
+                server.kill()
+        finally:
+            server.stop()
+        outcomes = collections.Counter(r[0].split(":")[0] for r in results)
+        rows += [("8 in flight (8 kinds): replies", "",
+                  ", ".join(f"{n} {o}" for o, n in outcomes.most_common()) or "-", None),
+                 ("  server CPU while they ran / 8", f"<= {CPU_TARGET:g}s each", f"{used / 8:.1f}s"
+                  + (f" (capped at {SCENARIO_CAP:g}s, killed)" if hung else ""), used / 8 <= CPU_TARGET and not hung),
+                 ("  good admissions every 0.2 s", "p99 <= 250 ms", good.figures(),
+                  good.p99() <= 0.25 and not good.failures),
+                 ("  /healthz every 0.1 s", "max <= 500 ms", health.figures(),
+                  health.worst() <= 0.5 and not health.failures)]
+    finally:
+        api.stop()
+        stub.stop()
+
+    # pin mode: 2,000 label-only nodes of three flavors (they disagree), a pod with 20,000 matchFields
+    doc = json.loads((EXAMPLE / "nodes-homogeneous.json").read_text())
+    template = next(n for n in doc["items"] if not (n.get("spec") or {}).get("taints"))
+    items = []
+    for i in range(2000):
+        node = json.loads(json.dumps(template))
+        name = f"pin-{i:04d}"
+        node["metadata"]["name"] = node["metadata"]["labels"]["kubernetes.io/hostname"] = name
+        node["metadata"]["labels"]["feature.node.ocifit-k8s.flavor"] = ("vanilla", "chocolate", "strawberry")[i % 3]
+        items.append(node)
+    nodes_path = env.work / "e-pin-nodes.json"
+    nodes_path.write_text(json.dumps(dict(doc, items=items)))
+    requirements = [{"key": "metadata.name", "operator": "NotIn", "values": [f"absent-{i:05d}"]} for i in range(20000)]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchFields": requirements}]}}}
+    server = Served(env, version, "e-pin", replace={"--nodes": str(nodes_path)},
+                    add=[("--on-disagreement", "pin")])
+    try:
+        warm_up(env, server)
+        figures, hung = [], False
+        for attempt in range(3):
+            body, uid = pod_review(f"pin-{attempt}", {"oci.image.compatibilities.selection/on-disagreement": "pin"},
+                                   spec={"affinity": affinity})
+            outcome, took, cpu = post_timed(env, server, body, uid)
+            figures.append((outcome, cpu))
+            if outcome.startswith("no answer"):
+                hung = True
+                server.kill()
+                break
+    finally:
+        server.stop()
+    rows.append(("pin: 2,000 nodes x 20,000 matchFields", f"<= {CPU_TARGET:g}s CPU each",
+                 " / ".join(f"{cpu:.1f}" for _, cpu in figures) + "s CPU" + (" (killed)" if hung else ""),
+                 all(cpu <= CPU_TARGET for _, cpu in figures) and not hung))
+    rows.append((f"  review {size(len(body))}: replies", "", figures[0][0][:33] if figures else "-", None))
+    return rows
+
+
+# ---- (f) memory of specs: 22 distinct ~1 MiB specs ---------------------------------------------------------
+
+def many_pattern_spec(i: int, limit: int = 1024 * 1024 - 64) -> bytes:
+    """ocifit's dialect: 73 InRegexp expressions of 1,000 short patterns each (73,000), distinct per i, <= limit."""
+    expressions = [{"op": "InRegexp", "key": f"example.com/k{j}",
+                    "value": [f"^{i}_{j}_{v}$" for v in range(1000)]} for j in range(73)]
+    data = json.dumps({"version": "v1alpha1", "compatibilities": [{"tag": f"spec{i}:1", "rules": [
+        {"matchFeatures": [{"matchExpressions": expressions}]}]}]}, separators=(",", ":")).encode()
+    assert len(data) <= limit, len(data)
+    return data
+
+
+def spec_memory(env: Env, version: Version) -> List[Row]:
+    stub = OciStub("127.0.0.40")
+    for i in range(22):
+        stub.specs[f"spec{i}"] = many_pattern_spec(i)
+        stub.pulled.add(f"spec{i}")
+    try:
+        server = Served(env, version, "f-specs", add=registry_flags([stub]))
+        try:
+            warm_up(env, server)
+            time.sleep(1.0)
+            baseline = server.status()["VmRSS"]
+            reset_peak(server.pid)
+            outcomes: "collections.Counter[str]" = collections.Counter()
+            started = time.monotonic()
+            for i in range(22):
+                body, uid = review(f"spec-{i}", ref=f"{stub.host}/spec{i}:v1")
+                outcome, _, _ = post_timed(env, server, body, uid, cap=30)
+                outcomes[re.sub(r"127\.0\.0\.\d+:\d+/spec\d+:v1", "REF", outcome)[:60]] += 1
+            took = time.monotonic() - started
+            peak = server.status()["VmHWM"]
+            time.sleep(env.args.settle)
+            after = server.status()["VmRSS"]
+        finally:
+            server.stop()
+    finally:
+        stub.stop()
+    size_each = len(stub.specs["spec0"])
+    return [(f"22 x {size(size_each)} specs (73,000 patterns)", "", f"{sum(outcomes.values())} posted in {took:.1f}s",
+             None),
+            ("  replies", "", "; ".join(f"{n} x {o}" for o, n in outcomes.most_common(2))[:60], None),
+            ("  RSS baseline", "", f"{mb(baseline):.0f} MB", None)] + memory_rows("  ", baseline, peak, after,
+                                                                                    env.args.settle)
+
+
+# ---- (g) NodeFeature churn -------------------------------------------------------------------------------
+
+def churn_feature(node: str, round_: int) -> Dict[str, Any]:
+    """One NodeFeature of 5,000 attributes (~534 KB of JSON), every value new in each round."""
+    elements = {f"attr.{j:04d}.{'x' * 56}": f"{round_:04d}-{j:04d}-" + os.urandom(12).hex() for j in range(5000)}
+    return t.node_feature(node, {"attributes": {"bench.churn": {"elements": elements}}})
+
+
+def small_cluster(api: Any, names: Sequence[str], features: Dict[str, Dict[str, Any]],
+                  extra: Sequence[Dict[str, Any]] = ()) -> None:
+    """Label-only nodes and their NodeFeatures, put in the API double before anyone lists them."""
+    with api.cond:
+        for name in names:
+            api.rv += 1
+            api.nodes[name] = {"apiVersion": "v1", "kind": "Node", "metadata": {
+                "name": name, "resourceVersion": str(api.rv), "labels": {
+                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
+                "spec": {}}
+        for obj in [t.node_feature(name, features[name]) for name in names if name in features] + list(extra):
+            api.rv += 1
+            obj["metadata"]["resourceVersion"] = str(api.rv)
+            api.features[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
+
+
+def node_feature_churn(env: Env, version: Version) -> List[Row]:
+    api = t.FakeKubeAPI(env.certs)
+    small = {"attributes": {"kernel.version": {"elements": {"major": "6", "full": "6.8.0"}}}}
+    small_cluster(api, ["churn-0", "churn-1", "churn-2"], dict.fromkeys(["churn-1", "churn-2"], small))
+    token = env.work / "g-token"
+    token.write_text(api.token)
+    try:
+        server = Served(env, version, "g-churn", replace={"--nodes": None}, add=kube_flags(api, env, token))
+        try:
+            warm_up(env, server)
+            time.sleep(1.0)
+            baseline = server.status()["VmRSS"]
+            reset_peak(server.pid)
+            started = time.monotonic()
+            first = churn_feature("churn-0", 0)
+            api.add_features(first)
+            for k in range(1, 201):
+                api.add_features(churn_feature("churn-0", k))
+            api.delete_features("node-feature-discovery", "churn-0")
+            wait_idle(server.pid, 120)
+            took = time.monotonic() - started
+            peak = server.status()["VmHWM"]
+            time.sleep(env.args.settle)
+            after = server.status()["VmRSS"]
+            warm_up(env, server)  # still answering
+        finally:
+            server.stop()
+    finally:
+        api.stop()
+    return [(f"{size(len(json.dumps(first)))} NodeFeature, 200 MODIFIED + DELETE", "",
+             f"absorbed in {took:.1f}s", None),
+            ("  RSS baseline", "", f"{mb(baseline):.0f} MB", None)] + memory_rows("  ", baseline, peak, after,
+                                                                                    env.args.settle)
+
+
+# ---- (h) concurrent referrer pages -----------------------------------------------------------------------
+
+def referrer_pages(env: Env, version: Version) -> List[Row]:
+    stub = OciStub("127.0.0.41", mode="big", page_bytes=4 * MiB - 4096)
+    try:
+        server = Served(env, version, "h-pages", add=registry_flags([stub]))
+        try:
+            warm_up(env, server)
+            time.sleep(1.0)
+            baseline = server.status()["VmRSS"]
+            reset_peak(server.pid)
+            bodies = []
+            for i in range(80):
+                body, uid = pod_review(f"pages-{i}", {CANDIDATES_ANNOTATION: f"{stub.host}/img{i}:v1"}, ref=None)
+                bodies.append((body, uid, 0))
+            before = stub.count()
+            started = time.monotonic()
+            done, results = burst(env, server.port, bodies)
+            took = time.monotonic() - started
+            peak = server.status()["VmHWM"]
+            time.sleep(env.args.settle)
+            after = server.status()["VmRSS"]
+        finally:
+            server.stop()
+    finally:
+        stub.stop()
+    return [("80 admissions x 16 pages of ~4 MiB", "", f"{done}/80 answered in {took:.1f}s, "
+             f"{stub.count() - before} reqs", None),
+            ("  RSS baseline", "", f"{mb(baseline):.0f} MB", None)] + memory_rows("  ", baseline, peak, after,
+                                                                                    env.args.settle)
+
+
+# ---- (i) registry requests per admission -----------------------------------------------------------------
+
+def registry_requests(env: Env, version: Version) -> List[Row]:
+    rows: List[Row] = []
+    stub = OciStub("127.0.0.42", mode="503")
+    try:
+        server = Served(env, version, "i-503", add=registry_flags([stub]))
+        try:
+            warm_up(env, server)
+            body, uid = review("busy", ref=f"{stub.host}/app:v1")
+            outcome, took, cpu = post_timed(env, server, body, uid)
+            time.sleep(0.5)
+            count = stub.count()
+        finally:
+            server.stop()
+    finally:
+        stub.stop()
+    rows += [("503 Retry-After: 0, one admission", "<= 128 requests", f"{count:,} requests", count <= 128),
+             ("  reply / time / server CPU", "", f"{outcome[:14]}, {took:.1f}s, {cpu:.2f}s CPU", None)]
+    stubs = [OciStub(f"127.0.0.{50 + i}", mode="endless") for i in range(16)]
+    for stub in stubs:
+        stub.default_spec = MISFIT_SPEC
+    try:
+        server = Served(env, version, "i-endless", add=registry_flags(stubs))
+        try:
+            warm_up(env, server)
+            images = ",".join(f"{s.host}/app{i}:v1" for i, s in enumerate(stubs))
+            body, uid = pod_review("endless-pages", {CANDIDATES_ANNOTATION: images}, ref=None)
+            outcome, took, cpu = post_timed(env, server, body, uid)
+            time.sleep(0.5)
+            count = sum(s.count() for s in stubs)
+        finally:
+            server.stop()
+    finally:
+        for stub in stubs:
+            stub.stop()
+    rows += [("16 candidates on 16 hosts, endless pages", "<= 128 requests", f"{count:,} requests", count <= 128),
+             ("  reply / time / server CPU", "", f"{outcome[:14]}, {took:.1f}s, {cpu:.2f}s CPU", None)]
+    return rows
+
+
+# ---- (j) stale-if-error under a tenant's junk --------------------------------------------------------------
+
+def stale_under_junk(env: Env, version: Version) -> List[Row]:
+    good = OciStub("127.0.0.43")
+    good.specs["b"] = (EXAMPLE / "compatibility-test.json").read_bytes()
+    junk = OciStub("127.0.0.44")
+    junk.default_spec = MISFIT_SPEC  # so each of a pod's 16 junk candidates is looked up
+    image_b = f"{good.host}/b:v1"
+    try:
+        server = Served(env, version, "j-stale", add=registry_flags([good, junk]) + [("--tag-ttl", "1")])
+        try:
+            warm_up(env, server)
+            steps = []
+
+            def pod_b(step: str) -> str:
+                body, uid = pod_review(f"b-{step}", {CANDIDATES_ANNOTATION: image_b}, ref=None)
+                outcome, _, _ = post_timed(env, server, body, uid)
+                steps.append(outcome)
+                return outcome
+            first = pod_b("cached")
+            good.stop()
+            time.sleep(1.5)  # past --tag-ttl: the tag must be asked again, and the registry is gone
+            stale = pod_b("stale")
+            pending = collections.deque(range(70))
+            lock = threading.Lock()
+            junk_outcomes: "collections.Counter[str]" = collections.Counter()
+
+            def tenant() -> None:
+                while True:
+                    with lock:
+                        if not pending:
+                            return
+                        p = pending.popleft()
+                    images = ",".join(f"{junk.host}/junk{p}-{c}:v1" for c in range(16))
+                    body, uid = pod_review(f"junk-{p}", {CANDIDATES_ANNOTATION: images}, namespace="tenant-junk",
+                                           ref=None)
+                    outcome, _, _ = post_timed(env, server, body, uid, cap=30)
+                    with lock:
+                        junk_outcomes[outcome.split(":")[0]] += 1
+            started = time.monotonic()
+            workers = [threading.Thread(target=tenant, daemon=True) for _ in range(4)]
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join(timeout=120)
+            took = time.monotonic() - started
+            time.sleep(1.5)
+            last = pod_b("after")
+        finally:
+            server.stop()
+    finally:
+        junk.stop()
+    return [("B cached, then B's registry down: B's pod", "allowed (stale)", f"{first[:9]}, then {stale[:20]}",
+             stale == "allowed"),
+            ("70 tenant pods, 1,120 junk candidates", "",
+             ", ".join(f"{n} {o}" for o, n in junk_outcomes.most_common()) + f" in {took:.0f}s", None),
+            ("B's next pod", "allowed (stale)", last[:33], last == "allowed")]
+
+
+# ---- (k) NodeFeatures from other namespaces ----------------------------------------------------------------
+
+K_SPEC = """\
+version: v1alpha1
+compatibilities:
+  - tag: app:avx2
+    weight: 10
+    rules:
+      - name: avx2
+        matchFeatures:
+          - feature: cpu.cpuid
+            matchExpressions:
+              AVX2: {op: Exists}
+  - tag: app:generic
+    weight: 1
+    rules:
+      - name: any
+        matchFeatures:
+          - feature: kernel.version
+            matchExpressions:
+              major: {op: Exists}
+"""
+
+
+def foreign_node_features(env: Env, version: Version) -> List[Row]:
+    api = t.FakeKubeAPI(env.certs)
+    kernel = {"kernel.version": {"elements": {"major": "6", "full": "6.8.0"}}}
+    features = {"w1": {"flags": {"cpu.cpuid": {"elements": {"AVX": {}, "AVX2": {}}}}, "attributes": kernel},
+                "w2": {"flags": {"cpu.cpuid": {"elements": {"AVX": {}}}}, "attributes": kernel}}
+    tenant = t.node_feature("w2", {"flags": {"cpu.cpuid": {"elements": {"AVX2": {}}}}}, name="w2-boost",
+                            namespace="tenant-a")
+    small_cluster(api, ["w1", "w2"], features, [tenant])
+    token = env.work / "k-token"
+    token.write_text(api.token)
+    spec_path = env.work / "k-spec.yaml"
+    spec_path.write_text(K_SPEC)
+    ref = "example.com/k/app:1"
+    known = "--node-feature-namespaces" in version.flags
+    try:
+        server = Served(env, version, "k-namespaces", replace={"--nodes": None, "--log-level": "info"},
+                        add=kube_flags(api, env, token) + [("--artifact", f"{ref}={spec_path}"),
+                                                           ("--node-feature-namespaces", "node-feature-discovery")])
+        try:
+            def image_on(node: str) -> str:
+                body, uid = pod_review(f"on-{node}", {IMAGE_REF_ANNOTATION: ref},
+                                       spec={"nodeSelector": {"kubernetes.io/hostname": node}})
+                status, data, took, error = request(server.port, env.context, "POST", "/mutate", body)
+                response = answered(status, data, uid)
+                if response and response.get("allowed") and response.get("patch"):
+                    return str(t.patch_of(response)[0]["value"])
+                return outcome_of(status, data, uid, error, took, API_SERVER_TIMEOUT)
+            on_w1, on_w2 = image_on("w1"), image_on("w2")
+            time.sleep(0.5)
+            _, offset = server.log_size()
+            changed = copy_feature(api.features[("node-feature-discovery", "w2")])
+            changed["spec"]["features"]["flags"]["cpu.cpuid"]["elements"]["SSE4"] = {}
+            api.add_features(changed)
+            time.sleep(2.0)
+            lines = [line for line in server.log.read_bytes()[offset:].decode("utf-8", "replace").splitlines()
+                     if re.search(r"\bw2\b", line)]
+        finally:
+            server.stop()
+    finally:
+        api.stop()
+    return [("w2's image (tenant-a object adds AVX2)", "app:generic", f"{on_w2[:33]}", on_w2 == "app:generic"),
+            ("  w1's image (AVX2 its own) / ns flag", "", f"{on_w1[:20]} / " + ("passed" if known else "unknown"),
+             None),
+            ("w2's features change: log naming w2", ">= 1 line", f"{len(lines)} line(s)", bool(lines)),
+            ("  the line", "", (lines[0].strip() if lines else "-")[:33], None)]
+
+
+def copy_feature(obj: Dict[str, Any]) -> Dict[str, Any]:
+    return json.loads(json.dumps(obj))
+
+
 # ---- running and printing ---------------------------------------------------------------------------
 
 SCENARIOS: List[Tuple[str, str, Callable[[Env, Version], List[Row]]]] = [
@@ -907,6 +1714,17 @@ SCENARIOS: List[Tuple[str, str, Callable[[Env, Version], List[Row]]]] = [
     ("b", "(b) memory: 12 x 3 MB reviews, a 110,000-key nodeSelector, 48 x 3 MB at once (twice)", memory),
     ("c", "(c1) failed fetches: a registry streaming an endless manifest", endless),
     ("c", "(c2) failed fetches: a registry dripping its response headers a byte a second", drip),
+    ("d", "(d) regex freeze: one InRegexp pattern that backtracks, /healthz and good admissions meanwhile",
+     regex_freeze),
+    ("e", "(e) CPU per admission: 10,000 matchName terms (one, then 8 in flight); pin mode x 20,000 matchFields",
+     cpu_per_admission),
+    ("f", "(f) memory of specs: 22 distinct ~1 MiB specs, one pod each", spec_memory),
+    ("g", "(g) NodeFeature churn: 200 x MODIFIED of one 534 KB NodeFeature, then DELETED", node_feature_churn),
+    ("h", "(h) concurrent referrer pages: 80 admissions, 16 pages of ~4 MiB each", referrer_pages),
+    ("i", "(i) registry requests per admission: 503 Retry-After 0; 16 registries of endless pages",
+     registry_requests),
+    ("j", "(j) stale-if-error under a tenant's junk: B's registry down, 1,120 junk candidates", stale_under_junk),
+    ("k", "(k) NodeFeatures from other namespaces: tenant-a's object for w2", foreign_node_features),
 ]
 
 
@@ -947,7 +1765,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", metavar="REV", help="also run git show REV:ocifit.py (e.g. HEAD), side by side")
     parser.add_argument("--ocifit", type=Path, help="the ocifit.py to measure (default: the working tree's)")
-    parser.add_argument("--only", default="a,b,c", help="scenarios to run, comma-separated: a, b, c")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g,h,i,j,k",
+                        help="scenarios to run, comma-separated: a to k")
     parser.add_argument("--connections", type=int, default=1100, help="attacker connections in (a)")
     parser.add_argument("--attack-seconds", type=float, default=20.0, help="seconds the good client posts in (a)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between the good client's posts")
@@ -1043,6 +1862,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--attacker":  # the attacker process: stdlib only, no test imports
         sys.exit(attacker_main(sys.argv[2:]))
     # The benchmark proper; _support also puts the repository on sys.path (and imports the test helpers).
-    from _support import EXAMPLE, ROOT, free_port, pki, proc_status, python, raise_fd_limit, reset_peak, stop, \
+    from _support import EXAMPLE, ROOT, free_port, pki, proc_status, python, raise_fd_limit, reset_peak, stop, t, \
         workdir
     sys.exit(main())
