@@ -3322,6 +3322,8 @@ def load_document(data: Any, what: str) -> Any:
             return _SPEC_JSON.decode(body)
         except ValueError as exc:
             raise SpecError(f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise SpecError(f"{what} is not valid JSON: nested too deeply") from None
     try:
         return load_yaml(text)
     except YAMLError as exc:

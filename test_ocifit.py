@@ -3124,6 +3124,30 @@ def test_a_tenants_junk_lookups_do_not_evict_a_spec_that_serves_admissions(stubs
     assert (after.image, after.artifact_origin) == (f"{stub.host}/app:v1@{subject['digest']}", "stale")
 
 
+def test_the_decision_memo_does_not_keep_a_spec_alive() -> None:
+    import gc
+    import weakref
+    snapshot = snapshot_of(node_obj("w1", {"feature.node.ocifit-k8s.flavor": "vanilla"}))
+    spec = flavor_spec()
+    held = weakref.ref(spec)
+    assert ocifit.choose_for(snapshot, spec, ocifit.Placement()).compatibility.tag == "debian:11"
+    assert ocifit.choose_for(snapshot, spec, ocifit.Placement()).compatibility.tag == "debian:11"  # memoised
+    del spec
+    gc.collect()
+    assert held() is None and len(snapshot.memo) == 1
+
+
+def test_large_registry_replies_wait_for_room_in_the_shared_budget() -> None:
+    replies = ocifit.InFlight(4 * ocifit.MiB)
+    assert replies.take(3 * ocifit.MiB, time.monotonic() + 1)
+    started = time.monotonic()
+    assert not replies.take(2 * ocifit.MiB, time.monotonic() + 0.2)  # no room by its deadline
+    assert time.monotonic() - started >= 0.15
+    threading.Timer(0.1, replies.give_back, [3 * ocifit.MiB]).start()
+    assert replies.take(2 * ocifit.MiB, time.monotonic() + 5)  # room made while it waited
+    assert replies.take(1000, time.monotonic())  # small ones never wait
+
+
 def test_a_bounded_cache_protects_what_is_asked_for_again() -> None:
     cache = ocifit.BoundedCache(ocifit.CacheBound(10, 10_000, 1000))
     cache.put("kept", 1)
