@@ -1343,8 +1343,8 @@ CACHE_BOUNDS: Dict[str, CacheBound] = {
     "failures": CacheBound(1024, 4 * MiB, 8192),  # image-ref -> its last failure's text, for a few seconds
     "no-referrers-api": CacheBound(1024, 256 * 1024, 1024),  # registry and repository -> when it said "no API"
 }
-# Also bounded, by entries, where they are made: parsed references (1,024, at most 1 KiB each), interned label
-# strings (200,000; from nodes, not pods) and shared label dicts (10,000 kinds of node).
+# Also bounded, by entries, where they are made: parsed references (1,024, at most 1 KiB each). Label and feature
+# sets shared by nodes alike (SHARED) are held weakly, so they take no memory beyond what nodes hold.
 
 
 class BoundedCache:
@@ -2462,7 +2462,8 @@ class BudgetExceeded(Exception):
     """A decision needed more than its evaluation budget."""
 
 
-_METER = threading.local()  # the units the deciding thread has left (None: not metered, as match and review)
+_METER = threading.local()  # the units the deciding thread has left (None: not metered, as in `match`)
+_Decided = TypeVar("_Decided")
 
 
 def metered(decide: Callable[[], "_Decided"], units: int = EVALUATION_BUDGET) -> "_Decided":
@@ -2476,17 +2477,15 @@ def metered(decide: Callable[[], "_Decided"], units: int = EVALUATION_BUDGET) ->
         _METER.left = None
 
 
-def charge(units: int = 1) -> None:
+def charge(units: int) -> None:
     """Spend units of the deciding thread's evaluation budget (nothing if it is not metered)."""
     left = getattr(_METER, "left", None)
     if left is not None:
         _METER.left = left - units
         if left < units:
             raise BudgetExceeded(f"deciding needed more than the evaluation budget of {EVALUATION_BUDGET:,} units "
-                                 "(one a requirement or expression tested on a node value)")
+                                 "(about a microsecond of testing node values each)")
 
-
-_Decided = TypeVar("_Decided")
 
 
 OPERATORS = ("In", "NotIn", "InRegexp", "Exists", "DoesNotExist", "Gt", "Lt", "Gte", "Lte", "GtLt",
@@ -7021,16 +7020,18 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             if not line.endswith(b"\n") or not size_text or len(size_text) > 16 or \
                     not all(c in b"0123456789abcdefABCDEF" for c in size_text):
                 error = "malformed chunk size line"
-            elif int(size_text, 16) == 0:
+                break
+            size = int(size_text, 16)
+            if size == 0:
                 return self._trailers(b"".join(parts))
-            elif total + int(size_text, 16) > most:
+            if total + size > most:
                 error = f"chunked request body exceeds the limit of {most} bytes"
-            else:
-                chunk = self.rfile.read(int(size_text, 16))
-                total += len(chunk)
-                parts.append(chunk)
-                if len(chunk) < int(size_text, 16) or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                    error = "chunk shorter than its size, or not ended by CRLF"
+                break
+            chunk = self.rfile.read(size)
+            total += len(chunk)
+            parts.append(chunk)
+            if len(chunk) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                error = "chunk shorter than its size, or not ended by CRLF"
         self.reply_json(400, {"error": error}, close=True)
         return None
 
